@@ -1,0 +1,29 @@
+"""vitatlas: find the concepts inside vision transformers.
+
+Record a ViT's activations, learn an overcomplete sparse dictionary of them (Double-Batch K-SVD or a
+sparse autoencoder), and inspect, label, evaluate and intervene on every atom.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .data.store import ActivationStore
+from .dictionary import Dictionary, SparseCodes, load
+from .errors import VitatlasError
+
+__all__ = ["ActivationStore", "Dictionary", "SparseCodes", "VitatlasError", "load", "DBKSVD", "SAE", "evaluate"]
+
+
+def __getattr__(name: str):
+    # Learners and evaluation import lazily so `import vitatlas` stays light.
+    if name == "DBKSVD":
+        from .learners.dbksvd import DBKSVD
+        return DBKSVD
+    if name == "SAE":
+        from .learners.sae import SAE
+        return SAE
+    if name == "evaluate":
+        from .evaluate import evaluate
+        return evaluate
+    raise AttributeError(f"module 'vitatlas' has no attribute {name!r}")

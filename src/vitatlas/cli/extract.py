@@ -1,0 +1,35 @@
+"""`vitatlas extract`: record a ViT's activations over images into an activation store."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--model", "model_name", required=True, metavar="M",
+              help="embedded:dinov2-s, or hf:<repo-or-local-path> (CLIP, SigLIP, DINOv2, ViT).")
+@click.option("--data", required=True, metavar="S",
+              help="embedded:fashion-mnist[:train|:test], embedded:digits, embedded:photos, an image folder, "
+                   "or hf-disk:PATH.")
+@click.option("--layer", "layers", type=int, multiple=True, required=True, metavar="L",
+              help="Residual stream after block L (0-based; negative counts from the end). Repeatable.")
+@click.option("--tokens", type=click.Choice(["cls", "patches", "all"]), default="cls", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output store directory.")
+@click.option("--limit", type=int, default=None, help="Use only the first N images.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True,
+              help="Storage dtype; float16 halves the disk.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--shard-mb", type=float, default=64.0, show_default=True, help="Target shard size in MiB.")
+def extract(model_name, data, layers, tokens, out, limit, batch_size, dtype, device, shard_mb):
+    """Extract activations (resumable: re-run the same command after an interruption)."""
+    from ..data.extract import extract as run_extract
+    from ..errors import VitatlasError
+
+    if shard_mb <= 0:
+        raise VitatlasError(f"--shard-mb must be positive, got {shard_mb}")
+    result = run_extract(model_name, data, list(layers), tokens, out, limit=limit, batch_size=batch_size,
+                         dtype=dtype, shard_bytes=int(shard_mb * (1 << 20)), device=device)
+    click.echo(f"extracted {result.n_rows} new rows from {result.n_images} images, layers "
+               f"{', '.join(map(str, result.layers))}, in {result.seconds:.1f} s "
+               f"({result.rows_per_second:.0f} rows/s, {result.n_skipped} skipped) -> {result.out}")

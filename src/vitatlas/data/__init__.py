@@ -1,0 +1,1 @@
+"""Image sources and the on-disk activation store."""

@@ -1,0 +1,170 @@
+"""Extract a ViT's residual-stream activations over an image source into activation stores.
+
+The run walks the source in fixed batches of images (image 0..B-1, B..2B-1, ...). Shards hold a fixed
+number of whole batches, so a run killed at any moment resumes at the last committed shard and
+replays exactly the batches an uninterrupted run would have: the finished store is the same, bit for
+bit. Loading and preprocessing the next batches runs in a background thread while the model computes.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import VitatlasError
+from .sources import ImageSource, UnreadableImage, open_source
+from .store import DTYPES, StoreWriter, ceil_to, layer_dirname, rows_per_shard
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    out: Path
+    layers: list[int]
+    n_images: int
+    n_rows: int
+    n_skipped: int
+    seconds: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.n_rows / max(self.seconds, 1e-9)
+
+
+@dataclass
+class _Batch:
+    start: int
+    ids: np.ndarray           # image ids kept (readable)
+    labels: np.ndarray
+    pixels: torch.Tensor | None
+    skipped: list[str]
+
+
+def _load_batch(model, source: ImageSource, start: int, stop: int) -> _Batch:
+    images, ids, labels, skipped = [], [], [], []
+    for i in range(start, stop):
+        try:
+            images.append(source.load(i))
+        except UnreadableImage as exc:
+            skipped.append(str(exc))
+            continue
+        ids.append(i)
+        labels.append(source.label(i))
+    pixels = model.preprocess(images) if images else None
+    return _Batch(start, np.asarray(ids, np.int64), np.asarray(labels, np.int64), pixels, skipped)
+
+
+def extract(model_name: str, data: str, layers: Sequence[int], tokens: str, out: str | Path, *,
+            limit: int | None = None, batch_size: int = 32, dtype: str = "float32", shard_bytes: int = 64 << 20,
+            device: str = "cpu", progress: bool = True, model=None) -> ExtractResult:
+    """Record the residual stream after each of ``layers`` for the images of ``data`` into ``out``.
+
+    One layer writes a store directly in ``out``; several write ``out/layer-XX`` each. Re-running the
+    same call after an interruption resumes; a call with other arguments on the same ``out`` is refused.
+    ``model`` may be passed pre-loaded (tests, benchmarks); otherwise ``model_name`` is loaded.
+    """
+    from tqdm.auto import tqdm
+
+    from .. import models
+
+    if dtype not in DTYPES:
+        raise VitatlasError(f"unknown --dtype {dtype!r}: use float16 or float32")
+    if batch_size <= 0:
+        raise VitatlasError(f"--batch-size must be positive, got {batch_size}")
+    if limit is not None and limit <= 0:
+        raise VitatlasError(f"--limit must be positive, got {limit}")
+    if not layers:
+        raise VitatlasError("give at least one --layer")
+    source = open_source(data)
+    model = model if model is not None else models.load(model_name, device=device)
+    layer_ids = sorted({model.resolve_layer(layer) for layer in layers})
+    positions = model.token_positions(tokens)
+    n_images = min(len(source), limit) if limit else len(source)
+    if n_images == 0:
+        raise VitatlasError(f"data source {data} holds no images")
+
+    # Shards are whole batches of images, so resumed runs replay identical batches.
+    per_shard = ceil_to(max(1, rows_per_shard(model.width, dtype, shard_bytes) // len(positions)), batch_size)
+    out = Path(out)
+    identity = {"model": model.name, "revision": model.revision, "tokens": tokens, "data": source.spec,
+                "n_images": n_images, "batch_size": batch_size, "images_per_shard": per_shard,
+                "preprocessing": model.preprocessing}
+    meta = {"model": model.describe(), "tokens": tokens, "token_positions": positions.tolist(),
+            "source": source.describe() | {"n_images_used": n_images}, "preprocessing": model.preprocessing,
+            "class_names": source.class_names}
+    writers = {}
+    for layer in layer_ids:
+        path = out if len(layer_ids) == 1 else out / layer_dirname(layer)
+        writers[layer] = StoreWriter(path, d=model.width, dtype=dtype, identity=identity | {"layer": layer},
+                                     meta=meta | {"layer": layer}, has_labels=source.has_labels)
+    start = min(w.n_images for w in writers.values())
+    skipped_before = min(int(w.manifest.get("n_skipped", 0)) for w in writers.values())
+    n_rows_before = min(w.n_rows for w in writers.values())
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_images, initial=start, unit="img", desc=f"extract {model.name}", disable=not progress)
+    shard_parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {layer: [] for layer in layer_ids}
+    shard_images = 0
+    n_skipped = skipped_before
+    new_rows = 0
+    batch_starts = list(range(start, n_images, batch_size))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # Two batches in flight: decoding/resizing overlaps the forward pass.
+        futures = [pool.submit(_load_batch, model, source, s, min(s + batch_size, n_images)) for s in batch_starts[:2]]
+        for b, s in enumerate(batch_starts):
+            batch = futures[b].result()
+            if b + 2 < len(batch_starts):
+                s2 = batch_starts[b + 2]
+                futures.append(pool.submit(_load_batch, model, source, s2, min(s2 + batch_size, n_images)))
+            futures[b] = None  # free the pixels of finished batches
+            for msg in batch.skipped:
+                warnings.warn(f"skipping unreadable image {msg}", stacklevel=2)
+            n_skipped += len(batch.skipped)
+            if batch.pixels is not None:
+                with torch.inference_mode():
+                    streams = model.residual_streams(batch.pixels.to(device), layer_ids)
+                tok = torch.as_tensor(positions)
+                for layer in layer_ids:
+                    acts = streams[layer][:, tok, :].float().cpu().numpy().reshape(-1, model.width)
+                    index = np.stack([np.repeat(batch.ids, len(positions)),
+                                      np.tile(positions, len(batch.ids))], axis=1)
+                    labels = np.repeat(batch.labels, len(positions))
+                    shard_parts[layer].append((acts, index, labels))
+                new_rows += len(batch.ids) * len(positions)
+            shard_images += min(s + batch_size, n_images) - s
+            bar.update(min(s + batch_size, n_images) - s)
+            bar.set_postfix(rows_s=f"{new_rows / max(time.perf_counter() - t0, 1e-9):.0f}", skipped=n_skipped)
+            end = min(s + batch_size, n_images)
+            if shard_images >= per_shard or end == n_images:
+                for layer, writer in writers.items():
+                    if writer.n_images >= end:  # this layer committed the shard before a kill
+                        continue
+                    parts = shard_parts[layer]
+                    if parts:
+                        acts = np.concatenate([p[0] for p in parts])
+                        index = np.concatenate([p[1] for p in parts])
+                        labels = np.concatenate([p[2] for p in parts])
+                    else:  # every image of the shard was unreadable
+                        acts, index, labels = (np.zeros((0, model.width), np.float32), np.zeros((0, 2), np.int32),
+                                               np.zeros(0, np.int64))
+                    writer.manifest["n_skipped"] = n_skipped
+                    writer.write_shard(acts, index, labels if source.has_labels else None, n_images=shard_images)
+                shard_parts = {layer: [] for layer in layer_ids}
+                shard_images = 0
+    bar.close()
+    seconds = time.perf_counter() - t0
+    for writer in writers.values():
+        if not writer.complete:
+            writer.finish(n_skipped=n_skipped)
+    total_rows = n_rows_before + new_rows
+    if total_rows == 0:
+        raise VitatlasError(f"no image of {data} could be read ({n_skipped} unreadable): nothing was extracted")
+    if n_skipped:
+        warnings.warn(f"{n_skipped} unreadable image(s) were skipped", stacklevel=2)
+    return ExtractResult(out, layer_ids, n_images, new_rows, n_skipped, seconds)

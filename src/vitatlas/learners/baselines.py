@@ -1,0 +1,382 @@
+"""Baseline dictionaries that run through the same evaluation harness as DBK-SVD and the SAEs.
+
+Every baseline is a ``Dictionary`` (unit-norm atoms, encode, decode, save / ``vitatlas.load``):
+
+- ``PCABaseline(k)`` (kind ``"pca"``): the top-k principal directions of the centred data. Dense
+  codes, so L0 = k and n_atoms = k. ``encode(x) = (x - mean) @ Vᵀ``, ``decode(c) = c @ V + mean``: the
+  best possible rank-k linear reconstruction, an upper bound for any k-sparse code on a k-atom basis.
+- ``KMeansBaseline(n_atoms)`` (kind ``"kmeans"``): vector quantisation, L0 = 1. Lloyd's k-means on
+  the data gives centroids c_j; atom j is the unit direction of ``c_j - mean`` and a sample's code is
+  ``‖c_j - mean‖`` at its nearest centroid j (Euclidean), 0 elsewhere, so ``decode`` returns exactly
+  that centroid (``decode(c) = c @ atoms + mean``).
+- ``RandomDictionary(n_atoms, k)`` (kind ``"random"``): unit Gaussian random atoms coded by OMP with
+  exactly k non-zeros: the floor any learnt dictionary must beat.
+- ``SklearnDictionaryLearning(n_atoms, k)`` (kind ``"sklearn-dl"``): scikit-learn's
+  ``MiniBatchDictionaryLearning`` (online L1 dictionary learning, coordinate descent) learns the atoms;
+  codes are OMP with k non-zeros (what sklearn's ``transform_algorithm="omp"`` computes; here the
+  batched torch OMP below, which is checked against sklearn's in the tests).
+
+k-means and sklearn-dl fit in memory on at most ``max_rows`` rows (a fixed random subset, seed
+``seed``) of a store, so that a baseline stays cheap next to the learners it is compared with;
+sklearn-dl also caps its passes over those rows (``max_iter``, default 1) and its sparse-coding
+iterations, because its per-atom Python loop is slow with thousands of atoms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..dictionary import ArrayLike, Dictionary, as_tensor, is_store, iter_batches, n_rows_and_width
+from ..errors import VitatlasError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise VitatlasError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _device(name: str) -> str:
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise VitatlasError(f"device {name!r} was requested but no CUDA GPU is available here: use device='cpu'")
+    if not (str(name) == "cpu" or str(name).startswith("cuda")):
+        raise VitatlasError(f"unknown device {name!r}: use 'cpu' or 'cuda'")
+    return str(name)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise VitatlasError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def fit_rows(X: ArrayLike, max_rows: int, seed: int) -> np.ndarray:
+    """(m, d) float32 rows to fit on: all of X, or a fixed random subset of ``max_rows`` rows."""
+    n, _ = n_rows_and_width(X)
+    if n == 0:
+        raise VitatlasError("X is empty (0 rows): pass at least one sample")
+    ids = None
+    if n > max_rows:
+        ids = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+    if is_store(X):
+        rows = X.to_numpy() if ids is None else X.rows(ids)
+    else:
+        arr = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
+        rows = arr if ids is None else arr[ids]
+    return as_tensor(rows).numpy()
+
+
+@torch.no_grad()
+def omp(x: torch.Tensor, atoms: torch.Tensor, k: int, *, chunk: int = 2048) -> torch.Tensor:
+    """Batched orthogonal matching pursuit: dense codes (B, n_atoms) with at most k non-zeros per row.
+
+    x: (B, d); atoms: (n_atoms, d), unit-norm rows. Each step picks the atom most correlated with the
+    residual (never one already chosen) and refits all chosen coefficients by least squares, exactly
+    as sklearn's ``orthogonal_mp``. k is clipped to min(n_atoms, d).
+    """
+    n_atoms, d = atoms.shape
+    k = min(int(k), n_atoms, d)
+    out = torch.zeros(x.shape[0], n_atoms, dtype=x.dtype, device=x.device)
+    # rows in chunks so the (B, k, d) gathered atoms stay small
+    step = max(1, min(chunk, (64 << 20) // max(1, 4 * k * d)))
+    for s0 in range(0, x.shape[0], step):
+        xb = x[s0:s0 + step]
+        B = xb.shape[0]
+        rows = torch.arange(B, device=x.device)
+        corr0 = xb @ atoms.T  # (B, n_atoms)
+        chosen = torch.zeros(B, n_atoms, dtype=torch.bool, device=x.device)
+        support = torch.zeros(B, k, dtype=torch.long, device=x.device)
+        residual = xb
+        coef = xb.new_zeros(B, 0)
+        for s in range(k):
+            c = (residual @ atoms.T).abs_().masked_fill_(chosen, -1.0)
+            j = c.argmax(dim=1)
+            support[:, s] = j
+            chosen[rows, j] = True
+            S = support[:, :s + 1]
+            Ds = atoms[S]  # (B, s+1, d)
+            gram = Ds @ Ds.transpose(1, 2)
+            # a tiny ridge keeps nearly collinear supports solvable without changing well-posed ones
+            gram = gram + 1e-7 * torch.eye(s + 1, dtype=x.dtype, device=x.device)
+            coef = torch.linalg.solve(gram, corr0.gather(1, S))  # (B, s+1)
+            residual = xb - (coef.unsqueeze(1) @ Ds).squeeze(1)
+        if k:
+            out[s0:s0 + B].scatter_(1, support, coef)
+    return out
+
+
+class _Baseline(Dictionary):
+    """Shared plumbing: device/dtype options and the saved tensors."""
+
+    def __init__(self, *, device: str = "cpu", dtype: str = "float32"):
+        self.device = _device(device)
+        self._dtype_name = dtype
+        self.dtype = _dtype(dtype)
+        self.d = None
+        self.fit_info = {}
+        self._atoms: torch.Tensor | None = None
+
+    @property
+    def atoms(self) -> torch.Tensor:
+        self._check_fitted()
+        return self._atoms
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"atoms": self._atoms}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self._atoms = tensors["atoms"].to(self.device, self.dtype)
+
+    def _base_config(self) -> dict:
+        return {"device": self.device, "dtype": self._dtype_name}
+
+
+class PCABaseline(_Baseline):
+    """Top-k principal directions; dense codes (L0 = k). Exact: mean and scatter in float64, two passes."""
+
+    kind = "pca"
+
+    def __init__(self, k: int, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 8192):
+        super().__init__(device=device, dtype=dtype)
+        self.k = _positive_int("k", k)
+        self.n_atoms = self.k
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self._mean: torch.Tensor | None = None
+
+    def _config(self) -> dict:
+        return {"k": self.k, **self._base_config(), "batch_size": self.batch_size}
+
+    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "PCABaseline":
+        n, d = n_rows_and_width(X)
+        if self.k > d:
+            raise VitatlasError(f"PCA with k={self.k} components needs k <= d={d}: lower k")
+        total = torch.zeros(d, dtype=torch.float64)
+        for x in iter_batches(X, self.batch_size, shuffle=False, seed=0, dtype=torch.float64):
+            total += x.sum(0)
+        mean = total / n
+        scatter = torch.zeros(d, d, dtype=torch.float64)
+        for x in iter_batches(X, self.batch_size, shuffle=False, seed=0, dtype=torch.float64):
+            xc = x - mean
+            scatter += xc.T @ xc
+        evals, evecs = torch.linalg.eigh(scatter)
+        comps = evecs[:, torch.argsort(evals, descending=True)[:self.k]].T  # (k, d)
+        # fix each component's sign (largest |entry| positive) so fits are reproducible
+        sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
+        comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
+        self._atoms = comps.to(self.device, self.dtype)
+        self._mean = mean.to(self.device, self.dtype)
+        self.d = d
+        self.record_fit_source(X)
+        return self
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self._mean) @ self._atoms.T
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self._atoms + self._mean
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"atoms": self._atoms, "mean": self._mean}
+
+    def _load_state(self, tensors, meta) -> None:
+        super()._load_state(tensors, meta)
+        self._mean = tensors["mean"].to(self.device, self.dtype)
+
+
+class KMeansBaseline(_Baseline):
+    """Lloyd's k-means; L0 = 1 (code = distance of the nearest centroid from the mean, see module doc)."""
+
+    kind = "kmeans"
+
+    def __init__(self, n_atoms: int, *, n_iter: int = 15, max_rows: int = 100_000, seed: int = 0,
+                 device: str = "cpu", dtype: str = "float32"):
+        super().__init__(device=device, dtype=dtype)
+        self.n_atoms = _positive_int("n_atoms", n_atoms)
+        self.n_iter = _positive_int("n_iter", n_iter)
+        self.max_rows = _positive_int("max_rows", max_rows)
+        self.seed = int(seed)
+        self._mean: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None
+
+    def _config(self) -> dict:
+        return {"n_atoms": self.n_atoms, "n_iter": self.n_iter, "max_rows": self.max_rows, "seed": self.seed,
+                **self._base_config()}
+
+    @staticmethod
+    def _assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest centroid of each row and its squared distance, in chunks."""
+        c2 = (centroids * centroids).sum(1)
+        idx, dist = [], []
+        for s in range(0, x.shape[0], 4096):
+            xb = x[s:s + 4096]
+            d2 = (xb * xb).sum(1, keepdim=True) - 2 * xb @ centroids.T + c2
+            m, j = d2.min(1)
+            idx.append(j)
+            dist.append(m.clamp_min(0))
+        return torch.cat(idx), torch.cat(dist)
+
+    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "KMeansBaseline":
+        rows = torch.from_numpy(fit_rows(X, self.max_rows, self.seed)).to(self.device, self.dtype)
+        n, d = rows.shape
+        if self.n_atoms > n:
+            raise VitatlasError(f"k-means with {self.n_atoms} centroids needs at least that many rows, got {n}")
+        gen = torch.Generator().manual_seed(self.seed)
+        centroids = rows[torch.randperm(n, generator=gen)[:self.n_atoms].to(self.device)].clone()
+        for _ in range(self.n_iter):
+            assign, dist = self._assign(rows, centroids)
+            sums = torch.zeros_like(centroids).index_add_(0, assign, rows)
+            counts = torch.bincount(assign, minlength=self.n_atoms).to(rows.dtype)
+            empty = counts == 0
+            centroids = torch.where(empty.unsqueeze(1), centroids, sums / counts.clamp_min(1).unsqueeze(1))
+            if bool(empty.any()):
+                # re-seed empty clusters on the rows worst served by their centroid
+                far = torch.argsort(dist, descending=True)[:int(empty.sum())]
+                centroids[torch.nonzero(empty).squeeze(1)[:far.numel()]] = rows[far]
+        mean = rows.mean(0)
+        offsets = centroids - mean
+        scale = offsets.norm(dim=1)
+        unit = torch.zeros_like(offsets)
+        unit[:, 0] = 1.0  # a centroid exactly at the mean has no direction: any unit atom, code 0
+        atoms = torch.where((scale > 0).unsqueeze(1), offsets / scale.clamp_min(1e-30).unsqueeze(1), unit)
+        self._atoms, self._mean, self._scale = atoms, mean, scale
+        self.d = d
+        self.record_fit_source(X)
+        return self
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        return self._mean + self._scale.unsqueeze(1) * self._atoms
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        j, _ = self._assign(x, self.centroids)
+        codes = torch.zeros(x.shape[0], self.n_atoms, dtype=x.dtype, device=x.device)
+        codes[torch.arange(x.shape[0], device=x.device), j] = self._scale[j]
+        return codes
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self._atoms + self._mean
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"atoms": self._atoms, "mean": self._mean, "scale": self._scale}
+
+    def _load_state(self, tensors, meta) -> None:
+        super()._load_state(tensors, meta)
+        self._mean = tensors["mean"].to(self.device, self.dtype)
+        self._scale = tensors["scale"].to(self.device, self.dtype)
+
+
+class _OMPCoded(_Baseline):
+    """Dictionaries coded by OMP with k non-zeros."""
+
+    def __init__(self, n_atoms: int, k: int, *, device: str = "cpu", dtype: str = "float32"):
+        super().__init__(device=device, dtype=dtype)
+        self.n_atoms = _positive_int("n_atoms", n_atoms)
+        self.k = _positive_int("k", k)
+        if self.k > self.n_atoms:
+            raise VitatlasError(f"k={self.k} non-zeros cannot exceed n_atoms={self.n_atoms}: lower k or add atoms")
+
+    def _check_k(self, d: int) -> None:
+        if self.k > d:
+            raise VitatlasError(f"k={self.k} non-zeros exceeds the width d={d}: OMP would fit every sample exactly; "
+                                "lower k")
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return omp(x, self._atoms, self.k)
+
+
+class RandomDictionary(_OMPCoded):
+    """Unit Gaussian random atoms + OMP at k: the floor a learnt dictionary must beat."""
+
+    kind = "random"
+
+    def __init__(self, n_atoms: int, k: int, *, seed: int = 0, device: str = "cpu", dtype: str = "float32"):
+        super().__init__(n_atoms, k, device=device, dtype=dtype)
+        self.seed = int(seed)
+
+    def _config(self) -> dict:
+        return {"n_atoms": self.n_atoms, "k": self.k, "seed": self.seed, **self._base_config()}
+
+    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "RandomDictionary":
+        _, d = n_rows_and_width(X)
+        self._check_k(d)
+        gen = torch.Generator().manual_seed(self.seed)
+        atoms = torch.randn(self.n_atoms, d, generator=gen, dtype=torch.float64)
+        self._atoms = (atoms / atoms.norm(dim=1, keepdim=True)).to(self.device, self.dtype)
+        self.d = d
+        self.record_fit_source(X)
+        return self
+
+
+class SklearnDictionaryLearning(_OMPCoded):
+    """scikit-learn MiniBatchDictionaryLearning atoms + OMP at k.
+
+    Rows are divided by their root-mean-square norm before fitting (atoms are unit-norm, so this
+    only makes ``alpha`` — the L1 weight sklearn learns with — independent of the data's scale).
+    """
+
+    kind = "sklearn-dl"
+
+    def __init__(self, n_atoms: int, k: int, *, alpha: float = 0.05, max_iter: int = 1, batch_size: int = 256,
+                 max_rows: int = 10_000, seed: int = 0, device: str = "cpu", dtype: str = "float32"):
+        super().__init__(n_atoms, k, device=device, dtype=dtype)
+        if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
+            raise VitatlasError(f"alpha must be a positive number, got {alpha!r}")
+        self.alpha = float(alpha)
+        self.max_iter = _positive_int("max_iter", max_iter)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.max_rows = _positive_int("max_rows", max_rows)
+        self.seed = int(seed)
+
+    def _config(self) -> dict:
+        return {"n_atoms": self.n_atoms, "k": self.k, "alpha": self.alpha, "max_iter": self.max_iter,
+                "batch_size": self.batch_size, "max_rows": self.max_rows, "seed": self.seed, **self._base_config()}
+
+    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "SklearnDictionaryLearning":
+        import warnings
+
+        from sklearn.decomposition import MiniBatchDictionaryLearning
+        from sklearn.exceptions import ConvergenceWarning
+
+        rows = fit_rows(X, self.max_rows, self.seed).astype(np.float64)
+        d = rows.shape[1]
+        self._check_k(d)
+        rms = float(np.sqrt((rows ** 2).sum(1).mean())) or 1.0
+        learner = MiniBatchDictionaryLearning(
+            n_components=self.n_atoms, alpha=self.alpha, max_iter=self.max_iter, batch_size=self.batch_size,
+            fit_algorithm="cd", transform_algorithm="omp", transform_n_nonzero_coefs=self.k,
+            random_state=self.seed, verbose=bool(progress))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            learner.fit(rows / rms)
+        atoms = torch.from_numpy(learner.components_.copy())
+        norms = atoms.norm(dim=1, keepdim=True)
+        # sklearn keeps atoms at norm <= 1 and may leave unused ones at 0: give those a random direction
+        gen = torch.Generator().manual_seed(self.seed)
+        repl = torch.randn(atoms.shape, generator=gen, dtype=atoms.dtype)
+        atoms = torch.where(norms > 1e-12, atoms, repl)
+        self._atoms = (atoms / atoms.norm(dim=1, keepdim=True)).to(self.device, self.dtype)
+        self.d = d
+        self.record_fit_source(X)
+        return self
+
+
+BASELINES = {"pca": PCABaseline, "kmeans": KMeansBaseline, "random": RandomDictionary,
+             "sklearn-dl": SklearnDictionaryLearning}
+
+
+def make_baseline(kind: str, *, n_atoms: int, k: int, seed: int = 0, device: str = "cpu") -> Dictionary:
+    """A baseline of ``kind`` sized like the runs it is compared with (PCA has k atoms, k-means L0 = 1)."""
+    if kind == "pca":
+        return PCABaseline(k, device=device)
+    if kind == "kmeans":
+        return KMeansBaseline(n_atoms, seed=seed, device=device)
+    if kind == "random":
+        return RandomDictionary(n_atoms, k, seed=seed, device=device)
+    if kind == "sklearn-dl":
+        return SklearnDictionaryLearning(n_atoms, k, seed=seed, device=device)
+    raise VitatlasError(f"unknown baseline {kind!r}: choose from {', '.join(BASELINES)} or 'none'")
