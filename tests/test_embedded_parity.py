@@ -48,6 +48,11 @@ def onnx_outputs(pixels) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, {"input_image": pixels.numpy()})))
 
 
+@pytest.fixture(scope="module")
+def ours(model, pixels) -> dict[int, torch.Tensor]:
+    return model.residual_streams(pixels, LAYERS)
+
+
 def _rel(a: torch.Tensor, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.numpy() - b) / np.linalg.norm(b))
 
@@ -60,13 +65,13 @@ def test_shapes(model, pixels):
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_residual_stream_matches_onnx(model, pixels, onnx_outputs, layer):
-    ours = model.residual_streams(pixels, [layer])[layer]
+def test_residual_stream_matches_onnx(ours, onnx_outputs, layer):
     theirs = onnx_outputs[f"/backbone/encoder/layer.{layer}/Add_1_output_0"]
-    assert ours.shape == theirs.shape == (2, 257, 384)
-    assert _rel(ours, theirs) < TOL
+    assert ours[layer].shape == theirs.shape == (2, 257, 384)
+    assert _rel(ours[layer], theirs) < TOL
 
 
-def test_forward_from_matches_onnx_final_norm(model, pixels, onnx_outputs):
-    stream = model.residual_streams(pixels, [5])[5]
-    assert _rel(model.forward_from(5, stream), onnx_outputs["/backbone/layernorm/Add_1_output_0"]) < TOL
+def test_forward_from_matches_onnx_final_norm(model, ours, onnx_outputs):
+    with torch.no_grad():
+        final = model.forward_from(5, ours[5])
+    assert _rel(final, onnx_outputs["/backbone/layernorm/Add_1_output_0"]) < TOL

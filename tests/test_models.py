@@ -219,11 +219,17 @@ def test_transform_matches_hf_processor(tmp_path, processor):
 
 
 def test_checkpoint_preprocessor_config_is_used(tmp_path):
-    _build("clip_vision").save_pretrained(tmp_path)
-    tf.CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 28, "width": 28}).save_pretrained(tmp_path)
+    """A processor at another resolution than pre-training: read it and interpolate position embeddings."""
+    ref = _build("clip_vision").eval()
+    ref.save_pretrained(tmp_path)
+    tf.CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 42, "width": 42}).save_pretrained(tmp_path)
     model = load(f"hf:{tmp_path}")
-    assert model.preprocessing["size"] == 30 and model.preprocessing["crop"] == 28
-    assert model.preprocessing["resample"] == "bicubic"
+    assert model.preprocessing["size"] == 48 and model.preprocessing["crop"] == 42
+    assert model.preprocessing["resample"] == "bicubic" and model.image_size == 42 and model.n_tokens == 1 + 9
+    pixels = model.preprocess(_images(1))
+    with torch.no_grad():
+        expected = ref(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states
+    torch.testing.assert_close(model.residual_streams(pixels, [1])[1], expected[2], atol=1e-5, rtol=1e-5)
 
 
 # ---- errors ----------------------------------------------------------------------------------------

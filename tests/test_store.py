@@ -124,7 +124,7 @@ def test_multi_layer_directory(tmp_path):
         m = json.loads((tmp_path / f"layer-{layer:02d}" / "manifest.json").read_text())
         m["layer"] = layer
         (tmp_path / f"layer-{layer:02d}" / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(VitatlasError, match="several layers"):
+    with pytest.raises(VitatlasError, match="several stores"):
         ActivationStore(tmp_path)
     assert ActivationStore(tmp_path, layer=7).layer == 7
     with pytest.raises(VitatlasError, match="no layer 5"):

@@ -13,7 +13,8 @@ import click
                    "or hf-disk:PATH.")
 @click.option("--layer", "layers", type=int, multiple=True, required=True, metavar="L",
               help="Residual stream after block L (0-based; negative counts from the end). Repeatable.")
-@click.option("--tokens", type=click.Choice(["cls", "patches", "all"]), default="cls", show_default=True)
+@click.option("--tokens", type=click.Choice(["cls", "patches", "all"]), multiple=True, default=("cls",),
+              show_default=True, help="Token kind; repeat for several stores from one forward pass (OUT/cls, OUT/patches).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output store directory.")
 @click.option("--limit", type=int, default=None, help="Use only the first N images.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -28,7 +29,7 @@ def extract(model_name, data, layers, tokens, out, limit, batch_size, dtype, dev
 
     if shard_mb <= 0:
         raise VitatlasError(f"--shard-mb must be positive, got {shard_mb}")
-    result = run_extract(model_name, data, list(layers), tokens, out, limit=limit, batch_size=batch_size,
+    result = run_extract(model_name, data, list(layers), list(tokens), out, limit=limit, batch_size=batch_size,
                          dtype=dtype, shard_bytes=int(shard_mb * (1 << 20)), device=device)
     click.echo(f"extracted {result.n_rows} new rows from {result.n_images} images, layers "
                f"{', '.join(map(str, result.layers))}, in {result.seconds:.1f} s "

@@ -28,7 +28,7 @@ class ExtractResult:
     out: Path
     layers: list[int]
     n_images: int
-    n_rows: int
+    n_rows: int  # rows written by this call, over all stores
     n_skipped: int
     seconds: float
 
@@ -60,12 +60,14 @@ def _load_batch(model, source: ImageSource, start: int, stop: int) -> _Batch:
     return _Batch(start, np.asarray(ids, np.int64), np.asarray(labels, np.int64), pixels, skipped)
 
 
-def extract(model_name: str, data: str, layers: Sequence[int], tokens: str, out: str | Path, *,
+def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Sequence[str], out: str | Path, *,
             limit: int | None = None, batch_size: int = 32, dtype: str = "float32", shard_bytes: int = 64 << 20,
             device: str = "cpu", progress: bool = True, model=None) -> ExtractResult:
     """Record the residual stream after each of ``layers`` for the images of ``data`` into ``out``.
 
-    One layer writes a store directly in ``out``; several write ``out/layer-XX`` each. Re-running the
+    One layer and one token kind write a store directly in ``out``; several layers write ``out/layer-XX``
+    and several token kinds (e.g. ``["cls", "patches"]``, from the same forward pass) ``.../cls``,
+    ``.../patches``. Re-running the
     same call after an interruption resumes; a call with other arguments on the same ``out`` is refused.
     ``model`` may be passed pre-loaded (tests, benchmarks); otherwise ``model_name`` is loaded.
     """
@@ -84,32 +86,38 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str, out:
     source = open_source(data)
     model = model if model is not None else models.load(model_name, device=device)
     layer_ids = sorted({model.resolve_layer(layer) for layer in layers})
-    positions = model.token_positions(tokens)
+    kinds = [tokens] if isinstance(tokens, str) else list(dict.fromkeys(tokens))
+    if not kinds:
+        raise VitatlasError("give at least one --tokens kind")
+    positions = {kind: model.token_positions(kind) for kind in kinds}
     n_images = min(len(source), limit) if limit else len(source)
     if n_images == 0:
         raise VitatlasError(f"data source {data} holds no images")
 
     # Shards are whole batches of images, so resumed runs replay identical batches.
-    per_shard = ceil_to(max(1, rows_per_shard(model.width, dtype, shard_bytes) // len(positions)), batch_size)
+    max_tokens = max(len(p) for p in positions.values())
+    per_shard = ceil_to(max(1, rows_per_shard(model.width, dtype, shard_bytes) // max_tokens), batch_size)
     out = Path(out)
-    identity = {"model": model.name, "revision": model.revision, "tokens": tokens, "data": source.spec,
+    identity = {"model": model.name, "revision": model.revision, "data": source.spec,
                 "n_images": n_images, "batch_size": batch_size, "images_per_shard": per_shard,
                 "preprocessing": model.preprocessing}
-    meta = {"model": model.describe(), "tokens": tokens, "token_positions": positions.tolist(),
-            "source": source.describe() | {"n_images_used": n_images}, "preprocessing": model.preprocessing,
-            "class_names": source.class_names}
-    writers = {}
+    meta = {"model": model.describe(), "source": source.describe() | {"n_images_used": n_images},
+            "preprocessing": model.preprocessing, "class_names": source.class_names}
+    writers: dict[tuple[int, str], StoreWriter] = {}
     for layer in layer_ids:
-        path = out if len(layer_ids) == 1 else out / layer_dirname(layer)
-        writers[layer] = StoreWriter(path, d=model.width, dtype=dtype, identity=identity | {"layer": layer},
-                                     meta=meta | {"layer": layer}, has_labels=source.has_labels)
+        for kind in kinds:
+            path = out if len(layer_ids) == 1 else out / layer_dirname(layer)
+            path = path if len(kinds) == 1 else path / kind
+            writers[layer, kind] = StoreWriter(
+                path, d=model.width, dtype=dtype, identity=identity | {"layer": layer, "tokens": kind},
+                meta=meta | {"layer": layer, "tokens": kind, "token_positions": positions[kind].tolist()},
+                has_labels=source.has_labels)
     start = min(w.n_images for w in writers.values())
     skipped_before = min(int(w.manifest.get("n_skipped", 0)) for w in writers.values())
-    n_rows_before = min(w.n_rows for w in writers.values())
 
     t0 = time.perf_counter()
     bar = tqdm(total=n_images, initial=start, unit="img", desc=f"extract {model.name}", disable=not progress)
-    shard_parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {layer: [] for layer in layer_ids}
+    shard_parts: dict[tuple[int, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {key: [] for key in writers}
     shard_images = 0
     n_skipped = skipped_before
     new_rows = 0
@@ -129,23 +137,21 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str, out:
             if batch.pixels is not None:
                 with torch.inference_mode():
                     streams = model.residual_streams(batch.pixels.to(device), layer_ids)
-                tok = torch.as_tensor(positions)
-                for layer in layer_ids:
-                    acts = streams[layer][:, tok, :].float().cpu().numpy().reshape(-1, model.width)
-                    index = np.stack([np.repeat(batch.ids, len(positions)),
-                                      np.tile(positions, len(batch.ids))], axis=1)
-                    labels = np.repeat(batch.labels, len(positions))
-                    shard_parts[layer].append((acts, index, labels))
-                new_rows += len(batch.ids) * len(positions)
+                for layer, kind in writers:
+                    pos = positions[kind]
+                    acts = streams[layer][:, torch.as_tensor(pos), :].float().cpu().numpy().reshape(-1, model.width)
+                    index = np.stack([np.repeat(batch.ids, len(pos)), np.tile(pos, len(batch.ids))], axis=1)
+                    shard_parts[layer, kind].append((acts, index, np.repeat(batch.labels, len(pos))))
+                new_rows += len(batch.ids) * sum(len(p) for p in positions.values())
             shard_images += min(s + batch_size, n_images) - s
             bar.update(min(s + batch_size, n_images) - s)
             bar.set_postfix(rows_s=f"{new_rows / max(time.perf_counter() - t0, 1e-9):.0f}", skipped=n_skipped)
             end = min(s + batch_size, n_images)
             if shard_images >= per_shard or end == n_images:
-                for layer, writer in writers.items():
-                    if writer.n_images >= end:  # this layer committed the shard before a kill
+                for key, writer in writers.items():
+                    if writer.n_images >= end:  # this store committed the shard before a kill
                         continue
-                    parts = shard_parts[layer]
+                    parts = shard_parts[key]
                     if parts:
                         acts = np.concatenate([p[0] for p in parts])
                         index = np.concatenate([p[1] for p in parts])
@@ -155,15 +161,14 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str, out:
                                                np.zeros(0, np.int64))
                     writer.manifest["n_skipped"] = n_skipped
                     writer.write_shard(acts, index, labels if source.has_labels else None, n_images=shard_images)
-                shard_parts = {layer: [] for layer in layer_ids}
+                shard_parts = {key: [] for key in writers}
                 shard_images = 0
     bar.close()
     seconds = time.perf_counter() - t0
     for writer in writers.values():
         if not writer.complete:
             writer.finish(n_skipped=n_skipped)
-    total_rows = n_rows_before + new_rows
-    if total_rows == 0:
+    if sum(w.n_rows for w in writers.values()) == 0:
         raise VitatlasError(f"no image of {data} could be read ({n_skipped} unreadable): nothing was extracted")
     if n_skipped:
         warnings.warn(f"{n_skipped} unreadable image(s) were skipped", stacklevel=2)

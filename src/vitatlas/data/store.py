@@ -286,21 +286,24 @@ class ActivationStore:
 
 
 def _resolve_layer_dir(path: Path, layer: int | None) -> Path:
+    """Find the store inside ``path``: itself, ``layer-XX`` for ``layer``, or the only store below it."""
     if (path / "manifest.json").exists():
-        if layer is not None and (read_json(path / "manifest.json", "store manifest").get("layer") not in (layer, None)):
-            raise VitatlasError(f"store {path} holds layer {read_json(path / 'manifest.json', 'store manifest').get('layer')}, not {layer}")
+        held = read_json(path / "manifest.json", "store manifest").get("layer")
+        if layer is not None and held not in (layer, None):
+            raise VitatlasError(f"store {path} holds layer {held}, not {layer}")
         return path
-    layers = sorted(p.name for p in path.glob("layer-*") if (p / "manifest.json").exists())
-    if not layers:
+    if layer is not None and (path / layer_dirname(layer)).is_dir():
+        return _resolve_layer_dir(path / layer_dirname(layer), None)
+    found = sorted(str(p.parent.relative_to(path)) for pattern in ("*/manifest.json", "*/*/manifest.json")
+                   for p in path.glob(pattern))
+    if not found:
         raise VitatlasError(f"{path} is not an activation store (no manifest.json): create one with `vitatlas extract` "
                             "or `vitatlas store from-npy`")
-    if layer is None:
-        if len(layers) == 1:
-            return path / layers[0]
-        raise VitatlasError(f"{path} holds several layers ({', '.join(layers)}): open one, e.g. {path / layers[0]}")
-    if not (path / layer_dirname(layer) / "manifest.json").exists():
-        raise VitatlasError(f"{path} has no layer {layer}; it holds {', '.join(layers)}")
-    return path / layer_dirname(layer)
+    if layer is not None:
+        raise VitatlasError(f"{path} has no layer {layer}; it holds {', '.join(found)}")
+    if len(found) == 1:
+        return path / found[0]
+    raise VitatlasError(f"{path} holds several stores ({', '.join(found)}): open one, e.g. {path / found[0]}")
 
 
 class StoreWriter:

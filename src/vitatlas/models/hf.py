@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -217,7 +218,8 @@ def _resolve(spec: str) -> tuple[str, Path]:
         if not (local / "config.json").is_file():
             raise VitatlasError(f"{local} has no config.json: pass a directory written by save_pretrained")
         return str(local), local
-    looks_like_path = spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+    # a hub id is "name" or "owner/name"; anything else that is not a directory is a missing path
+    looks_like_path = spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec)
     if looks_like_path or local.exists():
         raise VitatlasError(f"no model directory at {spec}: pass hf:<hub repo id> or hf:<directory with config.json>")
     from transformers.utils import cached_file
@@ -264,6 +266,22 @@ def _revision(source_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and load reports (e.g. a ViT pooler we deliberately drop)."""
+    from transformers.utils import logging as tf_logging
+
+    verbosity, bars = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tf_logging.set_verbosity(verbosity)
+        if bars:
+            tf_logging.enable_progress_bar()
+
+
 def _model_class(model_type: str) -> tuple[Callable[..., nn.Module], dict]:
     import transformers as tf
 
@@ -298,7 +316,8 @@ def load_hf(spec: str, device: str | torch.device = "cpu") -> HFVisionModel:
         )
     cls, kwargs = _model_class(config.model_type)
     try:
-        model = cls.from_pretrained(source, local_files_only=offline, **kwargs)
+        with _quiet_transformers():
+            model = cls.from_pretrained(source, local_files_only=offline, **kwargs)
     except (OSError, ValueError) as e:
         raise VitatlasError(f"could not load the weights of hf:{spec}: {e}") from e
 

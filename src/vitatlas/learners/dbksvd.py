@@ -1,0 +1,364 @@
+"""Double-Batch K-SVD (DBK-SVD): sparse coding + K-SVD atom updates, batched over samples and atoms.
+
+One *iteration* takes one batch of samples Y (B, d) and the current atoms D (n_atoms, d):
+
+1. the products C = Y Dᵀ (the one large dense product) and G = D Dᵀ;
+2. sparse coding in the Gram domain (``coder="omp"`` Batch-OMP or ``"mp"`` matching pursuit), with
+   each sample screened to its ``candidates`` atoms of largest |DᵀY| so coding stays a small
+   fraction of the product (see ``coders``);
+3. the K-SVD update: atoms shuffled, updated in parallel batches of ``atom_batch`` against one
+   residual snapshot, with their codes; unused atoms re-drawn from badly reconstructed samples.
+
+Sample batches are streamed (array, tensor or ActivationStore through ``iter_batches``), each gets one
+iteration warm-started from the previous dictionary, for ``epochs`` passes: the data never has to fit
+in memory. With ``groups=[64, 256, 1024]`` (Matryoshka), the atoms are fitted group by group: stage g
+codes with the prefix D[:groups[g]] but only updates its new atoms (initialised from residuals of the
+previous prefix), so every prefix is a usable dictionary on its own.
+
+Handling of edge cases: zero rows get zero codes; NaN/Inf rows are refused (VitatlasError naming the
+row); ``k >= d`` is refused (the codes would not be sparse: every sample is fitted exactly);
+``n_atoms < k`` is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..dictionary import ArrayLike, Dictionary, as_tensor, is_store, iter_batches, n_rows_and_width
+from ..errors import VitatlasError
+from ..io import atomic_save_safetensors, load_safetensors
+from .coders import CODERS, code, sparse_decode, to_dense
+from .ksvd_update import ksvd_update
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CHECKPOINT = "dbksvd-checkpoint.safetensors"
+
+
+def resolve_device(device: str) -> str:
+    """Check a device string; ask for CUDA on a machine without it -> one-line error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise VitatlasError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VitatlasError(f"device {device!r} requested but CUDA is not available here: use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise VitatlasError(f"unsupported device {device!r}: use 'cpu' or 'cuda'")
+    return str(dev)
+
+
+class DBKSVD(Dictionary):
+    """Double-Batch K-SVD dictionary learner.
+
+    >>> dl = DBKSVD(n_atoms=1024, k=8).fit(X)      # doctest: +SKIP
+    >>> codes = dl.encode(X); Xhat = dl.reconstruct(X)   # doctest: +SKIP
+
+    Options (all JSON-able; ``_config`` returns them):
+      coder: "omp" (Batch-OMP, default) or "mp" (matching pursuit, up to ``mp_steps`` = 4k steps).
+      epochs: passes over the data (None: enough for at least 40 iterations). sample_batch: samples per
+      iteration (None: 8·n_atoms, at least 4096, at most 2²⁸/n_atoms so DᵀY stays under 1 GB fp32). atom_batch: atoms updated in
+      parallel against one snapshot (None: n_atoms // 8). n_power: power-iteration steps of the
+      rank-1 update. approx: AK-SVD (one step from the codes). refit: least-squares refit after MP.
+      tol: stop coding a sample at this relative residual. candidates: screening width during
+      fitting ("auto" = max(4k, 32), None = exact coding); encode() always codes exactly.
+      groups: Matryoshka prefix sizes, increasing, ending at n_atoms. device, dtype ("float32" |
+      "float64"), seed. checkpoint_every: iterations between checkpoints when fit() is given a
+      checkpoint_dir.
+    """
+
+    kind = "dbksvd"
+
+    def __init__(self, n_atoms: int, k: int, *, coder: str = "omp", epochs: int | None = None, sample_batch: int | None = None,
+                 atom_batch: int | None = None, n_power: int = 3, approx: bool = False, refit: bool = True,
+                 tol: float = 0.0, mp_steps: int | None = None, candidates: int | str | None = "auto",
+                 groups: list[int] | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                 checkpoint_every: int = 20):
+        def positive(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise VitatlasError(f"{name} must be a positive integer, got {value!r}")
+            return int(value)
+
+        self.n_atoms = positive("n_atoms", n_atoms)
+        self.k = positive("k", k)
+        if self.n_atoms < self.k:
+            raise VitatlasError(f"n_atoms={n_atoms} is smaller than k={k}: a sample cannot use more atoms than exist")
+        if coder not in CODERS:
+            raise VitatlasError(f"unknown coder {coder!r}: use one of {', '.join(CODERS)}")
+        if dtype not in DTYPES:
+            raise VitatlasError(f"unknown dtype {dtype!r}: use 'float32' or 'float64'")
+        self.coder = coder
+        self.epochs = None if epochs is None else positive("epochs", epochs)
+        self.sample_batch = None if sample_batch is None else positive("sample_batch", sample_batch)
+        self.atom_batch = None if atom_batch is None else positive("atom_batch", atom_batch)
+        self.n_power = positive("n_power", n_power)
+        self.approx = bool(approx)
+        self.refit = bool(refit)
+        if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
+            raise VitatlasError(f"tol is a relative residual in [0, 1), got {tol!r}")
+        self.tol = float(tol)
+        self.mp_steps = None if mp_steps is None else positive("mp_steps", mp_steps)
+        if not (candidates is None or candidates == "auto" or
+                (isinstance(candidates, (int, np.integer)) and not isinstance(candidates, bool) and candidates > 0)):
+            raise VitatlasError(f"candidates must be 'auto', None (exact) or a positive integer, got {candidates!r}")
+        self.candidates = candidates if candidates in (None, "auto") else int(candidates)
+        if groups is not None:
+            groups = [positive("groups entry", g) for g in groups]
+            if groups != sorted(set(groups)) or groups[-1] != self.n_atoms or groups[0] < self.k:
+                raise VitatlasError(f"groups must be increasing prefix sizes from at least k={k} up to n_atoms="
+                                    f"{n_atoms}, e.g. [64, 256, {n_atoms}]; got {groups}")
+        self.groups = groups
+        self.device = resolve_device(device)
+        self.dtype_name = dtype
+        self.dtype = DTYPES[dtype]
+        self.seed = int(seed)
+        self.checkpoint_every = positive("checkpoint_every", checkpoint_every)
+        self.d = None
+        self._D: torch.Tensor | None = None
+        self._G: torch.Tensor | None = None
+        self.history: list[float] = []  # signal_recovered of each iteration's batch
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._step = 0
+
+    # ---- Dictionary interface -------------------------------------------------------------------
+    def _config(self) -> dict:
+        return {"n_atoms": self.n_atoms, "k": self.k, "coder": self.coder, "epochs": self.epochs,
+                "sample_batch": self.sample_batch, "atom_batch": self.atom_batch, "n_power": self.n_power,
+                "approx": self.approx, "refit": self.refit, "tol": self.tol, "mp_steps": self.mp_steps,
+                "candidates": self.candidates, "groups": self.groups, "device": self.device,
+                "dtype": self.dtype_name, "seed": self.seed, "checkpoint_every": self.checkpoint_every}
+
+    @property
+    def atoms(self) -> torch.Tensor:
+        self._check_fitted()
+        return self._D
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"atoms": self._D}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        D = tensors["atoms"]
+        if D.shape != (self.n_atoms, int(meta["d"])):
+            raise VitatlasError(f"saved atoms have shape {tuple(D.shape)}, expected ({self.n_atoms}, {meta['d']})")
+        self._set_atoms(D)
+
+    def _set_atoms(self, D: torch.Tensor) -> None:
+        self._D = D.to(self.device, self.dtype).contiguous()
+        self.d = int(D.shape[1])
+        self._G = None
+
+    def _gram(self) -> torch.Tensor:
+        if self._G is None:
+            self._G = self._D @ self._D.T
+        return self._G
+
+    def _code(self, Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, candidates: int | None):
+        return code(Y @ D.T, G, (Y * Y).sum(dim=1), self.k, coder=self.coder, tol=self.tol, refit=self.refit,
+                    max_steps=self.mp_steps, candidates=candidates)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        idx, val = self._code(x, self._D, self._gram(), None)  # encoding is exact
+        return to_dense(idx, val, self.n_atoms)
+
+    def _fit_candidates(self, n_prefix: int) -> int | None:
+        if self.candidates == "auto":
+            return min(n_prefix, max(4 * self.k, 32))
+        return self.candidates
+
+    # ---- fitting --------------------------------------------------------------------------------
+    def _check_width(self, d: int) -> None:
+        if self.k >= d:
+            raise VitatlasError(f"k={self.k} must be smaller than the data width d={d}: with k >= d every sample "
+                                "is fitted exactly and the codes are not sparse")
+        if self.d is not None and d != self.d:
+            raise VitatlasError(f"data has width {d} but this dictionary was fitted on width {self.d}")
+
+    def _stages(self) -> list[tuple[int, int]]:
+        """(first trainable atom, prefix size) of each stage."""
+        if not self.groups:
+            return [(0, self.n_atoms)]
+        bounds = [0] + self.groups
+        return [(bounds[i], bounds[i + 1]) for i in range(len(self.groups))]
+
+    def _sample_batch(self) -> int:
+        if self.sample_batch is not None:
+            return self.sample_batch
+        return int(min(max(8 * self.n_atoms, 4096), max(4096, (1 << 28) // self.n_atoms)))
+
+    def _epochs(self, n: int) -> int:
+        if self.epochs is not None:
+            return self.epochs
+        return max(1, math.ceil(40 / math.ceil(n / self._sample_batch())))
+
+    def _atom_batch(self, n_trainable: int) -> int:
+        return self.atom_batch or max(1, math.ceil(n_trainable / 8))
+
+    @torch.no_grad()
+    def _iteration(self, Y: torch.Tensor, lo: int, hi: int) -> float:
+        """One DBK-SVD iteration on batch Y, updating atoms [lo, hi); returns the batch signal_recovered."""
+        D = self._D[:hi].clone()
+        G = D @ D.T
+        idx, val = self._code(Y, D, G, self._fit_candidates(hi))
+        R = Y - sparse_decode(idx, val, D)
+        trainable = torch.arange(lo, hi, device=D.device)
+        ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable, n_power=self.n_power,
+                    approx=self.approx, generator=self._gen, G=G)
+        self._D[lo:hi] = D[lo:hi]
+        self._G = None
+        ynorm = Y.norm(dim=1)
+        nz = ynorm > 0
+        rel = torch.where(nz, R.norm(dim=1) / ynorm.clamp(min=torch.finfo(Y.dtype).tiny), torch.zeros_like(ynorm))
+        return float(1 - rel.mean())
+
+    def _init_atoms(self, X: ArrayLike, n: int, d: int) -> None:
+        """Atoms = random data rows (normalised); random directions for zero rows or n < n_atoms."""
+        m = self._stages()[0][1]
+        rng = np.random.default_rng(self.seed)
+        ids = np.sort(rng.choice(n, size=min(n, m), replace=False))
+        rows = X.rows(ids) if is_store(X) else (X[torch.as_tensor(ids, device=X.device)] if isinstance(X, torch.Tensor)
+                                                else np.asarray(X)[ids])
+        rows = as_tensor(rows, d=d, dtype=self.dtype)
+        self._init_from_rows(rows, 0, m, d)
+
+    def _init_from_rows(self, rows: torch.Tensor, lo: int, hi: int, d: int) -> None:
+        m = hi - lo
+        init = torch.randn(m, d, generator=self._gen, dtype=self.dtype)
+        rows = rows.to("cpu", self.dtype)
+        rows = rows[rows.norm(dim=1) > 0][:m]
+        init[: rows.shape[0]] = rows
+        init /= init.norm(dim=1, keepdim=True)
+        if self._D is None:
+            self._set_atoms(torch.zeros(self.n_atoms, d, dtype=self.dtype))
+        self._D[lo:hi] = init.to(self.device)
+        self._G = None
+
+    def _init_stage_from_residual(self, Y: torch.Tensor, lo: int, hi: int) -> None:
+        """Matryoshka: new atoms of a stage start as random residual rows of the previous prefix."""
+        D = self._D[:lo]
+        idx, val = self._code(Y, D, D @ D.T, self._fit_candidates(lo))
+        R = Y - sparse_decode(idx, val, D)
+        perm = torch.randperm(R.shape[0], generator=self._gen).to(R.device)
+        self._init_from_rows(R[perm], lo, hi, Y.shape[1])
+
+    def _batches(self, X: ArrayLike, epoch_seed: int):
+        return iter_batches(X, self._sample_batch(), shuffle=True, seed=epoch_seed, device=self.device, dtype=self.dtype,
+                            d=self.d)
+
+    def fit(self, X: ArrayLike, *, checkpoint_dir: str | Path | None = None, progress: bool = True,
+            callback: Callable[[int, float], None] | None = None) -> "DBKSVD":
+        """Learn the dictionary from X (array, tensor or ActivationStore), streaming sample batches.
+
+        With ``checkpoint_dir`` a checkpoint is written atomically every ``checkpoint_every`` iterations
+        and at the end, and an existing one is resumed (refused if it was made with other options or
+        other data). ``callback(step, signal_recovered)`` is called after every iteration (raise from
+        it to stop early, e.g. KeyboardInterrupt).
+        """
+        from tqdm.auto import tqdm
+
+        n, d = n_rows_and_width(X)
+        if n == 0:
+            raise VitatlasError("X is empty (0 rows): pass at least one sample")
+        self.d = None
+        self._D = None
+        self._check_width(d)
+        self.record_fit_source(X)
+        fingerprint = _fingerprint(X, n, d, self._config())
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._step, self.history = 0, []
+        ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+        if ckpt is not None and ckpt.exists():
+            self._load_checkpoint(ckpt, fingerprint)
+        else:
+            self._init_atoms(X, n, d)
+        per_epoch = math.ceil(n / self._sample_batch())
+        stages = self._stages()
+        epochs = self._epochs(n)
+        total = len(stages) * epochs * per_epoch
+        bar = tqdm(total=total, initial=self._step, disable=not progress, desc="dbksvd", unit="batch",
+                   dynamic_ncols=True)
+        try:
+            for s, (lo, hi) in enumerate(stages):
+                for epoch in range(epochs):
+                    first = (s * epochs + epoch) * per_epoch
+                    if self._step >= first + per_epoch:
+                        continue
+                    for b, Y in enumerate(self._batches(X, self.seed * 100003 + s * 1009 + epoch)):
+                        if first + b < self._step:
+                            continue  # already done before the checkpoint we resumed from
+                        if s > 0 and epoch == 0 and b == 0:
+                            self._init_stage_from_residual(Y, lo, hi)
+                        sr = self._iteration(Y, lo, hi)
+                        self.history.append(sr)
+                        self._step += 1
+                        bar.update(1)
+                        bar.set_postfix(signal_recovered=f"{sr:.4f}", refresh=False)
+                        if ckpt is not None and self._step % self.checkpoint_every == 0:
+                            self._save_checkpoint(ckpt, fingerprint)
+                        if callback is not None:
+                            callback(self._step, sr)
+        finally:
+            bar.close()
+        if ckpt is not None:
+            self._save_checkpoint(ckpt, fingerprint)
+        return self
+
+    def partial_fit(self, X: ArrayLike) -> "DBKSVD":
+        """One iteration per ``sample_batch`` rows of X, warm-started from the current atoms."""
+        if self.groups:
+            raise VitatlasError("partial_fit does not support groups (Matryoshka stages need fit); use fit(X)")
+        n, d = n_rows_and_width(X)
+        self._check_width(d)
+        if self._D is None:
+            if not hasattr(self, "fit_info"):
+                self.record_fit_source(X)
+            self._init_atoms(X, n, d)
+        for Y in iter_batches(X, self._sample_batch(), shuffle=False, seed=0, device=self.device, dtype=self.dtype,
+                              d=self.d):
+            self.history.append(self._iteration(Y, 0, self.n_atoms))
+            self._step += 1
+        return self
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _save_checkpoint(self, path: Path, fingerprint: str) -> None:
+        meta = {"fingerprint": fingerprint, "step": self._step, "history": self.history, "d": self.d}
+        atomic_save_safetensors(path, {
+            "atoms": self._D, "rng": self._gen.get_state(),
+            "meta": torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)})
+
+    def _load_checkpoint(self, path: Path, fingerprint: str) -> None:
+        t = load_safetensors(path, what="DBK-SVD checkpoint")
+        try:
+            meta = json.loads(bytes(t["meta"].tolist()).decode())
+            atoms, rng = t["atoms"], t["rng"]
+        except (KeyError, ValueError, UnicodeDecodeError):
+            raise VitatlasError(f"checkpoint {path} is damaged: delete {path.parent} to start over") from None
+        if meta.get("fingerprint") != fingerprint:
+            raise VitatlasError(f"checkpoint {path} was made with other options or other data: use the same "
+                                f"options and data to resume, or delete {path.parent} to start over")
+        self._set_atoms(atoms)
+        self._gen.set_state(rng)
+        self._step = int(meta["step"])
+        self.history = list(meta["history"])
+
+
+def _fingerprint(X: ArrayLike, n: int, d: int, config: dict) -> str:
+    """Hash of the options that shape the fit and of 16 sampled rows of the data."""
+    ids = np.unique(np.linspace(0, n - 1, num=min(n, 16)).astype(np.int64))
+    if is_store(X):
+        rows = X.rows(ids)
+    elif isinstance(X, torch.Tensor):
+        rows = X[torch.as_tensor(ids, device=X.device)].detach().cpu().numpy()
+    else:
+        rows = np.asarray(X)[ids]
+    h = hashlib.sha256()
+    opts = {k: v for k, v in config.items() if k not in ("device", "checkpoint_every")}
+    h.update(json.dumps({"opts": opts, "n": int(n), "d": int(d)}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+    return h.hexdigest()

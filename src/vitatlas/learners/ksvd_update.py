@@ -1,0 +1,175 @@
+"""K-SVD dictionary update, batched over atoms.
+
+For atom j used by the samples Ω_j with coefficients γ_j, K-SVD replaces (d_j, γ_j) by the best
+rank-1 approximation of the residual without atom j, restricted to those samples:
+
+    E_j = R[Ω_j] + γ_j d_jᵀ   (|Ω_j|, d),   (d_j, γ_j) <- (u, E_j u) with u the top right singular vector.
+
+The top singular vector comes from a few power-iteration steps warm-started from the current atom
+(the previous solution is already close), never from a full SVD. ``approx=True`` gives approximate
+K-SVD (AK-SVD, Rubinstein et al. 2008): one step u ∝ E_jᵀγ_j, then γ_j = E_j u.
+
+Atoms are shuffled and split into batches; all atoms of a batch are updated at once against the same
+residual snapshot (vectorised over the non-zeros that belong to the batch — no Python loop per atom),
+then the residual is corrected and the next batch sees it. Atoms no sample used are re-drawn from
+the residuals of the worst-reconstructed samples.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def _normalise_rows(U: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = U.norm(dim=1, keepdim=True)
+    ok = norm > torch.finfo(U.dtype).tiny ** 0.5
+    return torch.where(ok, U / norm.clamp(min=torch.finfo(U.dtype).tiny), fallback), ok.squeeze(1)
+
+
+def _segment_matmul(ptr: torch.Tensor, weights: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """out[s] = Σ_{p in segment s} weights[p]·E[p] for consecutive segments given by ``ptr`` (S+1,).
+
+    A CSR sparse-dense product: much faster than index_add_ on CPU and the same on CUDA.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        cols = torch.arange(E.shape[0], device=E.device)
+        S = torch.sparse_csr_tensor(ptr, cols, weights, size=(ptr.numel() - 1, E.shape[0]), dtype=E.dtype,
+                                    device=E.device)
+        return S @ E
+
+
+def _ptr(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """CSR row pointer of ``sorted_ids`` (ascending ints in [0, n))."""
+    return torch.searchsorted(sorted_ids, torch.arange(n + 1, device=sorted_ids.device))
+
+
+@torch.no_grad()
+def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  g: torch.Tensor, a: torch.Tensor, atoms: torch.Tensor, n_power: int, approx: bool) -> None:
+    """Rank-1 updates of ``atoms`` from their non-zeros (rows, cols) sorted by batch slot ``a``."""
+    m, d = atoms.numel(), D.shape[1]
+    ptr = _ptr(a, m)
+    v_old = val[rows, cols]
+    d_old = D[g]
+    E = R[rows] + v_old.unsqueeze(1) * d_old  # (P, d): residual without atom j, on the samples using j
+    if approx:
+        U, _ = _normalise_rows(_segment_matmul(ptr, v_old, E), D[atoms])
+    else:
+        U = D[atoms]
+        for _ in range(n_power):
+            v = (E * U[a]).sum(dim=1)
+            U, _ = _normalise_rows(_segment_matmul(ptr, v, E), U)
+    Ua = U[a]
+    v_new = (E * Ua).sum(dim=1)
+    # an atom whose restricted residual is zero keeps its direction; its codes become E·u = 0 anyway
+    delta = v_old.unsqueeze(1) * d_old - v_new.unsqueeze(1) * Ua
+    by_row = torch.argsort(rows, stable=True)
+    r_sorted = rows[by_row]
+    touched, counts = torch.unique_consecutive(r_sorted, return_counts=True)
+    seg = torch.zeros(touched.numel() + 1, dtype=torch.long, device=R.device)
+    seg[1:] = torch.cumsum(counts, 0)
+    R[touched] += _segment_matmul(seg, torch.ones_like(v_new), delta[by_row])
+    val[rows, cols] = v_new
+    D[atoms] = U
+
+
+@torch.no_grad()
+def update_atom_batch(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, atoms: torch.Tensor,
+                      *, n_power: int = 3, approx: bool = False) -> None:
+    """Update the atoms ``atoms`` (1-D ids) in place, all against the current residual snapshot.
+
+    R (B, d) residual Y − Σ val·D[idx] (updated in place), D (n_atoms, d) atoms (updated in place),
+    idx/val (B, k) padded sparse codes (val updated in place for the non-zeros of these atoms).
+    """
+    n_atoms = D.shape[0]
+    local = torch.full((n_atoms + 1,), -1, dtype=torch.long, device=D.device)  # global id -> batch slot
+    local[atoms] = torch.arange(atoms.numel(), device=D.device)
+    slot = local[torch.where(idx >= 0, idx, n_atoms)]
+    rows, cols = torch.nonzero(slot >= 0, as_tuple=True)
+    a, order = torch.sort(slot[rows, cols], stable=True)
+    rows, cols = rows[order], cols[order]
+    _update_slice(R, D, val, rows, cols, idx[rows, cols], a, atoms, n_power, approx)
+
+
+@torch.no_grad()
+def replace_unused(D: torch.Tensor, R: torch.Tensor, unused: torch.Tensor,
+                   generator: torch.Generator | None = None) -> int:
+    """Re-draw the atoms ``unused`` (1-D ids) from the largest residual rows (normalised), in place.
+
+    Returns how many atoms were replaced. When there are more unused atoms than samples with a
+    non-zero residual, the rest get random unit directions.
+    """
+    n = unused.numel()
+    if n == 0:
+        return 0
+    energy = (R * R).sum(dim=1)
+    take = min(n, R.shape[0])
+    top = torch.topk(energy, take).indices
+    top = top[energy[top] > torch.finfo(R.dtype).tiny]
+    new = torch.randn(n, D.shape[1], generator=generator, dtype=D.dtype, device="cpu").to(D.device)
+    new[: top.numel()] = R[top]
+    D[unused] = new / new.norm(dim=1, keepdim=True)
+    return n
+
+
+def duplicates(G: torch.Tensor, counts: torch.Tensor, trainable: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(n,) bool: trainable atoms with a more used (or frozen, or equally used and lower-id) near-twin."""
+    n = G.shape[0]
+    rank = counts.to(torch.float64).clone()
+    frozen = torch.ones(n, dtype=torch.bool, device=G.device)
+    frozen[trainable] = False
+    rank[frozen] = float("inf")
+    twin = G.abs() > threshold
+    twin.fill_diagonal_(False)
+    ids = torch.arange(n, device=G.device)
+    better = (rank.unsqueeze(0) > rank.unsqueeze(1)) | ((rank.unsqueeze(0) == rank.unsqueeze(1)) &
+                                                        (ids.unsqueeze(0) < ids.unsqueeze(1)))
+    return (twin & better).any(dim=1) & ~frozen
+
+
+@torch.no_grad()
+def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, *, atom_batch: int,
+                trainable: torch.Tensor | None = None, n_power: int = 3, approx: bool = False,
+                generator: torch.Generator | None = None, redraw: bool = True, G: torch.Tensor | None = None,
+                dup_threshold: float = 0.97) -> torch.Tensor:
+    """One K-SVD sweep over the dictionary, in place on R, D and val.
+
+    R (B, d) residual for codes (idx, val) (B, k); D (n_atoms, d). ``trainable`` (1-D ids, default all)
+    are the atoms allowed to change; they are shuffled with ``generator`` and updated in batches of
+    ``atom_batch``. Returns the per-atom usage counts (n_atoms,) of this batch of samples.
+
+    With ``redraw``, trainable atoms that no sample used are re-drawn, and so is the less used atom of
+    every pair whose |cos| in ``G`` (the Gram matrix used for coding, D Dᵀ before the update) exceeds
+    ``dup_threshold`` — two atoms splitting one direction would otherwise stay stuck.
+    """
+    n_atoms = D.shape[0]
+    counts = torch.bincount(idx[idx >= 0], minlength=n_atoms)
+    if trainable is None:
+        trainable = torch.arange(n_atoms, device=D.device)
+    order = trainable[torch.randperm(trainable.numel(), generator=generator).to(D.device)]
+    # Sort all non-zeros once by the shuffled rank of their atom: each atom batch is then one slice.
+    rank = torch.full((n_atoms + 1,), -1, dtype=torch.long, device=D.device)
+    rank[order] = torch.arange(order.numel(), device=D.device)
+    r = rank[torch.where(idx >= 0, idx, n_atoms)].flatten()
+    keep = torch.nonzero(r >= 0).squeeze(1)
+    r_sorted, o = torch.sort(r[keep], stable=True)
+    flat = keep[o]
+    rows, cols = flat // idx.shape[1], flat % idx.shape[1]
+    g = idx[rows, cols]
+    step = max(1, atom_batch)
+    bounds = torch.searchsorted(r_sorted, torch.arange(0, order.numel() + step, step, device=D.device)).tolist()
+    for b, start in enumerate(range(0, order.numel(), step)):
+        lo, hi = bounds[b], bounds[b + 1]
+        atoms = order[start:start + step]
+        if hi > lo:
+            _update_slice(R, D, val, rows[lo:hi], cols[lo:hi], g[lo:hi], r_sorted[lo:hi] - start, atoms,
+                          n_power, approx)
+    if redraw:
+        stale = counts == 0
+        if G is not None:
+            stale |= duplicates(G, counts, trainable, dup_threshold)
+        replace_unused(D, R, trainable[stale[trainable]], generator)
+    return counts

@@ -1,0 +1,274 @@
+"""Numeric kernels of the sparse autoencoders, each with a hand-written gradient.
+
+Why custom autograd functions: a TopK/BatchTopK SAE keeps about k of its n latents per row, yet a dense
+implementation multiplies the full (B, n) code matrix into the decoder and back-propagates dense
+(B, n) gradients through the encoder - about 6·B·n·d flops per step where only B·n·d (the encoder's
+forward pre-activations, needed to choose the winners) are unavoidable. Here the chosen entries are a
+``SparsePattern`` (row, column pairs) and
+
+* ``gather_codes``: picks the chosen pre-activations; its backward is sparse (the encoder gradient only
+  touches the chosen atoms' rows: CSR(n, B) @ x, an embedding-bag for dx, a bincount for the bias);
+* ``sparse_decode``: sum of value · decoder row over the chosen entries (embedding-bag); its backward
+  is a sampled dense-dense product for the values and CSR(n, B) @ grad for the decoder.
+
+Also here: the JumpReLU straight-through estimators (Rajamanoharan et al., 2024) and the removal of
+the decoder-gradient component parallel to each unit-norm decoder row. Every gradient is tested
+against autograd on a dense float64 reference in ``tests/test_sae_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+
+_AMP = dict(device_type="cuda", cast_inputs=torch.float32)  # sparse kernels always run in float32+
+
+
+# ---- the sparsity pattern --------------------------------------------------------------------------
+
+@dataclass
+class SparsePattern:
+    """Chosen (row, column) entries of a (B, n) code matrix, sorted by row then column.
+
+    rows, cols: (M,) int64; crow: (B + 1,) int64 CSR row pointers. The transposed (column-major) view
+    used by the encoder/decoder weight gradients is built lazily once and shared by both kernels.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    crow: torch.Tensor
+    n_rows: int
+    n_cols: int
+    _t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def from_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> "SparsePattern":
+        """From sorted flat indices row * n_cols + col (unique)."""
+        rows = torch.div(flat, n_cols, rounding_mode="floor")
+        cols = flat - rows * n_cols
+        counts = torch.bincount(rows, minlength=n_rows)
+        crow = torch.zeros(n_rows + 1, dtype=torch.long, device=flat.device)
+        crow[1:] = torch.cumsum(counts, 0)
+        return SparsePattern(rows, cols, crow, n_rows, n_cols)
+
+    @staticmethod
+    def from_topk(indices: torch.Tensor, n_cols: int) -> "SparsePattern":
+        """From (B, k) column indices (k per row, any order)."""
+        b, k = indices.shape
+        cols = indices.sort(dim=1).values.reshape(-1)
+        rows = torch.arange(b, device=indices.device).repeat_interleave(k)
+        crow = torch.arange(0, b * k + 1, k, device=indices.device)
+        return SparsePattern(rows, cols, crow, b, n_cols)
+
+    @property
+    def flat(self) -> torch.Tensor:
+        return self.rows * self.n_cols + self.cols
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return self.crow[:-1]
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ccol (n+1,), rows sorted by column (M,), permutation order (M,)) for CSR of the transpose."""
+        if self._t is None:
+            order = torch.argsort(self.cols, stable=True)
+            counts = torch.bincount(self.cols, minlength=self.n_cols)
+            ccol = torch.zeros(self.n_cols + 1, dtype=torch.long, device=self.cols.device)
+            ccol[1:] = torch.cumsum(counts, 0)
+            self._t = (ccol, self.rows[order], order)
+        return self._t
+
+    def select(self, keep: torch.Tensor) -> "SparsePattern":
+        """The sub-pattern of entries where ``keep`` (M,) is True (still sorted)."""
+        rows, cols = self.rows[keep], self.cols[keep]
+        counts = torch.bincount(rows, minlength=self.n_rows)
+        crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=rows.device)
+        crow[1:] = torch.cumsum(counts, 0)
+        return SparsePattern(rows, cols, crow, self.n_rows, self.n_cols)
+
+
+def _transpose_matmul(p: SparsePattern, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """S^T @ dense where S is the (B, n) sparse matrix with ``values`` on pattern p: result (n, d)."""
+    ccol, rows_t, order = p.transposed()
+    st = torch.sparse_csr_tensor(ccol, rows_t, values[order].contiguous(), (p.n_cols, p.n_rows),
+                                 check_invariants=False)
+    return st @ dense
+
+
+def _sampled_dot(p: SparsePattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M,) entries of a @ b.T at the pattern: <a[rows], b[cols]> without forming a @ b.T."""
+    if p.rows.numel() == 0:
+        return a.new_zeros(0)
+    if a.device.type in ("cpu", "cuda"):
+        s = torch.sparse_csr_tensor(p.crow, p.cols, a.new_ones(p.rows.numel()), (p.n_rows, p.n_cols),
+                                    check_invariants=False)
+        return torch.sparse.sampled_addmm(s, a, b.T, beta=0.0).values()
+    return (a[p.rows] * b[p.cols]).sum(1)  # pragma: no cover - other devices
+
+
+# ---- gather: chosen pre-activations with a sparse encoder gradient ------------------------------
+
+class _GatherCodes(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(**_AMP)
+    def forward(ctx, pre: torch.Tensor, xc: torch.Tensor, enc: torch.Tensor, b_enc: torch.Tensor,
+                p: SparsePattern) -> torch.Tensor:
+        ctx.p = p
+        ctx.save_for_backward(xc, enc)
+        return pre.reshape(-1)[p.flat].to(xc.dtype)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g: torch.Tensor):
+        xc, enc = ctx.saved_tensors
+        p: SparsePattern = ctx.p
+        g = g.contiguous()
+        g_xc = g_enc = g_b = None
+        if ctx.needs_input_grad[1]:
+            g_xc = F.embedding_bag(p.cols, enc, p.offsets, mode="sum", per_sample_weights=g) \
+                if p.rows.numel() else torch.zeros_like(xc)
+        if ctx.needs_input_grad[2]:
+            g_enc = _transpose_matmul(p, g, xc)
+        if ctx.needs_input_grad[3]:
+            g_b = torch.bincount(p.cols, weights=g, minlength=p.n_cols).to(g.dtype)
+        return None, g_xc, g_enc, g_b, None
+
+
+def gather_codes(pre: torch.Tensor, xc: torch.Tensor, enc: torch.Tensor, b_enc: torch.Tensor,
+                 p: SparsePattern) -> torch.Tensor:
+    """Values (M,) of ``pre = xc @ enc.T + b_enc`` at pattern p.
+
+    pre: (B, n) computed without grad (it is needed whole to choose the entries); xc: (B, d);
+    enc: (n, d) encoder rows; b_enc: (n,). Gradients flow to xc, enc and b_enc as if the chosen
+    entries had been computed by the dense product, in O(M·d) instead of O(B·n·d).
+    """
+    return _GatherCodes.apply(pre.detach(), xc, enc, b_enc, p)
+
+
+# ---- decode: sum of chosen decoder rows ---------------------------------------------------------
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(**_AMP)
+    def forward(ctx, values: torch.Tensor, dec: torch.Tensor, p: SparsePattern) -> torch.Tensor:
+        ctx.p = p
+        ctx.save_for_backward(values, dec)
+        if p.rows.numel() == 0:
+            return dec.new_zeros(p.n_rows, dec.shape[1])
+        return F.embedding_bag(p.cols, dec, p.offsets, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g: torch.Tensor):
+        values, dec = ctx.saved_tensors
+        p: SparsePattern = ctx.p
+        g = g.contiguous()
+        g_values = _sampled_dot(p, g, dec) if ctx.needs_input_grad[0] else None
+        g_dec = _transpose_matmul(p, values, g) if ctx.needs_input_grad[1] else None
+        return g_values, g_dec, None
+
+
+def sparse_decode(values: torch.Tensor, dec: torch.Tensor, p: SparsePattern) -> torch.Tensor:
+    """(B, d) = S @ dec where S (B, n) holds ``values`` (M,) on pattern p; dec: (n, d)."""
+    return _SparseDecode.apply(values, dec, p)
+
+
+# ---- choosing the entries -------------------------------------------------------------------------
+
+def topk_pattern(pre: torch.Tensor, k: int) -> SparsePattern:
+    """k largest pre-activations of every row (ReLU is applied to the gathered values afterwards)."""
+    idx = torch.topk(pre, k, dim=1, sorted=False).indices
+    return SparsePattern.from_topk(idx, pre.shape[1])
+
+
+def batch_topk_pattern(pre: torch.Tensor, k: int) -> tuple[SparsePattern, torch.Tensor]:
+    """The B·k largest positive pre-activations of the whole batch (BatchTopK, Bussmann et al. 2024).
+
+    Returns the pattern and the smallest kept value (this batch's threshold, 0-d tensor).
+    """
+    b, n = pre.shape
+    vals, flat = torch.topk(pre.reshape(-1), min(b * k, b * n), sorted=False)
+    keep = vals > 0
+    vals, flat = vals[keep], flat[keep]
+    threshold = vals.min() if vals.numel() else pre.new_zeros(())
+    return SparsePattern.from_flat(flat.sort().values, b, n), threshold
+
+
+def threshold_pattern(pre: torch.Tensor, threshold: torch.Tensor) -> SparsePattern:
+    """Entries with pre > threshold (threshold: 0-d or (n,)), i.e. the JumpReLU support."""
+    b, n = pre.shape
+    flat = torch.nonzero((pre > threshold).reshape(-1)).squeeze(1)
+    return SparsePattern.from_flat(flat, b, n)
+
+
+# ---- JumpReLU straight-through estimators ------------------------------------------------------
+
+def _rect(u: torch.Tensor) -> torch.Tensor:
+    """Rectangle kernel: 1 on (-1/2, 1/2)."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        g_pre = g * (pre > threshold).to(g.dtype)
+        # d/dθ [z·H(z-θ)] ≈ -(θ/ε)·K((z-θ)/ε) (pseudo-derivative, Rajamanoharan et al. 2024, eq. 11)
+        g_th = (-(threshold / eps) * _rect((pre - threshold) / eps) * g).sum(0)
+        return g_pre, g_th, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        # d/dθ H(z-θ) ≈ -(1/ε)·K((z-θ)/ε); no gradient to z (the L0 term trains only the thresholds)
+        g_th = (-(1.0 / eps) * _rect((pre - threshold) / eps) * g).sum(0)
+        return None, g_th, None
+
+
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """z·H(z - θ) per latent, θ (n,) trained through the straight-through pseudo-derivative."""
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def step(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """H(z - θ) (the L0 count's summands) with the straight-through pseudo-derivative for θ."""
+    return _Step.apply(pre, threshold, bandwidth)
+
+
+# ---- unit-norm decoder rows -------------------------------------------------------------------------
+
+@torch.no_grad()
+def remove_parallel_grad(dec: torch.Tensor, grad: torch.Tensor) -> None:
+    """In place: grad_i -= (grad_i · w_i) w_i for unit-norm decoder rows w_i (dec, grad: (n, d)).
+
+    This is the gradient of the loss as a function of w/‖w‖ at ‖w‖ = 1, so a step moves along the
+    sphere to first order; the renormalisation after the step removes the second-order drift.
+    """
+    grad.sub_((grad * dec).sum(1, keepdim=True) * dec)
+
+
+@torch.no_grad()
+def normalize_rows_(w: torch.Tensor, eps: float = 1e-12) -> None:
+    """In place: each row scaled to unit norm."""
+    w.div_(w.norm(dim=1, keepdim=True).clamp_min(eps))

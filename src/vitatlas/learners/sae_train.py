@@ -1,0 +1,373 @@
+"""Training loop for sparse autoencoders: streaming batches, sweeps, checkpoints, logs.
+
+``SAESweep([sae_a, sae_b, ...]).fit(X)`` trains several SAEs in one pass over the same batches: each
+batch is read, converted and moved to the device once, then every SAE takes its step on it. One SAE's
+``SAE.fit`` is a sweep of one, so a sweep gives exactly the SAEs that separate fits give (same seeds,
+same batches). Members must share ``batch_size``, ``epochs``, ``seed``, ``device`` and ``dtype``.
+
+Data: ``iter_batches`` with shuffling seeded per epoch (``seed * 1_000_003 + epoch``), so an
+ActivationStore larger than RAM streams shard by shard; the last partial batch of an epoch is dropped
+(BatchTopK thresholds and the learning-rate schedule assume full batches). Before the first step the
+data mean and mean squared norm are estimated on up to ``INIT_ROWS`` shuffled rows; they set every
+member's input scale and b_dec.
+
+Checkpoints (``checkpoint_dir``): ``state-<step>.safetensors`` (parameters, Adam moments, dead-latent
+counters, epoch accumulators of every member) and ``state.json`` (step, epoch and batch position in the
+data stream, options, data fingerprint), written atomically in that order, the JSON being the commit
+point. There is no other random state: batch order derives from the seed and the epoch, so a run killed
+at any moment and re-run resumes from the last checkpoint and ends bit-identical on CPU. A checkpoint
+made with other options or other data is refused.
+
+Logs: a tqdm bar (postfix: explained_variance, l0, dead_fraction) and, with ``log_dir``, one JSON line
+per SAE every ``log_every`` steps and at each epoch end in ``log_dir/log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..dictionary import ArrayLike, is_store, iter_batches, n_rows_and_width
+from ..errors import VitatlasError
+from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from . import sae_kernels as K
+from .sae import SAE, SPARSE_KINDS, resolve_device
+
+CHECKPOINT_FORMAT = "vitatlas-sae-checkpoint"
+INIT_ROWS = 65536
+SHARED = ("batch_size", "epochs", "seed", "device", "dtype")
+
+
+MIN_STEPS = 2000  # epochs=None trains for at least this many steps (at most MAX_AUTO_EPOCHS epochs)
+MAX_AUTO_EPOCHS = 50
+
+
+def default_lr(n_latents: int) -> float:
+    """8e-4 · sqrt(16384 / n_latents), clipped to [2e-4, 4e-3].
+
+    The 1/sqrt(n) scaling is Gao et al.'s (2024); the constant is 4x theirs because vitatlas runs are
+    short (thousands of steps, not millions) and inputs are normalised (mean ‖x‖² = d).
+    """
+    return float(min(4e-3, max(2e-4, 8e-4 * math.sqrt(16384 / n_latents))))
+
+
+def resolve_epochs(epochs: int | None, steps_per_epoch: int) -> int:
+    """epochs=None: enough epochs for MIN_STEPS steps, between 1 and MAX_AUTO_EPOCHS."""
+    if epochs is not None:
+        return epochs
+    return int(min(MAX_AUTO_EPOCHS, max(1, math.ceil(MIN_STEPS / steps_per_epoch))))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def data_fingerprint(X: ArrayLike, n: int, d: int) -> str:
+    """SHA-256 of the shape and of up to 256 rows from each end: enough to refuse another data set."""
+    h = hashlib.sha256(f"{n}x{d}".encode())
+    m = min(n, 256)
+    for rows in (np.arange(m), np.arange(n - m, n)):
+        if is_store(X):
+            block = X.rows(rows)
+        elif isinstance(X, torch.Tensor):
+            block = X[torch.as_tensor(rows, device=X.device)].detach().float().cpu().numpy()
+        else:
+            block = np.asarray(np.asarray(X)[rows], dtype=np.float32)
+        h.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+class _Member:
+    """Training state of one SAE: optimizer, schedule, dead-latent counters, epoch accumulators."""
+
+    def __init__(self, sae: SAE, n_rows: int, steps_per_epoch: int):
+        self.sae = sae
+        self.epochs = resolve_epochs(sae.epochs, steps_per_epoch)
+        self.total_steps = self.epochs * steps_per_epoch
+        self.base_lr = sae.lr if sae.lr is not None else default_lr(sae.n_latents)
+        self.warmup = sae.warmup_steps if sae.warmup_steps is not None else min(1000, max(1, self.total_steps // 20))
+        self.dead_window = sae.dead_tokens if sae.dead_tokens is not None else min(10_000_000, n_rows)
+        self.opt: torch.optim.Adam | None = None
+        self.history: dict[str, float] = {}
+
+    def start(self) -> None:
+        """Create optimizer and counters for the (initialised) parameters."""
+        sae, dev = self.sae, self.sae.device
+        self.aux_k = sae.aux_k if sae.aux_k is not None else max(1, sae.d // 2)
+        for name in sae.trainable():
+            sae.params[name].requires_grad_(True)
+        self.opt = torch.optim.Adam([sae.params[n] for n in sae.trainable()], lr=self.base_lr, betas=(0.9, 0.999))
+        self.since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
+        self.fired_epoch = torch.zeros(sae.n_latents, dtype=torch.bool, device=dev)
+        self.reset_acc()
+
+    def reset_acc(self) -> None:
+        z = lambda: torch.zeros((), dtype=torch.float64, device=self.sae.device)  # noqa: E731
+        self.acc = {"sse": z(), "sst": z(), "nnz": z(), "rows": z(), "loss": z(), "steps": z()}
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.base_lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
+        return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def step(self, x_raw: torch.Tensor, step: int) -> None:
+        sae, p = self.sae, self.sae.params
+        x = x_raw * p["scale"]
+        dead = self.since_fired >= self.dead_window if sae.sae_kind in SPARSE_KINDS else None
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if (sae.amp and x.device.type == "cuda") \
+            else contextlib.nullcontext()
+        with amp:
+            loss, st = sae.train_loss(x, dead, self.aux_k)
+        loss.backward()
+        K.remove_parallel_grad(p["W_dec"], p["W_dec"].grad)
+        params = [p[n] for n in sae.trainable()]
+        if sae.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, sae.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(step)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        K.normalize_rows_(p["W_dec"].data)
+        with torch.no_grad():
+            b = x.shape[0]
+            self.since_fired += b
+            self.since_fired[st["fired"]] = 0
+            self.fired_epoch[st["fired"]] = True
+            if "threshold" in st:
+                th = p["threshold"]
+                new = st["threshold"].to(th.dtype)
+                th.copy_(torch.where(th < 0, new, sae.threshold_momentum * th + (1 - sae.threshold_momentum) * new))
+            a = self.acc
+            a["sse"] += st["sse"].double()
+            a["sst"] += (x - x.mean(0)).double().pow(2).sum()
+            a["nnz"] += st["nnz"].double()
+            a["rows"] += b
+            a["loss"] += st["loss"].double()
+            a["steps"] += 1
+
+    def metrics(self) -> dict[str, float]:
+        """Running metrics over the current epoch (training estimates, normalised units)."""
+        a = {k: float(v) for k, v in self.acc.items()}
+        if a["rows"] == 0:
+            return dict(self.history)
+        return {"loss": a["loss"] / a["steps"],
+                "explained_variance": 1.0 - a["sse"] / max(a["sst"], 1e-30),
+                "l0": a["nnz"] / a["rows"],
+                "dead_fraction": float((self.since_fired >= self.dead_window).float().mean())}
+
+    def end_epoch(self) -> dict[str, float]:
+        m = self.metrics()
+        m["dead_fraction"] = float(1.0 - self.fired_epoch.float().mean())  # did not fire this epoch
+        self.history = m
+        self.fired_epoch.zero_()
+        self.reset_acc()
+        return m
+
+    # -- checkpoint state ----------------------------------------------------------------------------
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}p.{n}": t.detach() for n, t in self.sae.params.items()}
+        for i, name in enumerate(self.sae.trainable()):
+            st = self.opt.state.get(self.opt.param_groups[0]["params"][i], {})
+            for key, val in st.items():
+                out[f"{prefix}adam.{name}.{key}"] = torch.as_tensor(val)
+        out[f"{prefix}since_fired"] = self.since_fired
+        out[f"{prefix}fired_epoch"] = self.fired_epoch.to(torch.uint8)
+        out.update({f"{prefix}acc.{k}": v for k, v in self.acc.items()})
+        return out
+
+    def load_state(self, t: dict[str, torch.Tensor], prefix: str, d: int) -> None:
+        sae, dev = self.sae, self.sae.device
+        sae.d = d
+        sae.params = {k[len(prefix) + 2:]: v.to(dev) for k, v in t.items() if k.startswith(prefix + "p.")}
+        if set(sae.params) != set(sae.trainable()) | {"scale"} | set(sae._extra_param_names()):
+            raise VitatlasError("checkpoint does not match the SAE options (different parameters); delete it to start over")
+        self.start()
+        for i, name in enumerate(sae.trainable()):
+            param = self.opt.param_groups[0]["params"][i]
+            st = {key.rsplit(".", 1)[1]: v for key, v in t.items() if key.startswith(f"{prefix}adam.{name}.")}
+            if st:
+                st = {k: (v if k == "step" else v.to(dev)) for k, v in st.items()}
+                self.opt.state[param] = st
+        self.since_fired = t[f"{prefix}since_fired"].to(dev)
+        self.fired_epoch = t[f"{prefix}fired_epoch"].to(dev).bool()
+        self.acc = {k: t[f"{prefix}acc.{k}"].to(dev) for k in self.acc}
+
+
+class SAESweep:
+    """Several SAEs trained in one pass over the same batches (see module docstring)."""
+
+    def __init__(self, saes: Sequence[SAE]):
+        saes = list(saes)
+        if not saes:
+            raise VitatlasError("an SAE sweep needs at least one SAE")
+        if not all(isinstance(s, SAE) for s in saes):
+            raise VitatlasError("SAESweep takes a list of vitatlas.SAE objects")
+        first = saes[0]._config()
+        for s in saes[1:]:
+            cfg = s._config()
+            diff = [k for k in SHARED if cfg[k] != first[k]]
+            if diff:
+                raise VitatlasError(f"all SAEs of a sweep must share {', '.join(SHARED)}; {s.name} differs in {', '.join(diff)}")
+        if len({id(s) for s in saes}) != len(saes):
+            raise VitatlasError("the same SAE object appears twice in the sweep")
+        self.saes = saes
+
+    def fit(self, X: ArrayLike, *, checkpoint_dir: str | Path | None = None, progress: bool = True,
+            log_dir: str | Path | None = None, callback: Callable[[int, dict], Any] | None = None) -> list[SAE]:
+        from tqdm.auto import tqdm
+
+        head = self.saes[0]
+        device = resolve_device(head.device)
+        n, d = n_rows_and_width(X)
+        if n == 0:
+            raise VitatlasError("X is empty (0 rows): pass at least one sample")
+        batch = head.batch_size
+        steps_per_epoch = n // batch if n >= batch else 1
+        drop_last = n >= batch
+        members = [_Member(s, n, steps_per_epoch) for s in self.saes]
+        epochs = members[0].epochs
+        total = epochs * steps_per_epoch
+        for s in self.saes:
+            s.record_fit_source(X)
+
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        fingerprint = data_fingerprint(X, n, d) if ckpt is not None else None
+        step, epoch, pos = 0, 0, 0
+        if ckpt is not None and (ckpt / "state.json").exists():
+            step, epoch, pos = self._resume(ckpt, members, d, fingerprint)
+        else:
+            mean, scale = self._data_stats(X, d, device, head)
+            for m in members:
+                m.sae.init_params(d, mean * scale, scale)
+                m.start()
+
+        if log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+        log = open(Path(log_dir) / "log.jsonl", "a") if log_dir is not None else None
+        every_ckpt = min(s.checkpoint_every for s in self.saes)
+        every_log = min(s.log_every for s in self.saes)
+        bar = tqdm(total=total, initial=step, desc="sae" if len(members) == 1 else f"sae x{len(members)}",
+                   unit="step", disable=not progress, dynamic_ncols=True)
+        t0, rows_done = time.perf_counter(), 0
+        try:
+            while epoch < epochs:
+                batches = iter_batches(X, batch, shuffle=True, seed=epoch_seed(head.seed, epoch), device=device,
+                                       dtype=head.dtype, drop_last=drop_last, d=d)
+                for b_idx, x in enumerate(batches):
+                    if b_idx < pos:
+                        continue  # already trained on before the checkpoint we resumed from
+                    for m in members:
+                        m.step(x, step)
+                    step, pos, rows_done = step + 1, b_idx + 1, rows_done + x.shape[0]
+                    bar.update(1)
+                    if step % every_log == 0 or callback is not None:
+                        metrics = {m.sae.name: m.metrics() for m in members}
+                        if step % every_log == 0:
+                            self._log(log, bar, members, metrics, step, epoch, rows_done / (time.perf_counter() - t0))
+                        if callback is not None:
+                            callback(step, metrics)
+                    if ckpt is not None and step % every_ckpt == 0:
+                        self._save(ckpt, members, d, fingerprint, step, epoch, pos, complete=False)
+                epoch, pos = epoch + 1, 0
+                ends = {m.sae.name: m.end_epoch() for m in members}
+                self._log(log, bar, members, ends, step, epoch - 1, rows_done / max(time.perf_counter() - t0, 1e-9),
+                          event="epoch_end")
+            if ckpt is not None:
+                self._save(ckpt, members, d, fingerprint, step, epoch, 0, complete=True)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            for m in members:
+                for name in m.sae.trainable():
+                    if name in m.sae.params:
+                        m.sae.params[name] = m.sae.params[name].detach().requires_grad_(False)
+        for m in members:
+            m.sae.fit_info = dict(m.sae.fit_info, train_metrics=dict(m.history), steps=step)
+        return self.saes
+
+    # -- helpers -------------------------------------------------------------------------------------
+    @staticmethod
+    @torch.no_grad()
+    def _data_stats(X: ArrayLike, d: int, device: str, head: SAE) -> tuple[torch.Tensor, float]:
+        """Mean (d,) and input scale sqrt(d / mean ‖x‖²) from up to INIT_ROWS shuffled rows."""
+        total = torch.zeros(d, dtype=torch.float64, device=device)
+        sq, rows = 0.0, 0
+        for x in iter_batches(X, 8192, shuffle=True, seed=head.seed + 7919, device=device, dtype=torch.float64, d=d):
+            total += x.sum(0)
+            sq += float(x.pow(2).sum())
+            rows += x.shape[0]
+            if rows >= INIT_ROWS:
+                break
+        msq = sq / rows
+        if not msq > 0:
+            raise VitatlasError("X is all zeros: an SAE cannot be fitted to it")
+        return (total / rows), math.sqrt(d / msq)
+
+    @staticmethod
+    def _log(log, bar, members, metrics: dict, step: int, epoch: int, tokens_per_s: float, event: str = "step") -> None:
+        if log is not None:
+            now = time.time()
+            for m in members:
+                row = {"event": event, "sae": m.sae.name, "step": step, "epoch": epoch, "lr": m.lr_at(max(0, step - 1)),
+                       **metrics[m.sae.name], "tokens_per_s": tokens_per_s, "time": now}
+                log.write(json.dumps(row) + "\n")
+            log.flush()
+        vals = list(metrics.values())
+        if not vals or not vals[0]:
+            return
+        if len(vals) == 1:
+            v = vals[0]
+            bar.set_postfix(ev=f"{v['explained_variance']:.3f}", l0=f"{v['l0']:.1f}", dead=f"{v['dead_fraction']:.3f}")
+        else:
+            ev = [v["explained_variance"] for v in vals]
+            bar.set_postfix(ev=f"{min(ev):.3f}..{max(ev):.3f}")
+
+    def _identity(self, d: int, fingerprint: str) -> dict:
+        return {"configs": [s._config() for s in self.saes], "d": d, "data": fingerprint}
+
+    def _save(self, ckpt: Path, members, d, fingerprint, step, epoch, pos, complete) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for i, m in enumerate(members):
+            tensors.update(m.state(f"m{i}."))
+        name = f"state-{step:09d}.safetensors"
+        atomic_save_safetensors(ckpt / name, tensors)
+        atomic_write_json(ckpt / "state.json", {
+            "format": CHECKPOINT_FORMAT, **self._identity(d, fingerprint), "weights": name, "step": step,
+            "epoch": epoch, "batch": pos, "complete": complete,
+            "history": [m.history for m in members]})
+        for old in ckpt.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def _resume(self, ckpt: Path, members, d: int, fingerprint: str) -> tuple[int, int, int]:
+        meta = read_json(ckpt / "state.json", what="SAE checkpoint")
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise VitatlasError(f"{ckpt / 'state.json'} is not a vitatlas SAE checkpoint; delete {ckpt} to start over")
+        ident = self._identity(d, fingerprint)
+        if meta.get("d") != d or meta.get("data") != fingerprint:
+            raise VitatlasError(f"checkpoint in {ckpt} was made on different data; use another checkpoint directory or delete it")
+        if meta.get("configs") != json.loads(json.dumps(ident["configs"])):
+            raise VitatlasError(f"checkpoint in {ckpt} was made with different SAE options; re-run with the same options or delete it")
+        try:
+            tensors = load_safetensors(ckpt / str(meta["weights"]), what="SAE checkpoint weights")
+            for i, m in enumerate(members):
+                m.load_state(tensors, f"m{i}.", d)
+                m.history = dict(meta.get("history", [{}] * len(members))[i])
+        except KeyError as exc:
+            raise VitatlasError(f"SAE checkpoint in {ckpt} is incomplete (missing {exc}); delete it to start over") from None
+        return int(meta["step"]), int(meta["epoch"]), int(meta["batch"])
+
+
+def fit_many(saes: Sequence[SAE], X: ArrayLike, **kwargs) -> list[SAE]:
+    """Train several SAEs in one pass over the same batches (``SAESweep(saes).fit(X, **kwargs)``)."""
+    return SAESweep(saes).fit(X, **kwargs)

@@ -1,0 +1,185 @@
+"""Sparse coders against slow references: scikit-learn's orthogonal_mp_gram and a numpy MP."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import orthogonal_mp_gram
+
+from vitatlas.errors import VitatlasError
+from vitatlas.learners.coders import batch_omp, code, matching_pursuit, sparse_decode, to_dense
+
+
+def problem(B=40, d=24, n=60, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((n, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    Y = rng.standard_normal((B, d))
+    return D.astype(dtype), Y.astype(dtype)
+
+
+def products(D, Y):
+    Dt, Yt = torch.from_numpy(D), torch.from_numpy(Y)
+    return Yt @ Dt.T, Dt @ Dt.T, (Yt * Yt).sum(1)
+
+
+def mp_reference(D, y, k, max_steps, tol=0.0, refit=False):
+    """Slow per-sample MP in the signal domain, same rules as the batched one."""
+    r = y.copy()
+    coef = {}
+    floor = 64 * np.finfo(y.dtype).eps * np.linalg.norm(y)
+    for _ in range(max_steps):
+        if r @ r <= max(tol ** 2, 16 * np.finfo(y.dtype).eps) * (y @ y):
+            break
+        corr = D @ r
+        if len(coef) >= k:
+            mask = np.full(len(corr), -1.0)
+            sel = list(coef)
+            mask[sel] = np.abs(corr[sel])
+            j = int(np.argmax(mask))
+        else:
+            j = int(np.argmax(np.abs(corr)))
+        if abs(corr[j]) <= floor:
+            break
+        coef[j] = coef.get(j, 0.0) + corr[j]
+        r = r - corr[j] * D[j]
+    if refit and coef:
+        S = list(coef)
+        sol, *_ = np.linalg.lstsq(D[S].T, y, rcond=None)
+        coef = dict(zip(S, sol))
+    return coef
+
+
+def as_dict(idx, val):
+    return {int(i): float(v) for i, v in zip(idx, val) if i >= 0}
+
+
+@pytest.mark.parametrize("k", [1, 5, 9])
+def test_omp_matches_sklearn_fixed_k(k):
+    D, Y = problem()
+    C, G, ysq = products(D, Y)
+    idx, val = batch_omp(C, G, ysq, k)
+    ref = orthogonal_mp_gram(D @ D.T, (Y @ D.T).T, n_nonzero_coefs=k)  # (n, B)
+    for b in range(Y.shape[0]):
+        mine = as_dict(idx[b].numpy(), val[b].numpy())
+        theirs = {int(i): ref[i, b] for i in np.flatnonzero(ref[:, b])}
+        assert set(mine) == set(theirs)
+        for i in mine:
+            assert abs(mine[i] - theirs[i]) < 1e-6
+
+
+def test_omp_matches_sklearn_tolerance_stop():
+    D, Y = problem(seed=1)
+    Y /= np.linalg.norm(Y, axis=1, keepdims=True)  # unit rows: sklearn's absolute tol == relative tol
+    C, G, ysq = products(D, Y)
+    tol = 0.5
+    idx, val = batch_omp(C, G, ysq, 20, tol=tol)
+    ref = orthogonal_mp_gram(D @ D.T, (Y @ D.T).T, tol=tol ** 2, norms_squared=(Y * Y).sum(1))
+    nnz = (idx >= 0).sum(1).numpy()
+    assert nnz.min() >= 1 and nnz.max() < 20 and len(set(nnz)) > 1  # tol really stopped rows at varied sizes
+    for b in range(Y.shape[0]):
+        mine = as_dict(idx[b].numpy(), val[b].numpy())
+        theirs = {int(i): ref[i, b] for i in np.flatnonzero(ref[:, b])}
+        assert set(mine) == set(theirs)
+        np.testing.assert_allclose([mine[i] for i in sorted(mine)], [theirs[i] for i in sorted(mine)], atol=1e-6)
+    resid = np.linalg.norm(Y - to_dense(idx, val, D.shape[0]).numpy() @ D, axis=1)
+    assert (resid <= tol + 1e-9).all()
+
+
+@pytest.mark.parametrize("k,steps,refit,tol", [(3, 12, False, 0.0), (5, 20, True, 0.0), (4, 6, False, 0.6),
+                                               (6, 24, True, 0.4)])
+def test_mp_matches_numpy_reference(k, steps, refit, tol):
+    D, Y = problem(seed=2)
+    C, G, ysq = products(D, Y)
+    idx, val = matching_pursuit(C, G, ysq, k, max_steps=steps, refit=refit, tol=tol)
+    assert ((idx >= 0).sum(1) <= k).all()
+    for b in range(Y.shape[0]):
+        ref = mp_reference(D, Y[b], k, steps, tol=tol, refit=refit)
+        mine = as_dict(idx[b].numpy(), val[b].numpy())
+        assert set(mine) == set(ref)
+        for i in ref:
+            assert abs(mine[i] - ref[i]) < 1e-9
+
+
+@pytest.mark.parametrize("coder", ["mp", "omp"])
+def test_float32_close_to_float64_and_zero_rows(coder):
+    D, Y = problem(seed=3)
+    Y[[0, 7]] = 0.0
+    out = {}
+    for dt in (np.float32, np.float64):
+        C, G, ysq = products(D.astype(dt), Y.astype(dt))
+        out[dt] = code(C, G, ysq, 4, coder=coder)
+    i32, v32 = out[np.float32]
+    i64, v64 = out[np.float64]
+    assert v32.dtype == torch.float32 and v64.dtype == torch.float64
+    assert torch.isfinite(v32).all() and torch.isfinite(v64).all()
+    for b in (0, 7):  # zero rows: zero codes, not NaN
+        assert (i64[b] == -1).all() and (v64[b] == 0).all()
+    agree = (torch.sort(i32, 1).values == torch.sort(i64, 1).values).all(1).float().mean()
+    assert agree > 0.9
+    d32 = to_dense(i32, v32, D.shape[0]).double()
+    d64 = to_dense(i64, v64, D.shape[0])
+    same = (torch.sort(i32, 1).values == torch.sort(i64, 1).values).all(1)
+    assert torch.allclose(d32[same], d64[same], atol=1e-4)
+
+
+def test_exactly_sparse_signal_is_recovered_and_stops():
+    D, _ = problem(n=50, d=30, seed=4)
+    rng = np.random.default_rng(4)
+    Y = np.zeros((10, 30))
+    truth = []
+    for b in range(10):
+        S = rng.choice(50, 3, replace=False)
+        c = rng.uniform(1, 2, 3) * rng.choice([-1, 1], 3)
+        Y[b] = c @ D[S]
+        truth.append(dict(zip(S.tolist(), c)))
+    C, G, ysq = products(D, Y)
+    idx, val = batch_omp(C, G, ysq, 8)  # k larger than needed: stops once the residual vanishes
+    nnz = (idx >= 0).sum(1)
+    assert (nnz < 8).all() and (nnz == 3).float().mean() >= 0.8
+    resid = np.linalg.norm(Y - to_dense(idx, val, 50).numpy() @ D, axis=1)
+    assert resid.max() < 1e-7
+    for b in range(10):
+        mine = as_dict(idx[b].numpy(), val[b].numpy())
+        assert set(truth[b]) <= set(mine)
+        if len(mine) == 3:
+            assert max(abs(mine[i] - truth[b][i]) for i in mine) < 1e-8
+
+
+@pytest.mark.parametrize("coder", ["mp", "omp"])
+def test_candidate_screening_agrees_with_exact_on_sparse_signals(coder):
+    rng = np.random.default_rng(5)
+    n, d = 200, 64
+    D = rng.standard_normal((n, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    codes = np.zeros((300, n))
+    for b in range(300):
+        codes[b, rng.choice(n, 4, replace=False)] = rng.uniform(1, 2, 4) * rng.choice([-1, 1], 4)
+    Y = codes @ D + 0.01 * rng.standard_normal((300, d))
+    C, G, ysq = products(D, Y)
+    exact = code(C, G, ysq, 4, coder=coder)
+    screened = code(C, G, ysq, 4, coder=coder, candidates=16)
+    same = (torch.sort(exact[0], 1).values == torch.sort(screened[0], 1).values).all(1).float().mean()
+    assert same > 0.97
+    r_exact = np.linalg.norm(Y - sparse_decode(*exact, torch.from_numpy(D)).numpy(), axis=1)
+    r_screen = np.linalg.norm(Y - sparse_decode(*screened, torch.from_numpy(D)).numpy(), axis=1)
+    assert r_screen.mean() < 1.05 * r_exact.mean()
+
+
+def test_sparse_decode_and_to_dense_match_dense_product():
+    D, Y = problem(seed=6)
+    C, G, ysq = products(D, Y)
+    idx, val = batch_omp(C, G, ysq, 5)
+    dense = to_dense(idx, val, D.shape[0])
+    assert ((dense != 0).sum(1) == (idx >= 0).sum(1)).all()
+    torch.testing.assert_close(sparse_decode(idx, val, torch.from_numpy(D)), dense @ torch.from_numpy(D))
+
+
+def test_bad_arguments():
+    D, Y = problem()
+    C, G, ysq = products(D, Y)
+    with pytest.raises(VitatlasError, match="unknown coder"):
+        code(C, G, ysq, 3, coder="lasso")
+    with pytest.raises(VitatlasError, match="positive"):
+        batch_omp(C, G, ysq, 0)
+    with pytest.raises(VitatlasError, match="inconsistent"):
+        matching_pursuit(C, G[:5], ysq, 3)
