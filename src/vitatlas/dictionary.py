@@ -97,8 +97,7 @@ def as_tensor(X: ArrayLike, *, d: int | None = None, device: str | torch.device 
     if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
         raise VitatlasError(f"{name} must hold real numbers, got dtype {t.dtype}")
     if t.ndim != 2:
-        hint = " (use X.reshape(1, -1) for a single sample)" if t.ndim == 1 else ""
-        raise VitatlasError(f"{name} must be 2-D (n_samples, d), got shape {tuple(t.shape)}{hint}")
+        raise _not_2d(name, tuple(t.shape))
     if t.shape[0] == 0:
         raise VitatlasError(f"{name} is empty (0 rows): pass at least one sample")
     if d is not None and t.shape[1] != d:
@@ -112,6 +111,11 @@ def as_tensor(X: ArrayLike, *, d: int | None = None, device: str | torch.device 
     return t
 
 
+def _not_2d(name: str, shape: tuple) -> VitatlasError:
+    hint = " (use X.reshape(1, -1) for a single sample)" if len(shape) == 1 else ""
+    return VitatlasError(f"{name} must be 2-D (n_samples, d), got shape {shape}{hint}")
+
+
 def is_store(X: Any) -> bool:
     from .data.store import ActivationStore  # local: avoid an import cycle
     return isinstance(X, ActivationStore)
@@ -122,7 +126,7 @@ def n_rows_and_width(X: ArrayLike) -> tuple[int, int]:
         return X.n_rows, X.d
     shape = tuple(X.shape) if hasattr(X, "shape") else np.asarray(X).shape
     if len(shape) != 2:
-        raise VitatlasError(f"X must be 2-D (n_samples, d), got shape {shape}")
+        raise _not_2d("X", shape)
     return shape[0], shape[1]
 
 
@@ -142,6 +146,8 @@ def iter_batches(X: ArrayLike, batch_size: int, *, shuffle: bool, seed: int, dev
             yield as_tensor(batch, d=d, device=device, dtype=dtype, first_row=start if not shuffle else 0)
         return
     n, _ = n_rows_and_width(X)
+    if n == 0:
+        raise VitatlasError("X is empty (0 rows): pass at least one sample")
     order = np.random.default_rng(seed).permutation(n) if shuffle else None
     stop = n - n % batch_size if (drop_last and n >= batch_size) else n
     for start in range(0, stop, batch_size):

@@ -348,6 +348,29 @@ class DBKSVD(Dictionary):
         self.history = list(meta["history"])
 
 
+@torch.no_grad()
+def reconstruction_metrics(model: Dictionary, X: ArrayLike, batch_size: int = 8192) -> dict[str, float]:
+    """Streamed ``signal_recovered``, ``explained_variance`` and ``l0`` of any dictionary on X (names as
+    in DESIGN.md). Sums are kept in float64 so Σ‖x − mean‖² = Σ‖x‖² − n‖mean‖² stays accurate."""
+    n, rel, sq_err, sq, l0 = 0, 0.0, 0.0, 0.0, 0.0
+    total = None
+    for x in iter_batches(X, batch_size, shuffle=False, seed=0, device=model.device, dtype=model.dtype, d=model.d):
+        codes = model._encode(x)
+        err = x - model._decode(codes)
+        xn = x.norm(dim=1).double()
+        en = err.norm(dim=1).double()
+        rel += float(torch.where(xn > 0, en / xn.clamp(min=1e-300), torch.zeros_like(xn)).sum())
+        sq_err += float((en * en).sum())
+        sq += float((xn * xn).sum())
+        s = x.double().sum(dim=0)
+        total = s if total is None else total + s
+        l0 += float((codes != 0).sum())
+        n += x.shape[0]
+    var = sq - float((total * total).sum()) / n
+    return {"signal_recovered": 1 - rel / n, "explained_variance": 1 - sq_err / var if var > 0 else float("nan"),
+            "l0": l0 / n}
+
+
 def _fingerprint(X: ArrayLike, n: int, d: int, config: dict) -> str:
     """Hash of the options that shape the fit and of 16 sampled rows of the data."""
     ids = np.unique(np.linspace(0, n - 1, num=min(n, 16)).astype(np.int64))

@@ -1,0 +1,356 @@
+"""DBK-SVD: the K-SVD update against numpy SVD, the learner on a planted problem, edge cases, save/load,
+checkpoint resume, Matryoshka prefixes and the CLI."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import vitatlas
+from vitatlas import ActivationStore, VitatlasError
+from vitatlas.learners.coders import batch_omp, sparse_decode
+from vitatlas.learners.dbksvd import DBKSVD, reconstruction_metrics
+from vitatlas.learners.ksvd_update import duplicates, ksvd_update, replace_unused, update_atom_batch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine's cores are shared: one intra-op thread is both faster and steadier here.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def planted(d=64, n_atoms=256, k=4, N=8000, noise=0.01, seed=0):
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((n_atoms, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    idx = np.argsort(rng.random((N, n_atoms)), axis=1)[:, :k]
+    vals = rng.uniform(1, 2, (N, k)) * rng.choice([-1, 1], (N, k))
+    X = np.einsum("nk,nkd->nd", vals, D[idx]) + noise * rng.standard_normal((N, d))
+    return X.astype(np.float32), D
+
+
+def recovered(D_true, D_hat, thr=0.99):
+    return float((np.abs(D_true @ np.asarray(D_hat).T).max(1) >= thr).mean())
+
+
+def small(seed=0, n=600, d=16):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+# ---- the K-SVD update --------------------------------------------------------------------------
+
+def coded(seed=0, n_atoms=30, d=16, B=200, k=3):
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((n_atoms, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    Y = torch.from_numpy(rng.standard_normal((B, d)))
+    Dt = torch.from_numpy(D)
+    idx, val = batch_omp(Y @ Dt.T, Dt @ Dt.T, (Y * Y).sum(1), k)
+    return Y, Dt, idx, val, Y - sparse_decode(idx, val, Dt)
+
+
+def restricted_residual(R, D, idx, val, j):
+    om = (idx == j).any(1).numpy()
+    gam = val.numpy()[idx.numpy() == j]
+    return R.numpy()[om] + gam[:, None] * D[j].numpy()
+
+
+def test_one_atom_update_matches_numpy_svd():
+    Y, D, idx, val, R = coded()
+    j = 5
+    U, S, Vt = np.linalg.svd(restricted_residual(R, D, idx, val, j), full_matrices=False)
+    D2, R2, v2 = D.clone(), R.clone(), val.clone()
+    update_atom_batch(R2, D2, idx, v2, torch.tensor([j]), n_power=200)
+    sign = np.sign(D2[j].numpy() @ Vt[0])
+    np.testing.assert_allclose(D2[j].numpy(), sign * Vt[0], atol=1e-6)
+    np.testing.assert_allclose(v2.numpy()[idx.numpy() == j], sign * S[0] * U[:, 0], atol=1e-6)
+    torch.testing.assert_close(R2, Y - sparse_decode(idx, v2, D2))  # residual kept consistent
+    others = idx != j
+    assert torch.equal(v2[others], val[others]) and torch.equal(D2[torch.arange(30) != j], D[torch.arange(30) != j])
+
+
+def test_few_warm_power_steps_are_near_optimal_and_approx_is_aksvd():
+    Y, D, idx, val, R = coded(seed=1)
+    j = 7
+    E = restricted_residual(R, D, idx, val, j)
+    best = np.linalg.svd(E, compute_uv=False)[0] ** 2
+    D2, R2, v2 = D.clone(), R.clone(), val.clone()
+    update_atom_batch(R2, D2, idx, v2, torch.tensor([j]), n_power=3)
+    gained = np.sum((E @ D2[j].numpy()) ** 2)
+    assert gained >= 0.999 * best
+    # AK-SVD: d = Eᵀγ/‖Eᵀγ‖, γ = E d
+    gam = val.numpy()[idx.numpy() == j]
+    dk = E.T @ gam
+    dk /= np.linalg.norm(dk)
+    D3, R3, v3 = D.clone(), R.clone(), val.clone()
+    update_atom_batch(R3, D3, idx, v3, torch.tensor([j]), approx=True)
+    np.testing.assert_allclose(D3[j].numpy(), dk, atol=1e-10)
+    np.testing.assert_allclose(v3.numpy()[idx.numpy() == j], E @ dk, atol=1e-10)
+
+
+def test_batch_update_uses_one_snapshot():
+    """Atoms of one batch are each updated against the same residual (Jacobi), as if done alone."""
+    Y, D, idx, val, R = coded(seed=2)
+    atoms = torch.tensor([3, 11, 17, 25])
+    Db, Rb, vb = D.clone(), R.clone(), val.clone()
+    update_atom_batch(Rb, Db, idx, vb, atoms, n_power=4)
+    for j in atoms.tolist():
+        Dj, Rj, vj = D.clone(), R.clone(), val.clone()
+        update_atom_batch(Rj, Dj, idx, vj, torch.tensor([j]), n_power=4)
+        torch.testing.assert_close(Db[j], Dj[j])
+        torch.testing.assert_close(vb[idx == j], vj[idx == j])
+    torch.testing.assert_close(Rb, Y - sparse_decode(idx, vb, Db))
+
+
+def test_full_sweep_reduces_residual_and_redraws_unused_and_duplicates():
+    Y, D, idx, val, R = coded(seed=3)
+    D = D.clone()
+    D[29] = D[28]  # an exact twin
+    idx = torch.where(idx == 4, torch.full_like(idx, -1), idx)  # atom 4 unused
+    val = torch.where(idx >= 0, val, torch.zeros_like(val))
+    R = Y - sparse_decode(idx, val, D)
+    before = R.norm()
+    G = D @ D.T
+    counts = torch.bincount(idx[idx >= 0], minlength=30)
+    dup = duplicates(G, counts, torch.arange(30), 0.97)
+    assert dup.sum() == 1 and (dup[28] or dup[29])
+    loser = 28 if dup[28] else 29
+    D_before = D.clone()
+    ksvd_update(R, D, idx, val, atom_batch=7, G=G, generator=torch.Generator().manual_seed(0))
+    assert R.norm() < before
+    torch.testing.assert_close(R, Y - sparse_decode(idx, val, D))
+    torch.testing.assert_close(D.norm(dim=1), torch.ones(30, dtype=D.dtype))
+    assert abs(float(D[4] @ D_before[4])) < 0.99 and abs(float(D[28] @ D[29])) < 0.97
+    # the re-drawn atom points at the worst-reconstructed sample's residual
+    worst = torch.topk((R * R).sum(1), 2).indices
+    assert torch.allclose(torch.abs(D[[4, loser]] @ (R[worst] / R[worst].norm(dim=1, keepdim=True)).T).max(1).values,
+                          torch.ones(2, dtype=D.dtype), atol=0.2)
+
+
+def test_replace_unused_with_zero_residual_uses_random_unit_atoms():
+    D = torch.eye(4, dtype=torch.float64)
+    n = replace_unused(D, torch.zeros(3, 4, dtype=torch.float64), torch.tensor([1, 2]), torch.Generator().manual_seed(0))
+    assert n == 2 and torch.isfinite(D).all()
+    torch.testing.assert_close(D.norm(dim=1), torch.ones(4, dtype=torch.float64))
+
+
+# ---- the learner ---------------------------------------------------------------------------------
+
+def test_planted_problem_recovers_atoms():
+    X, D = planted()
+    model = DBKSVD(256, 4).fit(X, progress=False)
+    assert recovered(D, model.atoms.numpy()) >= 0.99
+    assert model.atoms.shape == (256, 64)
+    torch.testing.assert_close(model.atoms.norm(dim=1), torch.ones(256))
+    m = reconstruction_metrics(model, X[:2000])
+    assert m["signal_recovered"] > 0.98 and m["explained_variance"] > 0.999 and m["l0"] <= 4
+
+
+def test_mp_coder_float64_and_approx_run_and_improve():
+    X, D = planted(N=3000, seed=1)
+    for opts in ({"coder": "mp", "dtype": "float64"}, {"approx": True, "candidates": None}):
+        model = DBKSVD(256, 4, epochs=8, sample_batch=1000, **opts).fit(X, progress=False)
+        assert model.atoms.dtype == (torch.float64 if opts.get("dtype") else torch.float32)
+        assert model.history[-1] > model.history[0] + 0.1
+        assert recovered(D, model.atoms.numpy(), 0.95) > 0.8
+
+
+def test_encode_decode_reconstruct_and_types():
+    X = small()
+    model = DBKSVD(40, 3, epochs=2).fit(X, progress=False)
+    codes = model.encode(X)
+    assert isinstance(codes, np.ndarray) and codes.shape == (600, 40) and ((codes != 0).sum(1) <= 3).all()
+    np.testing.assert_allclose(model.decode(codes), codes @ model.atoms.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.reconstruct(X), model.decode(codes), rtol=1e-5, atol=1e-5)
+    sc = model.encode_sparse(X)
+    np.testing.assert_allclose(sc.to_dense().numpy(), codes)
+    t = model.encode(torch.from_numpy(X))
+    assert isinstance(t, torch.Tensor)
+    # encoding is exact OMP: the same as scikit-learn's on the learned atoms
+    from sklearn.linear_model import orthogonal_mp_gram
+    A = model.atoms.double().numpy()
+    ref = orthogonal_mp_gram(A @ A.T, (X[:50].astype(np.float64) @ A.T).T, n_nonzero_coefs=3).T
+    assert ((ref != 0) == (codes[:50] != 0)).all()
+
+
+def test_zero_rows_get_zero_codes():
+    X = small()
+    X[[0, 10, 20]] = 0
+    model = DBKSVD(40, 3, epochs=2).fit(X, progress=False)
+    codes = model.encode(X)
+    assert np.isfinite(codes).all() and (codes[[0, 10, 20]] == 0).all()
+    assert np.isfinite(model.atoms.numpy()).all()
+
+
+def test_reproducible_for_a_seed():
+    X = small()
+    a = DBKSVD(40, 3, epochs=3, sample_batch=200, seed=3).fit(X, progress=False).atoms
+    b = DBKSVD(40, 3, epochs=3, sample_batch=200, seed=3).fit(X, progress=False).atoms
+    c = DBKSVD(40, 3, epochs=3, sample_batch=200, seed=4).fit(X, progress=False).atoms
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_partial_fit_streams_batches():
+    X = small(n=1200)
+    model = DBKSVD(40, 3, sample_batch=300)
+    for chunk in np.split(X, 4):
+        model.partial_fit(chunk)
+    assert len(model.history) == 4 and model.d == 16
+    before = reconstruction_metrics(model, X)["signal_recovered"]
+    for _ in range(3):
+        model.partial_fit(X)
+    assert reconstruction_metrics(model, X)["signal_recovered"] >= before - 1e-3
+
+
+def test_save_load_round_trip(tmp_path):
+    X = small()
+    model = DBKSVD(40, 3, epochs=2, coder="mp").fit(X, progress=False)
+    model.save(tmp_path / "d")
+    again = vitatlas.load(tmp_path / "d")
+    assert isinstance(again, DBKSVD) and again._config() == model._config()
+    np.testing.assert_array_equal(again.encode(X), model.encode(X))
+    assert DBKSVD(**model._config())._config() == model._config()
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    X = small(n=1000)
+    opts = dict(epochs=3, sample_batch=128, checkpoint_every=3, seed=1)
+    full = DBKSVD(40, 3, **opts).fit(X, progress=False)
+
+    def kill(step, sr):
+        if step == 11:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        DBKSVD(40, 3, **opts).fit(X, checkpoint_dir=tmp_path / "ck", progress=False, callback=kill)
+    seen = []
+    resumed = DBKSVD(40, 3, **opts).fit(X, checkpoint_dir=tmp_path / "ck", progress=False,
+                                         callback=lambda s, sr: seen.append(s))
+    assert seen[0] == 10  # resumed after the checkpoint at step 9, not from scratch
+    assert torch.equal(resumed.atoms, full.atoms)
+    assert resumed.history == full.history
+    # other options or other data: refused with one line
+    with pytest.raises(VitatlasError, match="other options or other data"):
+        DBKSVD(40, 3, **{**opts, "seed": 2}).fit(X, checkpoint_dir=tmp_path / "ck", progress=False)
+    with pytest.raises(VitatlasError, match="other options or other data"):
+        DBKSVD(40, 3, **opts).fit(X + 1, checkpoint_dir=tmp_path / "ck", progress=False)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    X = small()
+    DBKSVD(40, 3, epochs=1, checkpoint_every=1).fit(X, checkpoint_dir=tmp_path, progress=False)
+    path = tmp_path / "dbksvd-checkpoint.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(VitatlasError, match="corrupt or truncated"):
+        DBKSVD(40, 3, epochs=1, checkpoint_every=1).fit(X, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_fit_from_store(tmp_path):
+    X, D = planted(N=3000, seed=2)
+    store = ActivationStore.from_array(tmp_path / "s", X, dtype="float16", shard_bytes=64 * 2 * 700)
+    model = DBKSVD(256, 4, sample_batch=1000, epochs=12).fit(store, progress=False)
+    assert model.fit_info["source"] == "store"
+    assert recovered(D, model.atoms.numpy(), 0.95) > 0.9
+
+
+def test_matryoshka_prefixes_are_dictionaries():
+    X, D = planted(N=4000, seed=3)
+    m = DBKSVD(256, 4, groups=[32, 96, 256], sample_batch=1000, epochs=4, seed=0).fit(X, progress=False)
+    plain = DBKSVD(256, 4, sample_batch=1000, epochs=4, seed=0).fit(X, progress=False)
+    assert len(m.history) == 3 * 4 * 4
+
+    def prefix_score(model, p):
+        sub = DBKSVD(p, 4)
+        sub._set_atoms(model.atoms[:p].clone())
+        return reconstruction_metrics(sub, X[:1000])["signal_recovered"]
+
+    assert prefix_score(m, 32) > prefix_score(plain, 32) + 0.02
+    assert prefix_score(m, 96) > prefix_score(plain, 96)
+    assert prefix_score(m, 32) < prefix_score(m, 96) < prefix_score(m, 256)
+    assert prefix_score(m, 256) > 0.8
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(n_atoms=3, k=4), "smaller than k"),
+    (dict(n_atoms=10, k=0), "positive integer"),
+    (dict(n_atoms=10, k=2, coder="lasso"), "unknown coder"),
+    (dict(n_atoms=10, k=2, dtype="float16"), "unknown dtype"),
+    (dict(n_atoms=10, k=2, candidates="many"), "candidates"),
+    (dict(n_atoms=10, k=2, tol=2.0), "tol"),
+    (dict(n_atoms=10, k=2, groups=[4, 8]), "groups"),
+    (dict(n_atoms=10, k=2, device="tpu"), "device"),
+])
+def test_bad_options(bad, match):
+    with pytest.raises(VitatlasError, match=match):
+        DBKSVD(**bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_on_cpu_machine_is_a_clear_error():
+    with pytest.raises(VitatlasError, match="CUDA is not available"):
+        DBKSVD(10, 2, device="cuda")
+
+
+def test_bad_data():
+    X = small()
+    model = DBKSVD(10, 2, epochs=1)
+    bad = X.copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(VitatlasError, match="NaN or Inf"):
+        model.fit(bad, progress=False)
+    bad[5, 3] = np.inf
+    with pytest.raises(VitatlasError, match="NaN or Inf"):
+        model.fit(bad, progress=False)
+    with pytest.raises(VitatlasError, match="2-D"):
+        model.fit(X[0], progress=False)
+    with pytest.raises(VitatlasError, match="empty"):
+        model.fit(X[:0], progress=False)
+    with pytest.raises(VitatlasError, match="must be smaller than the data width"):
+        DBKSVD(40, 16).fit(X, progress=False)
+    with pytest.raises(VitatlasError, match="not fitted"):
+        model.encode(X)
+    model.fit(X, progress=False)
+    with pytest.raises(VitatlasError, match="width"):
+        model.encode(X[:, :8])
+    with pytest.raises(VitatlasError, match="width"):
+        model.partial_fit(X[:, :8])
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+def test_cli_fits_saves_and_resumes(tmp_path):
+    from click.testing import CliRunner
+
+    from vitatlas.cli import main
+
+    X, _ = planted(d=16, n_atoms=32, k=2, N=1500, seed=4)
+    ActivationStore.from_array(tmp_path / "acts", X)
+    args = ["fit", "dbksvd", "--acts", str(tmp_path / "acts"), "--atoms", "32", "--k", "2", "--out",
+            str(tmp_path / "run"), "--epochs", "3", "--sample-batch", "500", "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "signal_recovered=" in last and "explained_variance=" in last and "seconds" in last
+    assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "checkpoint").is_dir()
+    model = vitatlas.load(tmp_path / "run")
+    sr = float(last.split("signal_recovered=")[1].split()[0])
+    assert abs(sr - reconstruction_metrics(model, X)["signal_recovered"]) < 1e-3
+    again = CliRunner().invoke(main, args)  # re-run: resumes from the finished checkpoint
+    assert again.exit_code == 0 and vitatlas.load(tmp_path / "run").atoms.equal(model.atoms)
+
+
+def test_cli_error_is_one_line(tmp_path, monkeypatch, capsys):
+    from vitatlas.cli import run
+
+    ActivationStore.from_array(tmp_path / "acts", small())
+    monkeypatch.setattr(sys, "argv", ["vitatlas", "fit", "dbksvd", "--acts", str(tmp_path / "acts"), "--atoms", "8",
+                                      "--k", "16", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exc:
+        run()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
