@@ -141,8 +141,10 @@ def test_unfitted_and_bad_inputs(data):
     bad[42, 1] = np.inf
     with pytest.raises(VitatlasError, match="row 42"):
         dic.encode(bad)
-    with pytest.raises(VitatlasError, match="real numbers"):
+    with pytest.raises(VitatlasError, match="numeric array"):
         as_tensor(np.array([["a", "b"]]))
+    with pytest.raises(VitatlasError, match="real numbers"):
+        as_tensor(np.ones((2, 2), bool))
     with pytest.raises(VitatlasError, match="width 8"):
         dic.decode(np.zeros((2, 3)))
 

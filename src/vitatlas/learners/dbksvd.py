@@ -303,6 +303,9 @@ class DBKSVD(Dictionary):
                             self._save_checkpoint(ckpt, fingerprint)
                         if callback is not None:
                             callback(self._step, sr)
+        except VitatlasError:
+            self.d, self._D, self._G = None, None, None  # bad data: leave no half-fitted dictionary behind
+            raise
         finally:
             bar.close()
         if ckpt is not None:

@@ -170,6 +170,13 @@ def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.
     if redraw:
         stale = counts == 0
         if G is not None:
-            stale |= duplicates(G, counts, trainable, dup_threshold)
+            dup = duplicates(G, counts, trainable, dup_threshold)
+            # a re-drawn twin was used: drop its codes and give its share back to the residual first
+            hit = dup[idx.clamp(min=0)] & (idx >= 0)
+            if bool(hit.any()):
+                rows, cols = torch.nonzero(hit, as_tuple=True)
+                R.index_put_((rows,), val[rows, cols].unsqueeze(1) * D[idx[rows, cols]], accumulate=True)
+                val[rows, cols] = 0
+            stale |= dup
         replace_unused(D, R, trainable[stale[trainable]], generator)
     return counts
