@@ -30,6 +30,7 @@ def _replace(tmp: Path, path: Path) -> None:
     # fsync the data before the rename so a crash cannot leave a renamed but empty file.
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs and caches are fine to share read-only
     os.replace(tmp, path)
 
 

@@ -160,3 +160,17 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
                        "has_labels": labels is not None}
     out["atoms"] = atoms
     return out
+
+
+class _CallableModule(type(np)):
+    """Importing this package binds ``vitatlas.evaluate`` to the module (Python sets a parent package's
+    attribute on submodule import), which would shadow the function exported by ``vitatlas``'s lazy
+    ``__getattr__``; making the module callable keeps ``vitatlas.evaluate(...)`` working either way."""
+
+    def __call__(self, *args, **kwargs):
+        return evaluate(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

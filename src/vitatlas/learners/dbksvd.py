@@ -201,7 +201,7 @@ class DBKSVD(Dictionary):
         return self.atom_batch or max(1, math.ceil(n_trainable / 8))
 
     @torch.no_grad()
-    def _iteration(self, Y: torch.Tensor, lo: int, hi: int) -> float:
+    def _iteration(self, Y: torch.Tensor, lo: int, hi: int, redraw: bool = True) -> float:
         """One DBK-SVD iteration on batch Y, updating atoms [lo, hi); returns the batch signal_recovered."""
         D = self._D[:hi].clone()
         G = D @ D.T
@@ -209,7 +209,7 @@ class DBKSVD(Dictionary):
         R = Y - sparse_decode(idx, val, D)
         trainable = torch.arange(lo, hi, device=D.device)
         ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable, n_power=self.n_power,
-                    approx=self.approx, generator=self._gen, G=G)
+                    approx=self.approx, generator=self._gen, G=G, redraw=redraw)
         self._D[lo:hi] = D[lo:hi]
         self._G = None
         ynorm = Y.norm(dim=1)
@@ -294,7 +294,9 @@ class DBKSVD(Dictionary):
                             continue  # already done before the checkpoint we resumed from
                         if s > 0 and epoch == 0 and b == 0:
                             self._init_stage_from_residual(Y, lo, hi)
-                        sr = self._iteration(Y, lo, hi)
+                        # no re-draw in a stage's last iteration: it would leave untrained atoms
+                        last = epoch == epochs - 1 and first + b == first + per_epoch - 1
+                        sr = self._iteration(Y, lo, hi, redraw=not last)
                         self.history.append(sr)
                         self._step += 1
                         bar.update(1)

@@ -169,14 +169,20 @@ def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.
                           n_power, approx)
     if redraw:
         stale = counts == 0
+        hit = None
         if G is not None:
             dup = duplicates(G, counts, trainable, dup_threshold)
-            # a re-drawn twin was used: drop its codes and give its share back to the residual first
-            hit = dup[idx.clamp(min=0)] & (idx >= 0)
-            if bool(hit.any()):
-                rows, cols = torch.nonzero(hit, as_tuple=True)
-                R.index_put_((rows,), val[rows, cols].unsqueeze(1) * D[idx[rows, cols]], accumulate=True)
-                val[rows, cols] = 0
             stale |= dup
-        replace_unused(D, R, trainable[stale[trainable]], generator)
+            hit = dup[idx.clamp(min=0)] & (idx >= 0)
+        ids = trainable[stale[trainable]]
+        D_old = D[ids].clone()
+        # targets come from the residual *with* the twins' share removed, so a twin is not re-drawn as itself
+        replace_unused(D, R, ids, generator)
+        if hit is not None and bool(hit.any()):
+            # the re-drawn twins were used: drop their codes and give their share back to the residual
+            slot = torch.full((n_atoms,), -1, dtype=torch.long, device=D.device)
+            slot[ids] = torch.arange(ids.numel(), device=D.device)
+            rows, cols = torch.nonzero(hit, as_tuple=True)
+            R.index_put_((rows,), val[rows, cols].unsqueeze(1) * D_old[slot[idx[rows, cols]]], accumulate=True)
+            val[rows, cols] = 0
     return counts

