@@ -157,12 +157,18 @@ def test_candidate_screening_agrees_with_exact_on_sparse_signals(coder):
     Y = codes @ D + 0.01 * rng.standard_normal((300, d))
     C, G, ysq = products(D, Y)
     exact = code(C, G, ysq, 4, coder=coder)
-    screened = code(C, G, ysq, 4, coder=coder, candidates=16)
-    same = (torch.sort(exact[0], 1).values == torch.sort(screened[0], 1).values).all(1).float().mean()
-    assert same > 0.97
-    r_exact = np.linalg.norm(Y - sparse_decode(*exact, torch.from_numpy(D)).numpy(), axis=1)
-    r_screen = np.linalg.norm(Y - sparse_decode(*screened, torch.from_numpy(D)).numpy(), axis=1)
-    assert r_screen.mean() < 1.05 * r_exact.mean()
+
+    def agreement(M):
+        idx, val = code(C, G, ysq, 4, coder=coder, candidates=M)
+        same = (torch.sort(exact[0], 1).values == torch.sort(idx, 1).values).all(1).float().mean().item()
+        resid = np.linalg.norm(Y - sparse_decode(idx, val, torch.from_numpy(D)).numpy(), axis=1).mean()
+        return same, resid
+
+    # screening is an approximation whose error shrinks as the candidate set grows, and vanishes at n
+    (a8, r8), (a32, r32), (a100, r100), (a200, r200) = map(agreement, (8, 32, 100, 200))
+    r_exact = np.linalg.norm(Y - sparse_decode(*exact, torch.from_numpy(D)).numpy(), axis=1).mean()
+    assert a8 < a32 < a100 <= a200 == 1.0 and r8 > r32 > r100 >= r200 - 1e-12
+    assert a32 > 0.9 and a100 > 0.99 and abs(r200 - r_exact) < 1e-12
 
 
 def test_sparse_decode_and_to_dense_match_dense_product():
@@ -183,3 +189,13 @@ def test_bad_arguments():
         batch_omp(C, G, ysq, 0)
     with pytest.raises(VitatlasError, match="inconsistent"):
         matching_pursuit(C, G[:5], ysq, 3)
+
+
+def test_two_level_top_abs_is_exact():
+    from vitatlas.learners.coders import _top_abs
+
+    C = torch.randn(200, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for M in (5, 40, 63):
+        got = torch.sort(_top_abs(C, M), 1).values
+        ref = torch.sort(torch.topk(C.abs(), M, dim=1).indices, 1).values
+        assert torch.equal(got, ref)

@@ -24,6 +24,6 @@ def __getattr__(name: str):
         from .learners.sae import SAE
         return SAE
     if name == "evaluate":
-        from .evaluate import evaluate
+        from .evaluation import evaluate
         return evaluate
     raise AttributeError(f"module 'vitatlas' has no attribute {name!r}")

@@ -25,11 +25,31 @@ chosen ones. Zero samples get zero codes (never NaN).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..errors import VitatlasError
 
 CODERS = ("mp", "omp")
+
+
+def _top_abs(C: torch.Tensor, M: int, group: int = 8) -> torch.Tensor:
+    """Column ids of the M largest |C| per row (any order), exactly, in about half of topk's time.
+
+    Two levels: the max |C| of each run of ``group`` columns, the M best runs, then the M best columns
+    inside them. Exact because the M largest entries lie in at most M runs, each of which has a run
+    maximum among the M largest entries.
+    """
+    B, n = C.shape
+    if n % group or n // group <= M or not C.is_contiguous():
+        return torch.topk(C.abs(), M, dim=1, sorted=False).indices
+    V = C.view(B, n // group, group)
+    run_max = torch.maximum(V.amax(dim=2), V.amin(dim=2).neg())  # no full |C| pass
+    runs = torch.topk(run_max, M, dim=1, sorted=False).indices  # (B, M)
+    cols = (runs.unsqueeze(2) * group + torch.arange(group, device=C.device)).view(B, M * group)
+    best = torch.topk(torch.gather(C, 1, cols).abs(), M, dim=1, sorted=False).indices
+    return torch.gather(cols, 1, best)
 
 
 def _screen(C: torch.Tensor, candidates: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -40,7 +60,7 @@ def _screen(C: torch.Tensor, candidates: int | None) -> tuple[torch.Tensor, torc
     n = C.shape[1]
     if candidates is None or candidates >= n:
         return C, None
-    cand = torch.topk(C.abs(), candidates, dim=1, sorted=False).indices
+    cand = _top_abs(C, candidates)
     return torch.gather(C, 1, cand), cand
 
 
@@ -49,7 +69,7 @@ def _gram_columns(G: torch.Tensor, cand: torch.Tensor | None, j_local: torch.Ten
     if cand is None:
         return G.index_select(0, j_local)  # G is symmetric: row j == column j
     j_global = torch.gather(cand, 1, j_local.unsqueeze(1))  # (B, 1)
-    return G[j_global, cand]
+    return torch.take(G, j_global * G.shape[1] + cand)  # G[j_global, cand], faster than 2-D fancy indexing
 
 
 def _to_global(sup: torch.Tensor, cand: torch.Tensor | None) -> torch.Tensor:
@@ -228,14 +248,20 @@ def code(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, coder: 
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def sparse_decode(idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Σ_s val[:, s]·D[idx[:, s]] for padded sparse codes: (B, k) × (n_atoms, d) -> (B, d)."""
-    out = torch.empty(idx.shape[0], D.shape[1], dtype=D.dtype, device=D.device)
-    for s in range(0, idx.shape[0], chunk):
-        i, v = idx[s:s + chunk], val[s:s + chunk]
-        v = torch.where(i >= 0, v, torch.zeros_like(v))
-        out[s:s + chunk] = torch.bmm(v.unsqueeze(1), D[i.clamp(min=0)]).squeeze(1)
-    return out
+def sparse_decode(idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Σ_s val[:, s]·D[idx[:, s]] for padded sparse codes: (B, k) × (n_atoms, d) -> (B, d).
+
+    One sparse (CSR) × dense product: O(B·k·d) without materialising the gathered atoms.
+    """
+    idx, order = torch.sort(idx, dim=1)  # CSR wants sorted columns; padding (-1) sorts first
+    val = torch.gather(val, 1, order)
+    used = idx >= 0
+    ptr = torch.zeros(idx.shape[0] + 1, dtype=torch.long, device=idx.device)
+    ptr[1:] = torch.cumsum(used.sum(dim=1), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        codes = torch.sparse_csr_tensor(ptr, idx[used], val[used].to(D.dtype), size=(idx.shape[0], D.shape[0]))
+        return codes @ D
 
 
 def to_dense(idx: torch.Tensor, val: torch.Tensor, n_atoms: int) -> torch.Tensor:

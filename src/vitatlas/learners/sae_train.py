@@ -107,6 +107,7 @@ class _Member:
         self.opt = torch.optim.Adam([sae.params[n] for n in sae.trainable()], lr=self.base_lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
         self.fired_epoch = torch.zeros(sae.n_latents, dtype=torch.bool, device=dev)
+        self.th_updates = 0
         self.reset_acc()
 
     def reset_acc(self) -> None:
@@ -143,9 +144,11 @@ class _Member:
             self.since_fired[st["fired"]] = 0
             self.fired_epoch[st["fired"]] = True
             if "threshold" in st:
+                # running mean over the first updates, then an EMA (so short runs are not biased to step 0)
                 th = p["threshold"]
-                new = st["threshold"].to(th.dtype)
-                th.copy_(torch.where(th < 0, new, sae.threshold_momentum * th + (1 - sae.threshold_momentum) * new))
+                self.th_updates += 1
+                mom = min(sae.threshold_momentum, 1.0 - 1.0 / float(self.th_updates))
+                th.copy_(mom * th + (1 - mom) * st["threshold"].to(th.dtype))
             a = self.acc
             a["sse"] += st["sse"].double()
             a["sst"] += (x - x.mean(0)).double().pow(2).sum()
@@ -181,6 +184,7 @@ class _Member:
                 out[f"{prefix}adam.{name}.{key}"] = torch.as_tensor(val)
         out[f"{prefix}since_fired"] = self.since_fired
         out[f"{prefix}fired_epoch"] = self.fired_epoch.to(torch.uint8)
+        out[f"{prefix}th_updates"] = torch.tensor(self.th_updates, dtype=torch.long)
         out.update({f"{prefix}acc.{k}": v for k, v in self.acc.items()})
         return out
 
@@ -199,6 +203,7 @@ class _Member:
                 self.opt.state[param] = st
         self.since_fired = t[f"{prefix}since_fired"].to(dev)
         self.fired_epoch = t[f"{prefix}fired_epoch"].to(dev).bool()
+        self.th_updates = int(t[f"{prefix}th_updates"])
         self.acc = {k: t[f"{prefix}acc.{k}"].to(dev) for k in self.acc}
 
 

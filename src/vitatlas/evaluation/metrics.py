@@ -7,7 +7,8 @@ d the width, A the number of atoms):
 - ``explained_variance`` = 1 − Σ‖x − x̂‖² / Σ‖x − mean‖²  (mean = the evaluated rows' mean; the
   denominator is accumulated exactly in one pass with Chan's pairwise merge of per-batch means)
 - ``mse`` = Σ‖x − x̂‖² / (n·d)  (mean squared error per coordinate)
-- ``l0`` = mean number of non-zero codes per row
+- ``l0`` = mean number of non-zero codes per row (``l0_median``: their median, from an exact streamed
+  histogram of the per-row counts)
 - ``dead_fraction`` = fraction of atoms whose code is never non-zero on the evaluated rows
 - ``dense_fraction`` = fraction of atoms non-zero on more than 1% of the rows
 - ``max_coherence`` = max over atom pairs i ≠ j of |⟨a_i, a_j⟩| / (‖a_i‖‖a_j‖) (None for one atom)
@@ -40,10 +41,13 @@ class ReconstructionStats:
     m2: float = 0.0  # running Σ‖x − mean‖²
     nnz_sum: float = 0.0
     fires: torch.Tensor = field(default=None)  # (A,) int64 rows where each atom is non-zero
+    nnz_hist: torch.Tensor = field(default=None)  # (A+1,) int64 rows with 0..A non-zeros
 
     def __post_init__(self):
         if self.fires is None:
             self.fires = torch.zeros(self.n_atoms, dtype=torch.int64)
+        if self.nnz_hist is None:
+            self.nnz_hist = torch.zeros(self.n_atoms + 1, dtype=torch.int64)
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
         """x, x_hat: (B, d); codes: (B, A) dense."""
@@ -67,7 +71,9 @@ class ReconstructionStats:
             self.mean = self.mean + delta * (b / tot)
         self.n += b
         nz = codes != 0
-        self.nnz_sum += float(nz.sum())
+        per_row = nz.sum(1).cpu()
+        self.nnz_sum += float(per_row.sum())
+        self.nnz_hist += torch.bincount(per_row, minlength=self.n_atoms + 1)
         self.fires += nz.sum(0).cpu()
 
     def result(self) -> dict:
@@ -78,9 +84,19 @@ class ReconstructionStats:
             "explained_variance": 1.0 - self.sse / self.m2 if self.m2 > 0 else float("nan"),
             "mse": self.sse / (n * max(self.d, 1)),
             "l0": self.nnz_sum / n,
+            "l0_median": self._median_nnz(),
             "dead_fraction": float((self.fires == 0).double().mean()),
             "dense_fraction": float((freq > DENSE_THRESHOLD).mean()),
         }
+
+    def _median_nnz(self) -> float:
+        """Median of the per-row non-zero counts (mean of the two middle ones for an even count)."""
+        if self.n == 0:
+            return float("nan")
+        cum = torch.cumsum(self.nnz_hist, 0)
+        lo = int(torch.searchsorted(cum, torch.tensor((self.n - 1) // 2), right=True))
+        hi = int(torch.searchsorted(cum, torch.tensor(self.n // 2), right=True))
+        return (lo + hi) / 2
 
     @property
     def frequency(self) -> np.ndarray:

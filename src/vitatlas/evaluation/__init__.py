@@ -41,7 +41,8 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
     Memory: per-atom statistics and the top-``top_n`` buffers stream; the (rows, A) activation matrix
     used for AUROC (faithfulness) and sparse probing is kept only for at most
     ``memory_budget // (4·A)`` rows — all rows when they fit, otherwise a fixed random subset (seed
-    ``seed``), whose size is reported as ``settings.rows_for_auroc``. The downstream probe uses at most
+    ``seed``), whose size is reported as ``settings.rows_for_auroc`` (peak memory is about twice the
+    budget, while ranks for AUROC are computed 256 atoms at a time). The downstream probe uses at most
     ``max_probe_images`` images (a fixed random subset when there are more).
     """
     if activation not in ACTIVATIONS:
@@ -137,13 +138,16 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
     atoms = {"frequency": freq, "top_rows": top_rows.T.numpy(), "top_values": top_vals.T.numpy()}
 
     if labels is not None:
-        lab = label_atoms(top_rows.numpy(), labels, min_support=min_support)
+        lab = label_atoms(top_rows.numpy(), labels, min_support=min(min_support, top_n))
         out.update(label_quality(lab, acts_kept, labels[keep_rows]))
         atoms.update({k: v for k, v in lab.items() if k != "prior"})
+        names = X.class_names if is_store(X) else None
+        if names:
+            atoms["label_name"] = [names[c] if 0 <= c < len(names) else None for c in lab["label"].tolist()]
         kept_lab = labels[keep_rows]
         ok = kept_lab >= 0
         test = image_split(image_ids[keep_rows][ok], test_fraction=test_fraction, seed=seed)
-        out.update(sparse_probe(acts_kept[ok], kept_lab[ok], test))
+        out.update(sparse_probe(acts_kept if ok.all() else acts_kept[ok], kept_lab[ok], test))
         have = img_count > 0
         x_img = (x_sum[have] / img_count[have].unsqueeze(1)).numpy()
         xh_img = (xh_sum[have] / img_count[have].unsqueeze(1)).numpy()
@@ -154,23 +158,9 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
         y_img = labels[first_row[img_ids_sel]]
         test_img = image_split(img_uniq[img_ids_sel], test_fraction=test_fraction, seed=seed)
         out.update(downstream_probe(x_img, xh_img, y_img, test_img))
-    out["settings"] = {"top_n": top_n, "min_support": min_support, "activation": activation,
+    out["settings"] = {"top_n": top_n, "min_support": min(min_support, top_n), "activation": activation,
                        "rows_for_auroc": int(keep_rows.size) if labels is not None else 0,
                        "test_fraction": test_fraction, "seed": seed, "batch_size": batch_size,
                        "has_labels": labels is not None}
     out["atoms"] = atoms
     return out
-
-
-class _CallableModule(type(np)):
-    """Importing this package binds ``vitatlas.evaluate`` to the module (Python sets a parent package's
-    attribute on submodule import), which would shadow the function exported by ``vitatlas``'s lazy
-    ``__getattr__``; making the module callable keeps ``vitatlas.evaluate(...)`` working either way."""
-
-    def __call__(self, *args, **kwargs):
-        return evaluate(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule

@@ -53,21 +53,34 @@ def sparse_probe(acts: np.ndarray, labels: np.ndarray, test: np.ndarray,
 
     train = ~test
     results: dict[int, list[float]] = {m: [] for m in sizes}
-    for c in np.unique(labels):
+    classes = np.unique(labels)
+    # per-class sums of the train activations in one pass: (C, A), no per-class copies of acts
+    y_tr = labels[train]
+    class_sum = np.zeros((classes.size, acts.shape[1]))
+    total = np.zeros(acts.shape[1])
+    for s in range(0, acts.shape[0], 8192):
+        blk, tr = acts[s:s + 8192], train[s:s + 8192]
+        onehot = (labels[s:s + 8192][tr, None] == classes[None, :]).astype(np.float64)
+        class_sum += onehot.T @ blk[tr]
+        total += blk[tr].sum(0, dtype=np.float64)
+    n_c = np.array([(y_tr == c).sum() for c in classes], dtype=np.float64)
+    n_tr = y_tr.size
+    for ci, c in enumerate(classes):
         y = labels == c
         if y[train].all() or not y[train].any() or y[test].all() or not y[test].any():
             continue  # a class missing from one side cannot be probed
-        a_tr = acts[train]
-        score = a_tr[y[train]].mean(0) - a_tr[~y[train]].mean(0)
+        score = class_sum[ci] / n_c[ci] - (total - class_sum[ci]) / (n_tr - n_c[ci])
         order = np.argsort(-score, kind="stable")
         for m in sizes:
             cols = order[:min(m, acts.shape[1])]
-            scaler = StandardScaler().fit(a_tr[:, cols])
+            sub = acts[:, cols]  # (n, m): copy only the chosen columns
+            x_tr, x_te = sub[train], sub[test]
+            scaler = StandardScaler().fit(x_tr)
             clf = _logreg(class_weight="balanced")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                clf.fit(scaler.transform(a_tr[:, cols]), y[train])
-            pred = clf.predict(scaler.transform(acts[test][:, cols]))
+                clf.fit(scaler.transform(x_tr), y[train])
+            pred = clf.predict(scaler.transform(x_te))
             results[m].append(balanced_accuracy_score(y[test], pred))
     return {f"sparse_probe_acc@{m}": float(np.mean(v)) if v else float("nan") for m, v in results.items()}
 

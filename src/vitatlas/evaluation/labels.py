@@ -82,7 +82,8 @@ def label_quality(labels: dict, acts: np.ndarray | None, act_labels: np.ndarray 
     faith = np.full(n_atoms, np.nan)
     if acts is not None and m_total:
         keep = act_labels >= 0
-        faith = auroc_for_labels(acts[keep], act_labels[keep], atom_label)
+        faith = (auroc_for_labels(acts, act_labels, atom_label) if keep.all()
+                 else auroc_for_labels(acts[keep], act_labels[keep], atom_label))
     share_count = np.bincount(atom_label[lab], minlength=max(1, labels["prior"].size))
     sharing = np.full(n_atoms, np.nan)
     if m_total:

@@ -1,0 +1,259 @@
+"""Benchmark: vitatlas DBK-SVD against other dictionary learners, in one process on the same data.
+
+Peers (optional; each is skipped with the reason when missing or failing):
+  scikit-learn MiniBatchDictionaryLearning, dictlearn DictionaryLearning (K-SVD, and AK-SVD with parallel
+  atom sweeps), SPAMS trainDL in L0 mode (pip ``spams-bin``). Install: ``pip install dictlearn spams-bin``.
+
+For each learner: fit seconds, fraction of planted atoms recovered (|cos| >= 0.99), held-out relative
+residual mean ‖x − x̂‖/‖x‖ (every dictionary is scored with the same exact k-sparse OMP, so only the
+atoms are compared), and time / vitatlas time. Problems: planted d=128/512 atoms/k=5/N=20k and
+d=384/1536/k=8/N=100k, plus a real store given by --store (e.g. DINOv2-S CLS activations of
+Fashion-MNIST). Then one DBK-SVD iteration is timed against its dense product DᵀY alone at
+d=768, 3072 atoms, k=10, on a sample batch of --iter-batch rows.
+
+    python benchmarks/dictionary_learning.py [--quick] [--store DIR] [--threads N] [--memory]
+
+``--memory`` instead writes a ~4 GB float16 store (d=768) to a temporary directory, fits one epoch of
+DBK-SVD on it in a child process, prints that process's peak RSS, and deletes the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from vitatlas.learners.coders import batch_omp, sparse_decode
+from vitatlas.learners.dbksvd import DBKSVD
+
+
+# ---- data and scoring ----------------------------------------------------------------------------
+
+def planted(d: int, n_atoms: int, k: int, N: int, noise: float = 0.01, seed: int = 0):
+    """Random unit atoms, k-sparse codes with |coef| in [1, 2] and random signs, Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((n_atoms, d))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    X = np.empty((N, d), np.float32)
+    for s in range(0, N, 8192):
+        m = min(8192, N - s)
+        idx = np.argpartition(rng.random((m, n_atoms)), k, axis=1)[:, :k]
+        vals = rng.uniform(1, 2, (m, k)) * rng.choice([-1, 1], (m, k))
+        X[s:s + m] = np.einsum("nk,nkd->nd", vals, D[idx]) + noise * rng.standard_normal((m, d))
+    return X, D.astype(np.float32)
+
+
+def recovered(D_true: np.ndarray | None, D_hat: np.ndarray) -> float:
+    if D_true is None:
+        return float("nan")
+    D_hat = D_hat / np.maximum(np.linalg.norm(D_hat, axis=1, keepdims=True), 1e-12)
+    return float((np.abs(D_true @ D_hat.T).max(axis=1) >= 0.99).mean())
+
+
+def heldout_residual(D_hat: np.ndarray, X: np.ndarray, k: int) -> float:
+    """Mean relative residual of exact k-sparse OMP (float64) with the atoms D_hat."""
+    D = torch.from_numpy(D_hat.astype(np.float64))
+    D = D / D.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    G = D @ D.T
+    out = []
+    for s in range(0, X.shape[0], 1024):
+        Y = torch.from_numpy(X[s:s + 1024].astype(np.float64))
+        idx, val = batch_omp(Y @ D.T, G, (Y * Y).sum(1), k)
+        out.append(((Y - sparse_decode(idx, val, D)).norm(dim=1) / Y.norm(dim=1).clamp(min=1e-12)).numpy())
+    return float(np.concatenate(out).mean())
+
+
+# ---- learners: each returns (atoms (n_atoms, d), note) -----------------------------------------
+
+def run_vitatlas(X, n_atoms, k, budget, threads, seed=0, **opts):
+    m = DBKSVD(n_atoms, k, seed=seed, **opts).fit(X, progress=False)
+    return m.atoms.numpy(), f"{len(m.history)} iterations"
+
+
+def run_sklearn(X, n_atoms, k, budget, threads, seed=0):
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+
+    # L1 (lasso) coding while fitting: its only fit algorithms. partial_fit on shuffled batches of 256
+    # until the time budget (seconds) is spent.
+    m = MiniBatchDictionaryLearning(n_components=n_atoms, alpha=0.1, batch_size=256, transform_algorithm="omp",
+                                    transform_n_nonzero_coefs=k, random_state=seed)
+    rng = np.random.default_rng(seed)
+    t0, seen = time.perf_counter(), 0
+    while time.perf_counter() - t0 < budget:
+        batch = X[rng.choice(X.shape[0], 256, replace=False)]
+        m.partial_fit(batch)
+        seen += 256
+    return m.components_, f"{budget:.0f} s budget ({seen / X.shape[0]:.2f} epochs), lasso alpha=0.1"
+
+
+def run_dictlearn(X, n_atoms, k, budget, threads, seed=0, algorithm="ksvd", parallel=False):
+    from dictlearn import DictionaryLearning
+
+    iters = max(1, int(budget))
+    m = DictionaryLearning(n_components=n_atoms, fit_algorithm=algorithm, n_nonzero_coefs=k, max_iter=iters,
+                           atom_sweep="parallel" if parallel else "sequential", random_state=seed)
+    m.fit(X)
+    return m.components_, f"{iters} iterations{', parallel sweep' if parallel else ''}"
+
+
+def run_spams(X, n_atoms, k, budget, threads, seed=0):
+    import spams
+
+    np.random.seed(seed)
+    Xf = np.asfortranarray(X.T.astype(np.float64))
+    # iter < 0 means a time budget in seconds
+    D = spams.trainDL(Xf, K=n_atoms, lambda1=k, mode=3, iter=-max(1, int(budget)), batchsize=512,
+                      numThreads=threads, verbose=False)
+    return np.ascontiguousarray(D.T), f"{int(budget)} s time budget, L0 mode, batch 512"
+
+
+# ---- one problem -----------------------------------------------------------------------------------
+
+def compare(name, X, Xtest, D_true, n_atoms, k, budgets, threads, vit_opts):
+    print(f"\n## {name}: N={X.shape[0]} d={X.shape[1]} atoms={n_atoms} k={k} (held-out {Xtest.shape[0]})")
+    print(f"{'learner':<28}{'seconds':>10}{'recovered':>11}{'heldout_resid':>15}{'time/vitatlas':>15}  note")
+    learners = [("vitatlas DBK-SVD", lambda: run_vitatlas(X, n_atoms, k, None, threads, **vit_opts))]
+    learners += [
+        ("sklearn MiniBatchDL", lambda: run_sklearn(X, n_atoms, k, budgets["sklearn"], threads)),
+        ("dictlearn K-SVD", lambda: run_dictlearn(X, n_atoms, k, budgets["ksvd"], threads)),
+        ("dictlearn AK-SVD parallel", lambda: run_dictlearn(X, n_atoms, k, budgets["aksvd"], threads,
+                                                            algorithm="aksvd", parallel=True)),
+        ("SPAMS trainDL (L0)", lambda: run_spams(X, n_atoms, k, budgets["spams"], threads)),
+    ]
+    rows, base = [], None
+    for label, fn in learners:
+        try:
+            t0 = time.perf_counter()
+            atoms, note = fn()
+            sec = time.perf_counter() - t0
+        except ImportError as exc:
+            print(f"{label:<28}{'skipped':>10}  not installed ({exc.name}): pip install dictlearn spams-bin")
+            continue
+        except Exception as exc:  # a peer that fails must not stop the benchmark
+            print(f"{label:<28}{'skipped':>10}  failed: {type(exc).__name__}: {str(exc)[:80]}")
+            continue
+        base = sec if base is None else base
+        rec, res = recovered(D_true, atoms), heldout_residual(atoms, Xtest, k)
+        rows.append((label, sec, rec, res))
+        print(f"{label:<28}{sec:>10.1f}{rec:>11.3f}{res:>15.4f}{sec / base:>15.1f}  {note}", flush=True)
+    return rows
+
+
+def time_iteration(B: int, threads: int, d=768, n_atoms=3072, k=10, seed=0):
+    """One DBK-SVD iteration vs its dense product DᵀY alone, on a batch of B samples."""
+    X, _ = planted(d, n_atoms, k, B, seed=seed)
+    Y = torch.from_numpy(X)
+    model = DBKSVD(n_atoms, k, sample_batch=B)
+    rng = np.random.default_rng(seed)
+    model._init_from_rows(Y[torch.from_numpy(rng.choice(B, n_atoms, replace=False))], 0, n_atoms, d)
+    D = model.atoms.clone()
+    prod, it = [], []
+    for rep in range(2):
+        t0 = time.perf_counter()
+        C = Y @ D.T
+        prod.append(time.perf_counter() - t0)
+        del C
+        t0 = time.perf_counter()
+        model._iteration(Y, 0, n_atoms)
+        it.append(time.perf_counter() - t0)
+        model._set_atoms(D)
+    p, i = min(prod), min(it)
+    print(f"\n## one iteration at d={d}, atoms={n_atoms}, k={k}, batch={B} ({threads} thread(s))")
+    print(f"DᵀY product {p:.2f} s, full iteration (Gram, screened OMP, K-SVD update) {i:.2f} s, "
+          f"iteration / DᵀY = {i / p:.2f} (target <= 2)")
+
+
+# ---- memory mode ----------------------------------------------------------------------------------
+
+def memory_check(gb: float, threads: int):
+    from vitatlas.data.store import StoreWriter
+
+    d = 768
+    rows = int(gb * 2 ** 30 / (2 * d))
+    tmp = tempfile.mkdtemp(prefix="vitatlas-mem-")
+    try:
+        writer = StoreWriter(tmp, d=d, dtype="float16", identity={"bench": rows}, meta={"source": {"name": "bench"}},
+                             has_labels=False)
+        rng = np.random.default_rng(0)
+        D = rng.standard_normal((1024, d)).astype(np.float32)
+        step = 40_000
+        t0 = time.perf_counter()
+        for s in range(0, rows, step):
+            m = min(step, rows - s)
+            idx = rng.integers(0, 1024, (m, 8))
+            chunk = np.einsum("nk,nkd->nd", rng.uniform(1, 2, (m, 8)).astype(np.float32), D[idx])
+            ids = np.arange(s, s + m, dtype=np.int32)
+            writer.write_shard(chunk, np.stack([ids, np.zeros_like(ids)], 1), None, n_images=m)
+        writer.finish()
+        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) / 2 ** 30
+        print(f"wrote {rows} rows x {d} float16 = {size:.2f} GiB in {time.perf_counter() - t0:.0f} s")
+        code = ("import resource, time, torch; from vitatlas import ActivationStore; "
+                "from vitatlas.learners.dbksvd import DBKSVD; "
+                f"torch.set_num_threads({threads}); s = ActivationStore({tmp!r}); t = time.perf_counter(); "
+                "m = DBKSVD(1024, 8, epochs=1).fit(s, progress=False); "
+                "print(f'fit 1 epoch: {time.perf_counter() - t:.0f} s, {len(m.history)} iterations, '"
+                "f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')")
+        subprocess.run([sys.executable, "-c", code], check=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"deleted {tmp}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small problems and budgets (< 2 min)")
+    ap.add_argument("--store", default=None, help="activation store for the real-data comparison")
+    ap.add_argument("--threads", type=int, default=1, help="threads for every learner (default 1: shared CPUs)")
+    ap.add_argument("--iter-batch", type=int, default=None, help="batch for the iteration/DᵀY timing")
+    ap.add_argument("--memory", action="store_true", help="run only the ~4 GB float16 store memory check")
+    ap.add_argument("--memory-gb", type=float, default=4.2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    try:
+        from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(args.threads)
+    except ImportError:
+        limits = contextlib.nullcontext()
+    with limits:
+        print(f"torch {torch.__version__}, {args.threads} thread(s) for every learner")
+        if args.memory:
+            memory_check(args.memory_gb, args.threads)
+            return
+        if args.quick:
+            problems = [("planted small", 64, 256, 4, 8000, dict(sklearn=5, ksvd=5, aksvd=10, spams=5))]
+        else:
+            problems = [
+                ("planted A", 128, 512, 5, 20_000, dict(sklearn=10, ksvd=10, aksvd=20, spams=30)),
+                ("planted B", 384, 1536, 8, 100_000, dict(sklearn=1, ksvd=1, aksvd=2, spams=120)),
+            ]
+        for name, d, n, k, N, budgets in problems:
+            X, D = planted(d, n, k, N + 2000, seed=1)
+            compare(name, X[:N], X[N:], D, n, k, budgets, args.threads, {})
+            print("(peers ran with the fixed budgets in 'note'; vitatlas with its defaults)")
+        if args.store:
+            from vitatlas import ActivationStore
+
+            store = ActivationStore(args.store)
+            data = store.to_numpy()
+            rng = np.random.default_rng(0)
+            perm = rng.permutation(data.shape[0])
+            n_test = min(5000, data.shape[0] // 10)
+            Xtr, Xte = data[perm[n_test:]], data[perm[:n_test]]
+            n_atoms = 4 * store.d
+            budgets = dict(sklearn=3, ksvd=2, aksvd=4, spams=60) if not args.quick else dict(sklearn=1, ksvd=1,
+                                                                                              aksvd=1, spams=10)
+            compare(f"store {args.store}", Xtr, Xte, None, n_atoms, 8, budgets, args.threads,
+                    {"epochs": 2} if args.quick else {})
+        time_iteration(args.iter_batch or (16_384 if args.quick else 100_000), args.threads)
+
+
+if __name__ == "__main__":
+    main()

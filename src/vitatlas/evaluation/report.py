@@ -1,0 +1,263 @@
+"""Write an evaluation report: metrics.json, per-atom JSON, report.md and PNG plots.
+
+Layout of a report directory::
+
+    metrics.json          one object per evaluated run or baseline (DESIGN.md metric names)
+    atoms/<name>.json     per-atom results (frequency, label, faithfulness, specificity, top rows)
+    report.md             side-by-side table, metric definitions, data and settings
+    pareto.png            explained_variance against l0 for every run and baseline
+    frequency.png         atom firing-frequency histograms
+    top_images.png        top images of the most specific atoms (only when the store's images open)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_write_bytes, atomic_write_json
+
+TABLE_COLUMNS = ["signal_recovered", "explained_variance", "mse", "l0", "dead_fraction", "dense_fraction",
+                 "max_coherence", "faithfulness", "specificity", "label_diversity", "sparse_probe_acc@1",
+                 "sparse_probe_acc@5", "sparse_probe_acc@20", "probe_acc_original", "probe_acc_reconstructed",
+                 "probe_acc_with_error"]
+
+FORMULAS = """\
+Notation: x is one row of the store, x̂ = decode(encode(x)) its reconstruction, n rows, d the width, A atoms.
+
+- `signal_recovered` = 1 − mean over rows with ‖x‖ > 0 of ‖x − x̂‖ / ‖x‖.
+- `explained_variance` = 1 − Σ‖x − x̂‖² / Σ‖x − mean‖² (mean of the evaluated rows; FVU = 1 − this).
+- `mse` = Σ‖x − x̂‖² / (n·d).
+- `l0` = mean number of non-zero codes per row (metrics.json also has `l0_median`; the baselines are fitted
+  at the first run's median, rounded, unless `--k` is given).
+- `dead_fraction` = fraction of atoms never non-zero on the evaluated rows; `dense_fraction` = fraction of
+  atoms non-zero on more than 1% of the rows.
+- `max_coherence` = max over atom pairs i ≠ j of |cos(a_i, a_j)|.
+- Atom labels: activation = |code| ({activation_note}). T_a = the {top_n} rows with the largest activation
+  among the rows where atom a fires (labelled rows only); p_a(c) = fraction of T_a in class c, π_c = class
+  frequency. Label l_a = argmax_c p_a(c) − π_c; an atom is labelled when |T_a| ≥ {min_support}.
+- `faithfulness` = mean over labelled atoms of AUROC(activation of a, "row's image has class l_a").
+- `specificity` = mean over labelled atoms of κ_a · s_a, with κ_a = (p_a(l_a) − π_l)/(1 − π_l) (chance-
+  corrected precision of the top rows) and s_a = 1 − (m_l − 1)/M (m_l atoms share label l among M labelled
+  atoms).
+- `label_diversity` = distinct labels among labelled atoms / min(number of classes, M).
+- `sparse_probe_acc@m`: per class, one-vs-rest logistic regression on the m atoms with the largest
+  (mean activation in class − mean activation outside) on the train images; balanced accuracy on the
+  test images ({test_pct}% of the images, seed {seed}), averaged over classes (chance = 0.5).
+- `probe_acc_*`: a multinomial logistic regression trained on the original activations of the train images
+  (mean of an image's rows), accuracy on the test images' original activations, reconstructions, and
+  reconstruction + error term (checked equal to the original on every run).
+"""
+
+
+@dataclass
+class RunResult:
+    """One evaluated dictionary: its name, metrics and where it came from."""
+
+    name: str
+    metrics: dict
+    kind: str
+    path: str | None = None
+    baseline: bool = False
+    config: dict = field(default_factory=dict)
+    fit_info: dict = field(default_factory=dict)
+
+
+def jsonable(value):
+    """numpy / torch / NaN -> plain JSON (NaN and Inf become null)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if hasattr(value, "tolist"):  # torch tensors
+        return jsonable(value.tolist())
+    return value
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
+
+
+def _plots(out: Path, results: list[RunResult]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points = [(r, r.metrics.get("l0"), r.metrics.get("explained_variance")) for r in results]
+    points = [(r, l0, ev) for r, l0, ev in points if l0 is not None and ev is not None and math.isfinite(ev)]
+    # a very negative floor (e.g. random atoms) would squash everything else: draw it at the bottom edge
+    floor = min([ev for _, _, ev in points if ev >= -0.2] + [0.0]) - 0.05
+    for r, l0, ev in points:
+        shown = max(ev, floor)
+        ax.scatter([max(l0, 1e-3)], [shown], marker=("v" if ev < floor else "s") if r.baseline else "o", s=50)
+        label = r.name if ev >= floor else f"{r.name} ({ev:.2f})"
+        ax.annotate(label, (max(l0, 1e-3), shown), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if points:
+        ax.set_ylim(floor - 0.03, max(1.0, max(ev for _, _, ev in points)) + 0.03)
+    ax.set_xscale("log")
+    ax.set_xlabel("l0 (non-zeros per row, log scale)")
+    ax.set_ylabel("explained_variance")
+    ax.set_title("Reconstruction against sparsity (squares: baselines; ▼ off scale)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+    written.append("pareto.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in results:
+        h = r.metrics.get("frequency_histogram")
+        if not h:
+            continue
+        edges = np.asarray(h["edges"])
+        ax.stairs(h["counts"], edges, label=f"{r.name} ({h['n_dead']} dead)")
+    ax.set_xscale("log")
+    ax.set_xlabel("atom firing frequency (fraction of rows)")
+    ax.set_ylabel("atoms")
+    ax.set_title("Atom frequency histogram")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "frequency.png", dpi=110)
+    plt.close(fig)
+    written.append("frequency.png")
+    return written
+
+
+def _top_images(out: Path, results: list[RunResult], store, n_atoms: int = 6, n_images: int = 6) -> str:
+    """Grid of the top images of each run's most specific atoms; returns a note for the report."""
+    if store is None:
+        return "skipped: the data was not an activation store."
+    spec = (store.manifest.get("source") or {}).get("spec")
+    if not spec:
+        return "skipped: the store does not record an image source (e.g. it was built from an array)."
+    try:
+        from ..data.sources import open_source
+
+        source = open_source(spec)
+    except Exception as exc:  # any failure to reach the images only costs the grid
+        return f"skipped: the image source {spec!r} could not be opened ({type(exc).__name__}: {exc})."
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results if not r.baseline and "specificity" in r.metrics.get("_atoms", {})] or \
+        [r for r in results if "specificity" in r.metrics.get("_atoms", {})]
+    if not runs:
+        return "skipped: no run has labelled atoms."
+    index = store.index
+    rows = []
+    for r in runs:
+        atoms = r.metrics["_atoms"]
+        spec_a = np.nan_to_num(np.asarray(atoms["specificity"], dtype=float), nan=-1.0)
+        for a in np.argsort(-spec_a, kind="stable")[:n_atoms]:
+            if spec_a[a] < 0:
+                break
+            imgs = []
+            for row in atoms["top_rows"][a]:
+                if row < 0:
+                    break
+                img = int(index[row, 0])
+                if img not in imgs:
+                    imgs.append(img)
+                if len(imgs) == n_images:
+                    break
+            names = atoms.get("label_name")
+            label = names[a] if names and names[a] else str(int(atoms["label"][a]))
+            rows.append((r.name, int(a), float(spec_a[a]), label, imgs))
+    if not rows:
+        return "skipped: no labelled atoms to show."
+    fig, axes = plt.subplots(len(rows), n_images, figsize=(1.6 * n_images, 1.7 * len(rows)), squeeze=False)
+    try:
+        for i, (name, a, s, label, imgs) in enumerate(rows):
+            for j in range(n_images):
+                ax = axes[i][j]
+                ax.axis("off")
+                if j < len(imgs):
+                    ax.imshow(source.image(imgs[j]), cmap="gray")
+            axes[i][0].set_title(f"{name} atom {a}: {label} (specificity {s:.2f})", fontsize=7, loc="left")
+        fig.tight_layout()
+        fig.savefig(out / "top_images.png", dpi=90)
+    except Exception as exc:
+        return f"skipped: reading images from {spec!r} failed ({type(exc).__name__}: {exc})."
+    finally:
+        plt.close(fig)
+    return "![top images](top_images.png)\n\nRows: the most specific atoms of each run; columns: their top images."
+
+
+def write_report(out: str | Path, results: list[RunResult], *, store=None, data: dict | None = None,
+                 notes: list[str] | None = None) -> Path:
+    """Write metrics.json, atoms/*.json, PNG plots and report.md into ``out``; return report.md's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = data or {}
+    summary = []
+    for r in results:
+        m = {k: v for k, v in r.metrics.items() if not k.startswith("_") and k != "atoms"}
+        atoms = r.metrics.get("atoms") or r.metrics.get("_atoms")
+        if atoms is not None:
+            r.metrics["_atoms"] = atoms
+            atomic_write_json(out / "atoms" / f"{safe_name(r.name)}.json", jsonable(atoms))
+        summary.append(jsonable({"name": r.name, "kind": r.kind, "baseline": r.baseline, "path": r.path,
+                                 **m, "config": r.config, "fit_info": r.fit_info}))
+    atomic_write_json(out / "metrics.json", summary)
+    plots = _plots(out, results)
+    (out / "top_images.png").unlink(missing_ok=True)  # never leave a grid from an older report
+    grid_note = _top_images(out, results, store)
+
+    settings = next((r.metrics.get("settings", {}) for r in results), {})
+    lines = ["# vitatlas evaluation report", "", "## Results", ""]
+    head = ["run", "kind", "n_atoms"] + TABLE_COLUMNS
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in results:
+        name = f"{r.name} (baseline)" if r.baseline else r.name
+        cells = [name, r.kind, _fmt(r.metrics.get("n_atoms"))] + [_fmt(r.metrics.get(c)) for c in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "— = not available (no labels, or not defined for this dictionary).", ""]
+    if notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["## Plots", "", "![explained variance against l0](pareto.png)", "",
+              "![atom frequency histogram](frequency.png)", "", "## Top images", "", grid_note, "",
+              "## Metric definitions", "",
+              FORMULAS.format(top_n=settings.get("top_n", "?"), min_support=settings.get("min_support", "?"),
+                              test_pct=round(100 * settings.get("test_fraction", 0.25)),
+                              seed=settings.get("seed", 0),
+                              activation_note="absolute value of the code" if settings.get("activation", "abs") == "abs"
+                              else "here the signed code value"),
+              "## Data and settings", ""]
+    for k, v in data.items():
+        lines.append(f"- {k}: {_fmt(v) if not isinstance(v, (dict, list)) else jsonable(v)}")
+    lines.append(f"- evaluation settings: {jsonable(settings)}")
+    lines += ["", "### Runs", ""]
+    for r in results:
+        lines.append(f"- **{r.name}** ({r.kind}{', baseline' if r.baseline else ''}){': ' + r.path if r.path else ''}")
+        lines.append(f"  - config: `{jsonable(r.config)}`")
+        if r.fit_info:
+            lines.append(f"  - fitted on: `{jsonable(r.fit_info)}`")
+    lines += ["", f"Files: metrics.json, atoms/*.json, {', '.join(plots)}"
+              + (", top_images.png" if (out / 'top_images.png').exists() else "") + "."]
+    path = out / "report.md"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path

@@ -1,0 +1,293 @@
+"""SAE learner: kinds, training invariants, planted recovery, save/load, checkpoints, sweeps, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vitatlas
+from vitatlas import ActivationStore, VitatlasError
+from vitatlas.learners.sae import DEFAULT_L1, SAE, reconstruction_metrics
+from vitatlas.learners.sae_train import SAESweep, default_lr, resolve_epochs
+
+
+def planted(n=8192, d=64, m=256, k=4, noise=0.01, seed=0):
+    """X = sparse non-negative codes (k per row, values in [0.5, 2]) @ random unit atoms + noise."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.standard_normal((m, d))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    idx = np.argsort(rng.random((n, m)), axis=1)[:, :k]
+    vals = rng.uniform(0.5, 2.0, (n, k))
+    X = np.einsum("nk,nkd->nd", vals, atoms[idx]) + noise * rng.standard_normal((n, d))
+    return X.astype(np.float32), atoms
+
+
+def recovered(learned: np.ndarray, true: np.ndarray, threshold: float) -> float:
+    """Share of true atoms whose best learned match has |cos| >= threshold."""
+    learned = learned / np.linalg.norm(learned, axis=1, keepdims=True)
+    return float((np.abs(true @ learned.T).max(1) >= threshold).mean())
+
+
+@pytest.fixture(scope="module")
+def small():
+    X, _ = planted(n=2048, d=32, m=64, k=3, seed=1)
+    return X
+
+
+def fast(kind="topk", **kw):
+    base = dict(n_latents=96, epochs=2, batch_size=256, seed=3)
+    if kind in ("topk", "batchtopk", "matryoshka"):
+        base["k"] = 3
+    base.update(kw)
+    return SAE(kind=kind, **base)
+
+
+# ---- recovery and invariants ------------------------------------------------------------------------
+
+def test_topk_recovers_planted_atoms():
+    # d=64, 256 planted unit atoms, k=4 non-negative codes, noise 0.01; 2x overcomplete SAE, 640 steps.
+    X, true = planted(n=8192, d=64, m=256, k=4, noise=0.01, seed=0)
+    sae = SAE(kind="topk", n_latents=512, k=4, epochs=20, batch_size=256, seed=0).fit(X, progress=False)
+    rate = recovered(sae.atoms.numpy(), true, 0.99)
+    assert rate >= 0.90, f"recovered {rate:.3f} of planted atoms at |cos| >= 0.99"
+    m = reconstruction_metrics(sae, X)
+    assert m["explained_variance"] > 0.85 and m["l0"] == pytest.approx(4.0)
+
+
+def test_decoder_rows_stay_unit_norm_during_training(small):
+    norms = []
+
+    def check(step, metrics):
+        norms.append(float((sae.params["W_dec"].detach().norm(dim=1) - 1).abs().max()))
+
+    for kind in ("topk", "relu", "jumprelu"):
+        sae = fast(kind, epochs=1)
+        sae.fit(small, progress=False, callback=check)
+        assert torch.allclose(sae.atoms.norm(dim=1), torch.ones(96), atol=1e-5)
+    assert norms and max(norms) < 1e-5
+
+
+def test_topk_codes_have_exactly_k_nonzeros(small):
+    sae = fast("topk", k=5).fit(small, progress=False)
+    codes = sae.encode(small)
+    assert ((codes != 0).sum(1) == 5).all()
+    sparse = sae.encode_sparse(small[:10])
+    assert (sparse.indices >= 0).sum(1).tolist() == [5] * 10
+
+
+def test_batchtopk_l0_is_k_in_training_and_close_at_inference(small):
+    seen = []
+    sae = fast("batchtopk", k=4, epochs=12)
+    sae.fit(small, progress=False, callback=lambda step, m: seen.append(m[sae.name]["l0"]))
+    assert all(v == pytest.approx(4.0) for v in seen)  # exactly B·k codes per batch while training
+    l0 = float((sae.encode(small) != 0).sum(1).mean())
+    assert 3.0 <= l0 <= 5.0, l0  # learned global threshold at inference
+    assert float(sae.params["threshold"]) > 0
+
+
+def test_every_kind_learns_something(small):
+    for kind in ("relu", "topk", "batchtopk", "jumprelu", "matryoshka"):
+        sae = fast(kind, epochs=20)
+        m = reconstruction_metrics(sae.fit(small, progress=False), small)
+        assert m["explained_variance"] > 0.5, (kind, m)
+        assert 0 < m["l0"] < 96, (kind, m)
+
+
+def test_matryoshka_first_group_reconstructs_alone(small):
+    groups = [12, 48, 96]
+    mat = fast("matryoshka", groups=groups, epochs=30).fit(small, progress=False)
+    plain = fast("batchtopk", epochs=30).fit(small, progress=False)
+
+    def prefix_ev(sae):
+        codes = sae.encode(small)
+        codes[:, groups[0]:] = 0
+        err = small - sae.decode(codes)
+        return 1 - (err ** 2).sum() / ((small - small.mean(0)) ** 2).sum()
+
+    assert prefix_ev(mat) > prefix_ev(plain) + 0.05  # measured 0.25 vs 0.12
+
+
+def test_jumprelu_thresholds_learn_and_l1_controls_l0(small):
+    lo = fast("jumprelu", l1=1e-3, epochs=3).fit(small, progress=False)
+    hi = fast("jumprelu", l1=5e-2, epochs=3).fit(small, progress=False)
+    assert not torch.allclose(lo.params["log_threshold"], torch.full((96,), np.log(0.1), dtype=torch.float32))
+    assert reconstruction_metrics(hi, small)["l0"] < reconstruction_metrics(lo, small)["l0"]
+
+
+def test_relu_without_l1_uses_default_and_l1_controls_l0(small):
+    sae = SAE(kind="relu", n_latents=96)
+    assert sae.l1 == DEFAULT_L1["relu"] and SAE(kind="jumprelu", n_latents=8).l1 == DEFAULT_L1["jumprelu"]
+    weak = fast("relu", epochs=3).fit(small, progress=False)
+    strong = fast("relu", l1=0.1, epochs=3).fit(small, progress=False)
+    assert reconstruction_metrics(strong, small)["l0"] < reconstruction_metrics(weak, small)["l0"]
+
+
+def test_units_are_the_datas_own(small):
+    # scaled and shifted data: reconstruct in original units, codes·atoms + bias == reconstruction
+    X = small * 40.0 + 3.0
+    sae = fast("topk", epochs=3).fit(X, progress=False)
+    codes = sae.encode(X)
+    bias = (sae.params["b_dec"] / sae.params["scale"]).numpy()
+    np.testing.assert_allclose(sae.reconstruct(X), codes @ sae.atoms.numpy() + bias, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(sae.decode(codes), sae.reconstruct(X), rtol=1e-5, atol=1e-4)
+    ev_scaled = reconstruction_metrics(sae, X)["explained_variance"]
+    ev_orig = reconstruction_metrics(fast("topk", epochs=3).fit(small, progress=False), small)["explained_variance"]
+    assert ev_scaled == pytest.approx(ev_orig, abs=0.02)  # scale-free training
+    assert abs(sae.fit_info["train_metrics"]["explained_variance"] - ev_scaled) < 0.1
+    t = torch.from_numpy(X[:5])
+    assert isinstance(sae.encode(t), torch.Tensor) and isinstance(sae.encode(X[:5]), np.ndarray)
+
+
+# ---- save / load / checkpoints ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "jumprelu", "matryoshka", "relu"])
+def test_save_load_round_trip(small, tmp_path, kind):
+    sae = fast(kind, epochs=1).fit(small, progress=False)
+    sae.save(tmp_path / "m")
+    back = vitatlas.load(tmp_path / "m")
+    assert isinstance(back, SAE) and back._config() == sae._config() and back.n_atoms == 96
+    np.testing.assert_array_equal(back.encode(small[:64]), sae.encode(small[:64]))
+    np.testing.assert_array_equal(back.reconstruct(small[:64]), sae.reconstruct(small[:64]))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["learner"] == "sae" and "train_metrics" in cfg["fit_info"]
+
+
+def test_resume_after_kill_equals_uninterrupted_run(small, tmp_path):
+    opts = dict(epochs=3, checkpoint_every=5, batch_size=200)  # 10 steps/epoch, 30 steps
+    ref = fast("batchtopk", **opts).fit(small, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics):
+        if step == 17:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fast("batchtopk", **opts).fit(small, progress=False, checkpoint_dir=tmp_path / "ck", callback=kill)
+    state = json.loads((tmp_path / "ck" / "state.json").read_text())
+    assert state["step"] == 15 and not state["complete"]
+    resumed = fast("batchtopk", **opts).fit(small, progress=False, checkpoint_dir=tmp_path / "ck")
+    assert (resumed.atoms - ref.atoms).abs().max() <= 1e-6
+    for name in ref.params:
+        torch.testing.assert_close(resumed.params[name], ref.params[name], rtol=0, atol=1e-6)
+    assert resumed.fit_info["train_metrics"] == pytest.approx(ref.fit_info["train_metrics"])
+    # a finished checkpoint is reused without training again
+    again = fast("batchtopk", **opts).fit(small, progress=False, checkpoint_dir=tmp_path / "ck",
+                                          callback=lambda s, m: (_ for _ in ()).throw(AssertionError("trained")))
+    torch.testing.assert_close(again.atoms, ref.atoms, rtol=0, atol=0)
+
+
+def test_checkpoint_refuses_other_options_data_and_corruption(small, tmp_path):
+    ck = tmp_path / "ck"
+    fast("topk", epochs=1).fit(small, progress=False, checkpoint_dir=ck)
+    with pytest.raises(VitatlasError, match="different SAE options"):
+        fast("topk", epochs=1, k=4).fit(small, progress=False, checkpoint_dir=ck)
+    with pytest.raises(VitatlasError, match="different data"):
+        fast("topk", epochs=1).fit(small[::-1].copy(), progress=False, checkpoint_dir=ck)
+    weights = next(ck.glob("state-*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(VitatlasError, match="corrupt or truncated"):
+        fast("topk", epochs=1).fit(small, progress=False, checkpoint_dir=ck)
+    (ck / "state.json").write_text("{not json")
+    with pytest.raises(VitatlasError, match="corrupt"):
+        fast("topk", epochs=1).fit(small, progress=False, checkpoint_dir=ck)
+
+
+def test_store_streaming_fit_and_jsonl_log(small, tmp_path):
+    store = ActivationStore.from_array(tmp_path / "acts", small, dtype="float16", shard_bytes=20_000)
+    assert len(store.shards) > 1
+    sae = fast("topk", epochs=10, log_every=2).fit(store, progress=False, log_dir=tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"loss", "explained_variance", "l0", "dead_fraction", "step"} <= set(rows[0])
+    assert any(r["event"] == "epoch_end" for r in rows)
+    assert sae.fit_info["source"] == "store"
+    assert reconstruction_metrics(sae, store)["explained_variance"] > 0.5
+
+
+# ---- sweeps -------------------------------------------------------------------------------------------
+
+def test_sweep_equals_separate_fits(small):
+    def members():
+        return [fast("topk", k=2), fast("topk", k=4, n_latents=64), fast("batchtopk", lr=1e-3),
+                fast("relu", l1=0.02)]
+    swept = SAESweep(members()).fit(small, progress=False)
+    for s, alone in zip(swept, members()):
+        alone.fit(small, progress=False)
+        for name in alone.params:
+            torch.testing.assert_close(s.params[name], alone.params[name], rtol=0, atol=0)
+
+
+def test_sweep_refuses_members_that_cannot_share_batches():
+    with pytest.raises(VitatlasError, match="batch_size"):
+        SAESweep([fast("topk"), fast("topk", batch_size=128)])
+    with pytest.raises(VitatlasError, match="at least one"):
+        SAESweep([])
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kind="nope", n_latents=8, k=2), "unknown SAE kind"),
+    (dict(kind="topk", n_latents=8, k=8), "smaller than n_latents"),
+    (dict(kind="topk", n_latents=8, k=0), "positive integer"),
+    (dict(kind="topk", n_latents=8, k=-1), "positive integer"),
+    (dict(kind="topk", n_latents=8), "needs k"),
+    (dict(kind="topk", n_latents=8, k=2, l1=0.1), "l1 is not used"),
+    (dict(kind="relu", n_latents=8, k=2), "k is not used"),
+    (dict(kind="relu", n_latents=8, l1=-1.0), "l1 must be"),
+    (dict(kind="topk", n_latents=0, k=2), "n_latents"),
+    (dict(kind="topk", n_latents=8, k=2, dtype="int8"), "unknown dtype"),
+    (dict(kind="topk", n_latents=8, k=2, batch_size=0), "batch_size"),
+    (dict(kind="topk", n_latents=8, k=2, groups=[4, 8]), "only used by kind='matryoshka'"),
+    (dict(kind="matryoshka", n_latents=8, k=2, groups=[4, 6]), "ending at n_latents"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(VitatlasError, match=match):
+        SAE(**kwargs)
+
+
+def test_bad_data(small):
+    bad = small.copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(VitatlasError, match="NaN or Inf"):
+        fast().fit(bad, progress=False)
+    bad[5, 3] = np.inf
+    with pytest.raises(VitatlasError, match="NaN or Inf"):
+        fast().fit(bad, progress=False)
+    with pytest.raises(VitatlasError, match="empty"):
+        fast().fit(np.zeros((0, 32), np.float32), progress=False)
+    with pytest.raises(VitatlasError, match="2-D"):
+        fast().fit(small[0], progress=False)
+    with pytest.raises(VitatlasError, match="all zeros"):
+        fast().fit(np.zeros((300, 32), np.float32), progress=False)
+    sae = fast(epochs=1).fit(small, progress=False)
+    with pytest.raises(VitatlasError, match="width"):
+        sae.encode(small[:, :16])
+    with pytest.raises(VitatlasError, match="not fitted"):
+        fast().encode(small)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only error")
+def test_cuda_unavailable_is_a_clear_error(small):
+    with pytest.raises(VitatlasError, match="CUDA is not available"):
+        fast(device="cuda").fit(small, progress=False)
+    with pytest.raises(VitatlasError, match="unknown device"):
+        fast(device="gpu!").fit(small, progress=False)
+
+
+def test_k_at_least_d_is_allowed_for_saes():
+    X, _ = planted(n=600, d=8, m=16, k=2, seed=4)
+    sae = SAE(kind="topk", n_latents=32, k=10, epochs=1, batch_size=100).fit(X, progress=False)
+    assert ((sae.encode(X) != 0).sum(1) <= 10).all()
+
+
+def test_defaults():
+    assert default_lr(512) == pytest.approx(4e-3) and default_lr(16384) == pytest.approx(8e-4)
+    assert resolve_epochs(None, 10) == 50 and resolve_epochs(None, 5000) == 1 and resolve_epochs(3, 10) == 3
+    sae = SAE(kind="topk", n_latents=64, k=4)
+    assert sae.n_atoms == 64 and sae.name == "topk-k4-n64"
+    assert SAE(**sae._config())._config() == sae._config()
