@@ -14,6 +14,18 @@ from vitatlas.learners.sae import DEFAULT_L1, SAE, reconstruction_metrics
 from vitatlas.learners.sae_train import SAESweep, default_lr, resolve_epochs
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """These problems are small: one thread is as fast, and on a shared 2-core machine two threads
+    spin-wait on each other (measured 10x slower under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def planted(n=8192, d=64, m=256, k=4, noise=0.01, seed=0):
     """X = sparse non-negative codes (k per row, values in [0.5, 2]) @ random unit atoms + noise."""
     rng = np.random.default_rng(seed)
@@ -49,10 +61,11 @@ def fast(kind="topk", **kw):
 
 def test_topk_recovers_planted_atoms():
     # d=64, 256 planted unit atoms, k=4 non-negative codes, noise 0.01; 2x overcomplete SAE, 640 steps.
+    # Measured over data/model seeds 0-3: 0.969-0.992 of the atoms at |cos| >= 0.99.
     X, true = planted(n=8192, d=64, m=256, k=4, noise=0.01, seed=0)
     sae = SAE(kind="topk", n_latents=512, k=4, epochs=20, batch_size=256, seed=0).fit(X, progress=False)
     rate = recovered(sae.atoms.numpy(), true, 0.99)
-    assert rate >= 0.90, f"recovered {rate:.3f} of planted atoms at |cos| >= 0.99"
+    assert rate >= 0.95, f"recovered {rate:.3f} of planted atoms at |cos| >= 0.99"
     m = reconstruction_metrics(sae, X)
     assert m["explained_variance"] > 0.85 and m["l0"] == pytest.approx(4.0)
 
@@ -120,8 +133,8 @@ def test_jumprelu_thresholds_learn_and_l1_controls_l0(small):
 def test_relu_without_l1_uses_default_and_l1_controls_l0(small):
     sae = SAE(kind="relu", n_latents=96)
     assert sae.l1 == DEFAULT_L1["relu"] and SAE(kind="jumprelu", n_latents=8).l1 == DEFAULT_L1["jumprelu"]
-    weak = fast("relu", epochs=3).fit(small, progress=False)
-    strong = fast("relu", l1=0.1, epochs=3).fit(small, progress=False)
+    weak = fast("relu", l1=0.02, epochs=3).fit(small, progress=False)
+    strong = fast("relu", l1=0.5, epochs=3).fit(small, progress=False)
     assert reconstruction_metrics(strong, small)["l0"] < reconstruction_metrics(weak, small)["l0"]
 
 
@@ -155,9 +168,10 @@ def test_save_load_round_trip(small, tmp_path, kind):
     assert cfg["learner"] == "sae" and "train_metrics" in cfg["fit_info"]
 
 
-def test_resume_after_kill_equals_uninterrupted_run(small, tmp_path):
+@pytest.mark.parametrize("kind", ["batchtopk", "jumprelu"])
+def test_resume_after_kill_equals_uninterrupted_run(small, tmp_path, kind):
     opts = dict(epochs=3, checkpoint_every=5, batch_size=200)  # 10 steps/epoch, 30 steps
-    ref = fast("batchtopk", **opts).fit(small, progress=False)
+    ref = fast(kind, **opts).fit(small, progress=False)
 
     class Killed(Exception):
         pass
@@ -167,16 +181,16 @@ def test_resume_after_kill_equals_uninterrupted_run(small, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        fast("batchtopk", **opts).fit(small, progress=False, checkpoint_dir=tmp_path / "ck", callback=kill)
+        fast(kind, **opts).fit(small, progress=False, checkpoint_dir=tmp_path / "ck", callback=kill)
     state = json.loads((tmp_path / "ck" / "state.json").read_text())
     assert state["step"] == 15 and not state["complete"]
-    resumed = fast("batchtopk", **opts).fit(small, progress=False, checkpoint_dir=tmp_path / "ck")
+    resumed = fast(kind, **opts).fit(small, progress=False, checkpoint_dir=tmp_path / "ck")
     assert (resumed.atoms - ref.atoms).abs().max() <= 1e-6
     for name in ref.params:
         torch.testing.assert_close(resumed.params[name], ref.params[name], rtol=0, atol=1e-6)
     assert resumed.fit_info["train_metrics"] == pytest.approx(ref.fit_info["train_metrics"])
     # a finished checkpoint is reused without training again
-    again = fast("batchtopk", **opts).fit(small, progress=False, checkpoint_dir=tmp_path / "ck",
+    again = fast(kind, **opts).fit(small, progress=False, checkpoint_dir=tmp_path / "ck",
                                           callback=lambda s, m: (_ for _ in ()).throw(AssertionError("trained")))
     torch.testing.assert_close(again.atoms, ref.atoms, rtol=0, atol=0)
 
@@ -219,6 +233,29 @@ def test_sweep_equals_separate_fits(small):
         alone.fit(small, progress=False)
         for name in alone.params:
             torch.testing.assert_close(s.params[name], alone.params[name], rtol=0, atol=0)
+
+
+def test_sweep_resumes_after_kill(small, tmp_path):
+    def members():
+        return [fast("topk", k=2, checkpoint_every=4), fast("matryoshka", groups=[24, 96], checkpoint_every=4)]
+    ref = SAESweep(members()).fit(small, progress=False)
+
+    def kill(step, metrics):
+        if step == 11:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        SAESweep(members()).fit(small, progress=False, checkpoint_dir=tmp_path / "ck", callback=kill)
+    resumed = SAESweep(members()).fit(small, progress=False, checkpoint_dir=tmp_path / "ck")
+    for a, b in zip(resumed, ref):
+        for name in b.params:
+            torch.testing.assert_close(a.params[name], b.params[name], rtol=0, atol=0)
+
+
+def test_float64_training(small):
+    sae = fast("topk", dtype="float64", epochs=2).fit(small.astype(np.float64), progress=False)
+    assert sae.atoms.dtype == torch.float64
+    assert reconstruction_metrics(sae, small)["l0"] == pytest.approx(3.0)
 
 
 def test_sweep_refuses_members_that_cannot_share_batches():

@@ -18,8 +18,13 @@ at the interface: ``encode`` returns codes c = z / s and ``decode(c) = c @ atoms
 
 Kinds (``KINDS``):
 
-* ``relu``: z = ReLU(pre); loss = ‖x_n - x̂_n‖²/d + l1 · Σ_i z_i ‖W_dec,i‖ (the vision-SAE recipe,
-  the decoder norm is 1 here). ``l1`` defaults to 8e-4.
+* ``relu``: z = ReLU(pre); loss = ‖x_n - x̂_n‖²/d + l1 · Σ_i z_i ‖W_dec,i‖ / sqrt(d) (the vision-SAE
+  recipe: L1 on latent × decoder norm; the norm is 1 here). Both terms are relative to the signal
+  (‖x_n‖² ≈ d), so one coefficient fits every width. Read as coefficients on a per-coordinate MSE
+  with an L1 not divided by sqrt(d), the published 4e-4..1.6e-3 are l1 = coef·sqrt(d) ≈ 0.008..0.044
+  here for d = 384..768. The default, 0.15, is stronger because vitatlas runs are short (thousands of
+  steps) and a weak L1 leaves the codes dense that long: with 768 latents, d = 384 and 480 steps on a
+  planted problem, l1 = 0.016 gave L0 ≈ 385 of 768, 0.15 gave L0 ≈ 53, 0.31 collapsed to L0 ≈ 1.
 * ``topk``: keep the k largest pre-activations per row (then ReLU), Gao et al. 2024, with the AuxK
   loss: dead latents (no firing for ``dead_tokens`` tokens) reconstruct the residual with their
   ``aux_k`` largest pre-activations, weighted by ``aux_coef``.
@@ -28,7 +33,7 @@ Kinds (``KINDS``):
   JumpReLU with mean L0 close to k (Bussmann et al. 2024). AuxK as for topk.
 * ``jumprelu``: z = pre · H(pre - θ_i) with learned per-latent θ and loss ‖x_n - x̂_n‖²/d + l1 · L0,
   trained with the straight-through pseudo-derivatives of Rajamanoharan et al. 2024 (``l1`` is the
-  L0 coefficient here; default 1e-3).
+  L0 coefficient here, default 1e-2; thresholds start at ``threshold_init``, kernel width ``bandwidth``).
 * ``matryoshka``: a topk/batchtopk SAE (``base``) whose loss is the mean reconstruction loss of
   nested prefixes of the latents (``groups`` = prefix sizes, default n/16, n/8, n/4, n/2, n), so the
   first latents learn coarse concepts alone (Bussmann et al. 2025, Nabeshima 2024).
@@ -55,7 +60,7 @@ from . import sae_kernels as K
 KINDS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 SPARSE_KINDS = ("topk", "batchtopk", "matryoshka")  # exact-k kinds trained through the sparse kernels
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-DEFAULT_L1 = {"relu": 8e-4, "jumprelu": 1e-3}
+DEFAULT_L1 = {"relu": 0.15, "jumprelu": 1e-2}
 
 
 def resolve_device(device: str) -> str:
@@ -82,7 +87,7 @@ class SAE(Dictionary):
         kind: one of KINDS.
         n_latents: number of latents / atoms.
         k: active latents per sample (topk, batchtopk, matryoshka); 0 < k < n_latents.
-        l1: sparsity coefficient (relu: L1 on z·‖W_dec‖, default 8e-4; jumprelu: on L0, default 1e-3).
+        l1: sparsity coefficient (relu: L1 on z·‖W_dec‖/sqrt(d), default 0.15; jumprelu: on L0, default 1e-2).
         groups: matryoshka prefix sizes (increasing, last = n_latents), or None for the default.
         base: matryoshka's activation, "batchtopk" (default) or "topk".
         epochs: passes over the data; None = enough for 2000 steps (1 to 50 epochs).
@@ -94,7 +99,8 @@ class SAE(Dictionary):
         aux_coef, aux_k: AuxK weight (default 1/32) and dead latents used per row (None = d // 2).
         dead_tokens: a latent is dead after this many tokens without firing; None = min(1e7, rows).
         threshold_momentum: BatchTopK running-threshold EMA momentum.
-        bandwidth, threshold_init: JumpReLU STE kernel width and initial θ (normalised units).
+        bandwidth, threshold_init: JumpReLU STE kernel width and initial θ (normalised units);
+            threshold_lr_scale: the thresholds' learning rate relative to lr (they move in log space).
         device, dtype, seed: where and in what precision the parameters live; seed fixes init and
             batch order. On CUDA the forward pass runs under bf16 autocast when ``amp``.
         checkpoint_every, log_every: steps between checkpoints (when a directory is given) / log rows.
@@ -102,12 +108,12 @@ class SAE(Dictionary):
 
     kind = "sae"
 
-    def __init__(self, kind: str = "topk", n_latents: int = 1024, k: int | None = None, l1: float | None = None,
+    def __init__(self, kind: str, n_latents: int, k: int | None = None, l1: float | None = None,
                  *, groups: Sequence[int] | None = None, base: str = "batchtopk", epochs: int | None = None,
                  batch_size: int = 1024, lr: float | None = None, warmup_steps: int | None = None,
                  grad_clip: float | None = 1.0, aux_coef: float = 1 / 32, aux_k: int | None = None,
                  dead_tokens: int | None = None, threshold_momentum: float = 0.99, bandwidth: float = 0.05,
-                 threshold_init: float = 0.1, device: str = "cpu", dtype: str = "float32", seed: int = 0,
+                 threshold_init: float = 0.1, threshold_lr_scale: float = 10.0, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                  amp: bool = True, checkpoint_every: int = 500, log_every: int = 50):
         if kind not in KINDS:
             raise VitatlasError(f"unknown SAE kind {kind!r}: choose one of {', '.join(KINDS)}")
@@ -156,8 +162,8 @@ class SAE(Dictionary):
             raise VitatlasError(f"aux_coef must be >= 0, got {aux_coef!r}")
         if not 0 <= threshold_momentum < 1:
             raise VitatlasError(f"threshold_momentum must be in [0, 1), got {threshold_momentum!r}")
-        if not bandwidth > 0 or not threshold_init > 0:
-            raise VitatlasError("bandwidth and threshold_init must be positive")
+        if not bandwidth > 0 or not threshold_init > 0 or not threshold_lr_scale > 0:
+            raise VitatlasError("bandwidth, threshold_init and threshold_lr_scale must be positive")
         if dtype not in DTYPES:
             raise VitatlasError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         if not isinstance(seed, int):
@@ -170,6 +176,7 @@ class SAE(Dictionary):
         self.epochs, self.batch_size, self.lr, self.warmup_steps = epochs, batch_size, lr, warmup_steps
         self.grad_clip, self.aux_coef, self.aux_k, self.dead_tokens = grad_clip, float(aux_coef), aux_k, dead_tokens
         self.threshold_momentum, self.bandwidth, self.threshold_init = threshold_momentum, bandwidth, threshold_init
+        self.threshold_lr_scale = float(threshold_lr_scale)
         self.device, self.dtype_name, self.dtype, self.seed, self.amp = device, dtype, DTYPES[dtype], seed, amp
         self.checkpoint_every, self.log_every = checkpoint_every, log_every
         self.params: dict[str, torch.Tensor] = {}
@@ -183,8 +190,8 @@ class SAE(Dictionary):
 
     @property
     def name(self) -> str:
-        """Short run name, e.g. ``topk-k32-n1536`` or ``relu-l10.0008-n1536``."""
-        sparsity = f"k{self.k}" if self.k is not None else f"l1{self.l1:g}"
+        """Short run name, e.g. ``topk-k32-n1536`` or ``relu-l1_0.15-n1536``."""
+        sparsity = f"k{self.k}" if self.k is not None else f"l1_{self.l1:g}"
         name = f"{self.sae_kind}-{sparsity}-n{self.n_latents}"
         return name + (f"-lr{self.lr:g}" if self.lr is not None else "")
 
@@ -203,7 +210,7 @@ class SAE(Dictionary):
                 "lr": self.lr, "warmup_steps": self.warmup_steps, "grad_clip": self.grad_clip,
                 "aux_coef": self.aux_coef, "aux_k": self.aux_k, "dead_tokens": self.dead_tokens,
                 "threshold_momentum": self.threshold_momentum, "bandwidth": self.bandwidth,
-                "threshold_init": self.threshold_init, "device": self.device, "dtype": self.dtype_name,
+                "threshold_init": self.threshold_init, "threshold_lr_scale": self.threshold_lr_scale, "device": self.device, "dtype": self.dtype_name,
                 "seed": self.seed, "amp": self.amp, "checkpoint_every": self.checkpoint_every,
                 "log_every": self.log_every}
 
@@ -267,7 +274,7 @@ class SAE(Dictionary):
     # ---- training ----------------------------------------------------------------------------------
     def fit(self, X: ArrayLike, *, checkpoint_dir: str | None = None, progress: bool = True,
             log_dir: str | None = None, callback: Callable[[int, dict], Any] | None = None) -> "SAE":
-        """Train on X (array, tensor or ActivationStore); returns self.
+        """Train on X (array, tensor or ActivationStore) from a fresh initialisation; returns self.
 
         checkpoint_dir: write a checkpoint there every ``checkpoint_every`` steps and at the end, and
         resume from it when it exists (same options and data required). log_dir: append metrics to
@@ -364,7 +371,8 @@ class SAE(Dictionary):
             pre = F.linear(xc, p["W_enc"], p["b_enc"])
             if self.sae_kind == "relu":
                 z = F.relu(pre)
-                penalty = (z * p["W_dec"].norm(dim=1)).sum(1).mean()
+                # L1 relative to the signal norm (‖x_n‖ ≈ sqrt(d)) so one coefficient fits every width
+                penalty = (z * p["W_dec"].norm(dim=1)).sum(1).mean() / math.sqrt(d)
             else:
                 th = p["log_threshold"].exp()
                 z = K.jumprelu(pre, th, self.bandwidth)

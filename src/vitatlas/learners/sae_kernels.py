@@ -24,7 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch warns once that CSR support is "beta"; it is used as a kernel
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 _AMP = dict(device_type="cuda", cast_inputs=torch.float32)  # sparse kernels always run in float32+
 
@@ -95,8 +100,7 @@ class SparsePattern:
 def _transpose_matmul(p: SparsePattern, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """S^T @ dense where S is the (B, n) sparse matrix with ``values`` on pattern p: result (n, d)."""
     ccol, rows_t, order = p.transposed()
-    st = torch.sparse_csr_tensor(ccol, rows_t, values[order].contiguous(), (p.n_cols, p.n_rows),
-                                 check_invariants=False)
+    st = _csr(ccol, rows_t, values[order].contiguous(), (p.n_cols, p.n_rows))
     return st @ dense
 
 
@@ -105,8 +109,7 @@ def _sampled_dot(p: SparsePattern, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     if p.rows.numel() == 0:
         return a.new_zeros(0)
     if a.device.type in ("cpu", "cuda"):
-        s = torch.sparse_csr_tensor(p.crow, p.cols, a.new_ones(p.rows.numel()), (p.n_rows, p.n_cols),
-                                    check_invariants=False)
+        s = _csr(p.crow, p.cols, a.new_ones(p.rows.numel()), (p.n_rows, p.n_cols))
         return torch.sparse.sampled_addmm(s, a, b.T, beta=0.0).values()
     return (a[p.rows] * b[p.cols]).sum(1)  # pragma: no cover - other devices
 
