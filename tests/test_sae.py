@@ -9,38 +9,10 @@ import pytest
 import torch
 
 import vitatlas
+from _planted import planted, recovered
 from vitatlas import ActivationStore, VitatlasError
 from vitatlas.learners.sae import DEFAULT_L1, SAE, reconstruction_metrics
 from vitatlas.learners.sae_train import SAESweep, default_lr, resolve_epochs
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These problems are small: one thread is as fast, and on a shared 2-core machine two threads
-    spin-wait on each other (measured 10x slower under load)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def planted(n=8192, d=64, m=256, k=4, noise=0.01, seed=0):
-    """X = sparse non-negative codes (k per row, values in [0.5, 2]) @ random unit atoms + noise."""
-    rng = np.random.default_rng(seed)
-    atoms = rng.standard_normal((m, d))
-    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
-    idx = np.argsort(rng.random((n, m)), axis=1)[:, :k]
-    vals = rng.uniform(0.5, 2.0, (n, k))
-    X = np.einsum("nk,nkd->nd", vals, atoms[idx]) + noise * rng.standard_normal((n, d))
-    return X.astype(np.float32), atoms
-
-
-def recovered(learned: np.ndarray, true: np.ndarray, threshold: float) -> float:
-    """Share of true atoms whose best learned match has |cos| >= threshold."""
-    learned = learned / np.linalg.norm(learned, axis=1, keepdims=True)
-    return float((np.abs(true @ learned.T).max(1) >= threshold).mean())
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,6 @@ from vitatlas import ActivationStore, VitatlasError
 from vitatlas.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These problems are small: one thread is as fast, and on a shared 2-core machine two threads
-    spin-wait on each other (measured 10x slower under load)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def acts(tmp_path_factory):
     rng = np.random.default_rng(0)
