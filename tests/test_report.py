@@ -141,6 +141,9 @@ def test_cli_eval_max_rows_and_no_baselines(tiny, tmp_path):
     assert m["n_rows"] == 120
     atoms = json.loads((out / "atoms" / "one.json").read_text())
     assert max(max(r) for r in atoms["top_rows"]) < 300  # row numbers of the whole store
+    # a row subset is an array, not a store: the class names must still label the atoms
+    named = [n for n, lab in zip(atoms["label_name"], atoms["label"]) if lab >= 0]
+    assert named and set(named) <= {"a", "b", "c"}
 
 
 def _manifest_with(path, **fields):

@@ -112,7 +112,8 @@ def eval_cmd(runs, acts, out, baselines, k, n_atoms, max_rows, layer, batch_size
         X = store.rows(ids)
         labels = store.labels[ids] if store.labels is not None else None
         image_ids = store.index[ids, 0]
-    kw = dict(labels=labels, image_ids=image_ids, batch_size=batch_size, progress=progress, top_n=top_n, seed=seed)
+    kw = dict(labels=labels, image_ids=image_ids, class_names=store.class_names, batch_size=batch_size,
+              progress=progress, top_n=top_n, seed=seed)
 
     def run_eval(dictionary) -> dict:
         t0 = time.perf_counter()

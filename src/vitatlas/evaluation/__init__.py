@@ -22,13 +22,15 @@ ACTIVATIONS = ("abs", "value")
 
 @torch.no_grad()
 def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = None, *,
-             image_ids: np.ndarray | None = None, batch_size: int = 4096, progress: bool = False,
+             image_ids: np.ndarray | None = None, class_names: list[str] | None = None,
+             batch_size: int = 4096, progress: bool = False,
              top_n: int = 32, min_support: int = 5, activation: str = "abs", memory_budget: int = 1 << 30,
              max_probe_images: int = 20_000, test_fraction: float = 0.25, seed: int = 0) -> dict:
     """Evaluate ``dictionary`` on X (array, tensor or ActivationStore), streaming ``batch_size`` rows.
 
     labels: (n,) int class per row (−1 unknown); defaults to ``X.labels`` for a labelled store.
     image_ids: (n,) image of each row; defaults to the store's index, else one image per row.
+    class_names: names of the label ids (per-atom ``label_name``); defaults to the store's.
 
     Returns a dict with the DESIGN.md metrics (see ``metrics`` / ``labels`` / ``probing`` for the
     exact formulas): signal_recovered, explained_variance, mse, l0, dead_fraction, dense_fraction,
@@ -141,7 +143,7 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
         lab = label_atoms(top_rows.numpy(), labels, min_support=min(min_support, top_n))
         out.update(label_quality(lab, acts_kept, labels[keep_rows]))
         atoms.update({k: v for k, v in lab.items() if k != "prior"})
-        names = X.class_names if is_store(X) else None
+        names = class_names if class_names is not None else (X.class_names if is_store(X) else None)
         if names:
             atoms["label_name"] = [names[c] if 0 <= c < len(names) else None for c in lab["label"].tolist()]
         kept_lab = labels[keep_rows]
