@@ -1,6 +1,7 @@
 """DBK-SVD: the K-SVD update against numpy SVD, the learner on a planted problem, edge cases, save/load,
 checkpoint resume, Matryoshka prefixes and the CLI."""
 
+import functools
 import sys
 
 import numpy as np
@@ -8,33 +9,16 @@ import pytest
 import torch
 
 import vitatlas
+from _planted import planted as planted_problem
+from _planted import recovered
 from vitatlas import ActivationStore, VitatlasError
 from vitatlas.learners.coders import batch_omp, sparse_decode
 from vitatlas.learners.dbksvd import DBKSVD, reconstruction_metrics
 from vitatlas.learners.ksvd_update import duplicates, ksvd_update, replace_unused, update_atom_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine's cores are shared: one intra-op thread is both faster and steadier here.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def planted(d=64, n_atoms=256, k=4, N=8000, noise=0.01, seed=0):
-    rng = np.random.default_rng(seed)
-    D = rng.standard_normal((n_atoms, d))
-    D /= np.linalg.norm(D, axis=1, keepdims=True)
-    idx = np.argsort(rng.random((N, n_atoms)), axis=1)[:, :k]
-    vals = rng.uniform(1, 2, (N, k)) * rng.choice([-1, 1], (N, k))
-    X = np.einsum("nk,nkd->nd", vals, D[idx]) + noise * rng.standard_normal((N, d))
-    return X.astype(np.float32), D
-
-
-def recovered(D_true, D_hat, thr=0.99):
-    return float((np.abs(D_true @ np.asarray(D_hat).T).max(1) >= thr).mean())
+# K-SVD codes are signed: planted codes have random signs and magnitudes in [1, 2]
+planted = functools.partial(planted_problem, n=8000, low=1.0, high=2.0, signed=True)
 
 
 def small(seed=0, n=600, d=16):
@@ -149,7 +133,7 @@ def test_replace_unused_with_zero_residual_uses_random_unit_atoms():
 def test_planted_problem_recovers_atoms():
     X, D = planted()
     model = DBKSVD(256, 4).fit(X, progress=False)
-    assert recovered(D, model.atoms.numpy()) >= 0.99
+    assert recovered(model.atoms.numpy(), D) >= 0.99
     assert model.atoms.shape == (256, 64)
     torch.testing.assert_close(model.atoms.norm(dim=1), torch.ones(256))
     m = reconstruction_metrics(model, X[:2000])
@@ -157,12 +141,12 @@ def test_planted_problem_recovers_atoms():
 
 
 def test_mp_coder_float64_and_approx_run_and_improve():
-    X, D = planted(N=3000, seed=1)
+    X, D = planted(n=3000, seed=1)
     for opts in ({"coder": "mp", "dtype": "float64"}, {"approx": True, "candidates": None}):
         model = DBKSVD(256, 4, epochs=8, sample_batch=1000, **opts).fit(X, progress=False)
         assert model.atoms.dtype == (torch.float64 if opts.get("dtype") else torch.float32)
         assert model.history[-1] > model.history[0] + 0.1
-        assert recovered(D, model.atoms.numpy(), 0.95) > 0.8
+        assert recovered(model.atoms.numpy(), D, 0.95) > 0.8
 
 
 def test_encode_decode_reconstruct_and_types():
@@ -256,15 +240,15 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_fit_from_store(tmp_path):
-    X, D = planted(N=3000, seed=2)
+    X, D = planted(n=3000, seed=2)
     store = ActivationStore.from_array(tmp_path / "s", X, dtype="float16", shard_bytes=64 * 2 * 700)
     model = DBKSVD(256, 4, sample_batch=1000, epochs=12).fit(store, progress=False)
     assert model.fit_info["source"] == "store"
-    assert recovered(D, model.atoms.numpy(), 0.95) > 0.9
+    assert recovered(model.atoms.numpy(), D, 0.95) > 0.9
 
 
 def test_matryoshka_prefixes_are_dictionaries():
-    X, D = planted(N=4000, seed=3)
+    X, D = planted(n=4000, seed=3)
     m = DBKSVD(256, 4, groups=[32, 96, 256], sample_batch=1000, epochs=4, seed=0).fit(X, progress=False)
     plain = DBKSVD(256, 4, sample_batch=1000, epochs=4, seed=0).fit(X, progress=False)
     assert len(m.history) == 3 * 4 * 4
@@ -331,7 +315,7 @@ def test_cli_fits_saves_and_resumes(tmp_path):
 
     from vitatlas.cli import main
 
-    X, _ = planted(d=16, n_atoms=32, k=2, N=1500, seed=4)
+    X, _ = planted(d=16, m=32, k=2, n=1500, seed=4)
     ActivationStore.from_array(tmp_path / "acts", X)
     args = ["fit", "dbksvd", "--acts", str(tmp_path / "acts"), "--atoms", "32", "--k", "2", "--out",
             str(tmp_path / "run"), "--epochs", "3", "--sample-batch", "500", "--no-progress"]

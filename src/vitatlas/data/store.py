@@ -226,7 +226,9 @@ class ActivationStore:
                 pending, pending_rows = ([rest] if rest.shape[0] else []), rest.shape[0]
 
         for i in order:
-            pending.append(np.asarray(self.shard(int(i)), dtype=np.float32))
+            # a local mapping (not the cached one) so each shard's pages are released once converted:
+            # streaming a store larger than RAM must not grow the resident set
+            pending.append(np.asarray(self._part(int(i), "acts"), dtype=np.float32))
             pending_rows += pending[-1].shape[0]
             if pending_rows >= buffer_rows:
                 for item in drain(final=False):

@@ -77,7 +77,7 @@ class DBKSVD(Dictionary):
     kind = "dbksvd"
 
     def __init__(self, n_atoms: int, k: int, *, coder: str = "omp", epochs: int | None = None, sample_batch: int | None = None,
-                 atom_batch: int | None = None, n_power: int = 3, approx: bool = False, refit: bool = True,
+                 atom_batch: int | None = None, n_power: int = 2, approx: bool = False, refit: bool = True,
                  tol: float = 0.0, mp_steps: int | None = None, candidates: int | str | None = "auto",
                  groups: list[int] | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
                  checkpoint_every: int = 20):
