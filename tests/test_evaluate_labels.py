@@ -129,3 +129,26 @@ def test_patch_rows_are_averaged_per_image():
     for key, v in want.items():
         assert r[key] == pytest.approx(v)
     assert r["probe_acc_with_error"] == r["probe_acc_original"]
+
+
+def test_faithfulness_is_per_image_for_patch_rows():
+    """An atom firing on one of the 8 patches of every class-1 image predicts the image label perfectly
+    (AUROC 1), although per row it is zero on 7/8 of that class's rows."""
+    from vitatlas.evaluation.labels import image_activations
+
+    n_img, per = 40, 8
+    y_img = np.arange(n_img) % 2
+    img = np.repeat(np.arange(n_img), per)
+    acts = np.zeros((n_img * per, 1), np.float32)
+    acts[np.arange(n_img) * per + 3, 0] = np.where(y_img == 1, 1.0 + np.arange(n_img) / n_img, 0.0)
+    img_acts, img_lab = image_activations(acts, img, np.repeat(y_img, per))
+    np.testing.assert_array_equal(img_lab, y_img)
+    np.testing.assert_allclose(img_acts[:, 0], acts.reshape(n_img, per).max(1))
+    lab = {"label": np.array([1]), "kappa": np.array([1.0]), "prior": np.array([0.5, 0.5])}
+    per_image = label_quality(dict(lab), img_acts, img_lab)["faithfulness"]
+    per_row = label_quality(dict(lab), acts, np.repeat(y_img, per))["faithfulness"]
+    assert per_image == pytest.approx(1.0)
+    assert per_row == pytest.approx(0.5 + 0.5 / per)  # what the per-row definition would have said
+    # one row per image: nothing to aggregate
+    same, same_lab = image_activations(acts[:5], np.arange(5), np.zeros(5, int))
+    np.testing.assert_array_equal(same, acts[:5])

@@ -11,7 +11,7 @@ import torch
 
 from ..dictionary import ArrayLike, Dictionary, is_store, iter_batches, n_rows_and_width
 from ..errors import VitatlasError
-from .labels import label_atoms, label_quality
+from .labels import image_activations, label_atoms, label_quality
 from .metrics import ReconstructionStats, frequency_histogram, max_coherence
 from .probing import downstream_probe, image_split, sparse_probe
 
@@ -141,7 +141,7 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
 
     if labels is not None:
         lab = label_atoms(top_rows.numpy(), labels, min_support=min(min_support, top_n))
-        out.update(label_quality(lab, acts_kept, labels[keep_rows]))
+        out.update(label_quality(lab, *image_activations(acts_kept, image_ids[keep_rows], labels[keep_rows])))
         atoms.update({k: v for k, v in lab.items() if k != "prior"})
         names = class_names if class_names is not None else (X.class_names if is_store(X) else None)
         if names:

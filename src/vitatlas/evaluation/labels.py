@@ -10,8 +10,11 @@ is non-zero. Only rows with a known label (>= 0) take part. π_c = fraction of t
 - p_a(c) = fraction of T_a with class c. The atom's label is the most *enriched* class,
   l_a = argmax_c (p_a(c) − π_c) (ties: the smallest class id). An atom is *labelled* when
   |T_a| >= min_support; other atoms get label −1 and take no part in the averages below.
-- ``faithfulness`` = mean over labelled atoms of AUROC(activation of a, row class == l_a), over the
-  evaluated rows (all rows, or the fixed row subsample documented in ``evaluate``).
+- ``faithfulness`` = mean over labelled atoms of AUROC over *images* of (the atom's image activation,
+  image class == l_a), where an image's activation is the maximum of the atom's activation over that
+  image's evaluated rows (for a CLS store, one row per image, this is the row activation). Per image,
+  because DESIGN defines it as predicting "image has the label": a patch atom for "sandal strap" fires
+  on a few patches of every sandal image, and a per-row AUROC would drown it in the zero rows.
 - ``specificity`` = mean over labelled atoms of κ_a · s_a, where
   κ_a = (p_a(l_a) − π_{l_a}) / (1 − π_{l_a})  — precision of the top rows for the label, corrected
   for chance (0 = no better than the base rate, 1 = every top row has the label), and
@@ -29,6 +32,7 @@ is non-zero. Only rows with a known label (>= 0) take part. π_c = fraction of t
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .metrics import auroc_for_labels
 
@@ -69,11 +73,25 @@ def label_atoms(top_rows: np.ndarray, row_labels: np.ndarray, *, min_support: in
     return out
 
 
+def image_activations(acts: np.ndarray, image_ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows -> images: (rows, A) activations to (images, A) maxima over each image's rows, with the
+    images' labels (a row's label is its image's). Rows already one per image are returned as they are."""
+    uniq, inverse = np.unique(image_ids, return_inverse=True)
+    if uniq.size == image_ids.size:
+        return acts, labels
+    t = torch.from_numpy(acts)
+    out = torch.full((uniq.size, t.shape[1]), -torch.inf, dtype=t.dtype)
+    out.scatter_reduce_(0, torch.from_numpy(inverse).unsqueeze(1).expand_as(t), t, reduce="amax")
+    image_labels = np.full(uniq.size, -1, np.int64)
+    image_labels[inverse] = labels
+    return out.numpy(), image_labels
+
+
 def label_quality(labels: dict, acts: np.ndarray | None, act_labels: np.ndarray | None) -> dict:
     """faithfulness / specificity / label_diversity from ``label_atoms`` output.
 
-    acts: (n', A) activations of the rows used for AUROC, act_labels: (n',) their classes (−1 rows
-    are dropped). Adds per-atom ``faithfulness``, ``sharing`` and ``specificity`` to ``labels``.
+    acts: (n', A) activations of the images (or rows) used for AUROC, act_labels: (n',) their classes
+    (−1 are dropped); see ``image_activations``. Adds per-atom ``faithfulness``, ``sharing`` and ``specificity`` to ``labels``.
     """
     atom_label = labels["label"]
     n_atoms = atom_label.size

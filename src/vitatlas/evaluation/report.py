@@ -40,7 +40,8 @@ Notation: x is one row of the store, x̂ = decode(encode(x)) its reconstruction,
 - Atom labels: activation = |code| ({activation_note}). T_a = the {top_n} rows with the largest activation
   among the rows where atom a fires (labelled rows only); p_a(c) = fraction of T_a in class c, π_c = class
   frequency. Label l_a = argmax_c p_a(c) − π_c; an atom is labelled when |T_a| ≥ {min_support}.
-- `faithfulness` = mean over labelled atoms of AUROC(activation of a, "row's image has class l_a").
+- `faithfulness` = mean over labelled atoms of AUROC over images of (max activation of a over the image's
+  rows, "image has class l_a"); for a CLS store an image is one row.
 - `specificity` = mean over labelled atoms of κ_a · s_a, with κ_a = (p_a(l_a) − π_l)/(1 − π_l) (chance-
   corrected precision of the top rows) and s_a = 1 − (m_l − 1)/M (m_l atoms share label l among M labelled
   atoms).
