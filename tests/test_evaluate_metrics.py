@@ -199,3 +199,16 @@ def test_l0_median_streamed(n):
     X = rng.standard_normal((n, 5))
     r = evaluate(Threshold(np.eye(5), t=0.7), X, batch_size=4)
     assert r["l0_median"] == np.median((np.abs(X) > 0.7).sum(1))
+
+
+def test_reconstruction_metrics_match_evaluate():
+    """The numbers the fit commands print and the report's come from the same streamed sums."""
+    from vitatlas.evaluation.metrics import reconstruction_metrics
+
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((37, 3))
+    X[4] = 0.0  # a zero row takes no part in signal_recovered
+    dic = Threshold(np.eye(3), t=0.5)
+    quick, full = reconstruction_metrics(dic, X, batch_size=8), evaluate(dic, X)
+    for key in ("signal_recovered", "explained_variance", "mse", "l0", "dead_fraction", "dense_fraction"):
+        assert quick[key] == pytest.approx(full[key]), key

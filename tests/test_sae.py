@@ -11,7 +11,8 @@ import torch
 import vitatlas
 from _planted import planted, recovered
 from vitatlas import ActivationStore, VitatlasError
-from vitatlas.learners.sae import DEFAULT_L1, SAE, reconstruction_metrics
+from vitatlas.evaluation.metrics import reconstruction_metrics
+from vitatlas.learners.sae import DEFAULT_L1, SAE
 from vitatlas.learners.sae_train import SAESweep, default_lr, resolve_epochs
 
 

@@ -38,7 +38,8 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, batch_size,
 
     from ..data.store import ActivationStore
     from ..errors import VitatlasError
-    from ..learners.sae import SAE, SPARSE_KINDS, reconstruction_metrics
+    from ..evaluation.metrics import reconstruction_metrics
+    from ..learners.sae import SAE, SPARSE_KINDS
     from ..learners.sae_train import SAESweep
 
     if kind in SPARSE_KINDS:

@@ -400,35 +400,3 @@ def __getattr__(name: str):
         from .sae_train import SAESweep
         return SAESweep
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@torch.no_grad()
-def reconstruction_metrics(model: Dictionary, X: ArrayLike, batch_size: int = 4096) -> dict[str, float]:
-    """DESIGN.md metrics of ``model`` over all of X in one streamed pass (float64 sums).
-
-    explained_variance = 1 - Σ‖x - x̂‖² / Σ‖x - mean‖², signal_recovered = 1 - mean ‖x - x̂‖/‖x‖,
-    l0 = mean non-zero codes per row, dead_fraction = share of atoms never non-zero on X.
-    """
-    from ..dictionary import iter_batches
-
-    model._check_fitted()
-    dev = model.device
-    sse = sum_sq = 0.0
-    total = torch.zeros(model.d, dtype=torch.float64, device=dev)
-    rel, nnz, rows = 0.0, 0.0, 0
-    fired = torch.zeros(model.n_atoms, dtype=torch.bool, device=dev)
-    for x in iter_batches(X, batch_size, shuffle=False, seed=0, device=dev, dtype=model.dtype, d=model.d):
-        codes = model._encode(x)
-        err = (x - model._decode(codes)).double()
-        xd = x.double()
-        sse += float(err.pow(2).sum())
-        sum_sq += float(xd.pow(2).sum())
-        total += xd.sum(0)
-        rel += float((err.norm(dim=1) / xd.norm(dim=1).clamp_min(1e-30)).sum())
-        live = codes != 0
-        nnz += float(live.sum())
-        fired |= live.any(0)
-        rows += x.shape[0]
-    sst = sum_sq - float(total.pow(2).sum()) / rows
-    return {"explained_variance": 1.0 - sse / max(sst, 1e-30), "signal_recovered": 1.0 - rel / rows,
-            "l0": nnz / rows, "dead_fraction": float(1.0 - fired.float().mean())}
