@@ -97,5 +97,5 @@ def test_baseline_validation(data):
     with pytest.raises(vitatlas.VitatlasError, match="NaN"):
         PCABaseline(2).fit(np.array([[1.0, np.nan], [0.0, 1.0]]))
     if not torch.cuda.is_available():
-        with pytest.raises(vitatlas.VitatlasError, match="no CUDA"):
+        with pytest.raises(vitatlas.VitatlasError, match="CUDA is not available"):
             PCABaseline(2, device="cuda")

@@ -34,23 +34,7 @@ import torch
 
 from ..dictionary import ArrayLike, Dictionary, as_tensor, is_store, iter_batches, n_rows_and_width
 from ..errors import VitatlasError
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise VitatlasError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _device(name: str) -> str:
-    if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise VitatlasError(f"device {name!r} was requested but no CUDA GPU is available here: use device='cpu'")
-    if not (str(name) == "cpu" or str(name).startswith("cuda")):
-        raise VitatlasError(f"unknown device {name!r}: use 'cpu' or 'cuda'")
-    return str(name)
-
+from .options import resolve_device, resolve_dtype
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
@@ -117,9 +101,9 @@ class _Baseline(Dictionary):
     """Shared plumbing: device/dtype options and the saved tensors."""
 
     def __init__(self, *, device: str = "cpu", dtype: str = "float32"):
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self._dtype_name = dtype
-        self.dtype = _dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         self.d = None
         self.fit_info = {}
         self._atoms: torch.Tensor | None = None

@@ -37,18 +37,20 @@ CODERS = ("mp", "omp")
 def _top_abs(C: torch.Tensor, M: int, group: int = 8) -> torch.Tensor:
     """Column ids of the M largest |C| per row (any order), exactly, in about half of topk's time.
 
-    Two levels: the max |C| of each run of ``group`` columns, the M best runs, then the M best columns
-    inside them. Exact because the M largest entries lie in at most M runs, each of which has a run
-    maximum among the M largest entries.
+    Two levels: split the columns into n/group strided runs {r, r + n/group, ...}, take the max |C| of
+    each run, the M best runs, then the M best columns inside them. Exact because the M largest
+    entries lie in at most M runs, each of which has a run maximum among the M largest entries.
+    Strided (not adjacent) runs make the run maximum an elementwise max of contiguous slices (vectorised).
     """
     B, n = C.shape
     if n % group or n // group <= M or not C.is_contiguous():
         return torch.topk(C.abs(), M, dim=1, sorted=False).indices
-    V = C.view(B, n // group, group)
-    run_max = torch.maximum(V.amax(dim=2), V.amin(dim=2).neg())  # no full |C| pass
+    stride = n // group
+    run_max = C.view(B, group, stride).abs().amax(dim=1)  # (B, stride)
     runs = torch.topk(run_max, M, dim=1, sorted=False).indices  # (B, M)
-    cols = (runs.unsqueeze(2) * group + torch.arange(group, device=C.device)).view(B, M * group)
-    best = torch.topk(torch.gather(C, 1, cols).abs(), M, dim=1, sorted=False).indices
+    offsets = torch.arange(0, n, stride, device=C.device).view(1, group, 1)
+    cols = (runs.unsqueeze(1) + offsets).view(B, group * M)
+    best = torch.topk(torch.gather(C, 1, cols).abs_(), M, dim=1, sorted=False).indices
     return torch.gather(cols, 1, best)
 
 
@@ -246,6 +248,32 @@ def code(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, coder: 
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, coder: str = "omp",
+                 tol: float = 0.0, refit: bool = True, max_steps: int | None = None,
+                 candidates: int | None = None, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code signals Y (B, d) over atoms D (n_atoms, d): the product C = Y Dᵀ and the coder, in row chunks.
+
+    With screening, each chunk's slice of C is formed in one reused buffer and coded while it is still
+    in cache, so the (B, n_atoms) product is never materialised: that saves page faults and memory
+    passes, and the product runs as fast as one large one. Exact coding (``candidates=None``) keeps
+    ``code``'s own chunking.
+    """
+    if candidates is None or candidates >= D.shape[0]:
+        return code(Y @ D.T, G, torch.linalg.vector_norm(Y, dim=1) ** 2, k, coder=coder, tol=tol, refit=refit,
+                    max_steps=max_steps, candidates=candidates)
+    B = Y.shape[0]
+    buf = torch.empty(min(chunk, B), D.shape[0], dtype=Y.dtype, device=Y.device)
+    idx = torch.empty(B, min(k, D.shape[0]), dtype=torch.long, device=Y.device)
+    val = torch.empty(B, idx.shape[1], dtype=Y.dtype, device=Y.device)
+    for s in range(0, B, chunk):
+        y = Y[s:s + chunk]
+        C = torch.matmul(y, D.T, out=buf[:y.shape[0]])
+        ysq = torch.linalg.vector_norm(y, dim=1) ** 2
+        idx[s:s + chunk], val[s:s + chunk] = code(C, G, ysq, k, coder=coder, tol=tol, refit=refit,
+                                                  max_steps=max_steps, candidates=candidates, chunk=chunk)
+    return idx, val
 
 
 def sparse_decode(idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 from ..dictionary import ArrayLike, Dictionary, as_tensor, is_store, iter_batches, n_rows_and_width
 from ..errors import VitatlasError
 from ..io import atomic_save_safetensors, load_safetensors
-from .coders import CODERS, code, sparse_decode, to_dense
+from .coders import CODERS, code_signals, sparse_decode, to_dense
 from .ksvd_update import ksvd_update
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -160,8 +160,8 @@ class DBKSVD(Dictionary):
         return self._G
 
     def _code(self, Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, candidates: int | None):
-        return code(Y @ D.T, G, (Y * Y).sum(dim=1), self.k, coder=self.coder, tol=self.tol, refit=self.refit,
-                    max_steps=self.mp_steps, candidates=candidates)
+        return code_signals(Y, D, G, self.k, coder=self.coder, tol=self.tol, refit=self.refit,
+                            max_steps=self.mp_steps, candidates=candidates)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         idx, val = self._code(x, self._D, self._gram(), None)  # encoding is exact

@@ -56,28 +56,11 @@ import torch.nn.functional as F
 from ..dictionary import ArrayLike, Dictionary
 from ..errors import VitatlasError
 from . import sae_kernels as K
+from .options import resolve_device, resolve_dtype
 
 KINDS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 SPARSE_KINDS = ("topk", "batchtopk", "matryoshka")  # exact-k kinds trained through the sparse kernels
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_L1 = {"relu": 0.15, "jumprelu": 1e-2}
-
-
-def resolve_device(device: str) -> str:
-    """Check a device string; a CUDA device on a machine without one is a clear error."""
-    if not isinstance(device, str):
-        raise VitatlasError(f"device must be a string such as 'cpu' or 'cuda', got {device!r}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise VitatlasError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VitatlasError(f"device {device!r} asked for but CUDA is not available on this machine: use device='cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise VitatlasError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise VitatlasError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
-    return device
 
 
 class SAE(Dictionary):
@@ -164,8 +147,6 @@ class SAE(Dictionary):
             raise VitatlasError(f"threshold_momentum must be in [0, 1), got {threshold_momentum!r}")
         if not bandwidth > 0 or not threshold_init > 0 or not threshold_lr_scale > 0:
             raise VitatlasError("bandwidth, threshold_init and threshold_lr_scale must be positive")
-        if dtype not in DTYPES:
-            raise VitatlasError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         if not isinstance(seed, int):
             raise VitatlasError(f"seed must be an integer, got {seed!r}")
         if not isinstance(device, str):
@@ -177,7 +158,7 @@ class SAE(Dictionary):
         self.grad_clip, self.aux_coef, self.aux_k, self.dead_tokens = grad_clip, float(aux_coef), aux_k, dead_tokens
         self.threshold_momentum, self.bandwidth, self.threshold_init = threshold_momentum, bandwidth, threshold_init
         self.threshold_lr_scale = float(threshold_lr_scale)
-        self.device, self.dtype_name, self.dtype, self.seed, self.amp = device, dtype, DTYPES[dtype], seed, amp
+        self.device, self.dtype_name, self.dtype, self.seed, self.amp = device, dtype, resolve_dtype(dtype), seed, amp
         self.checkpoint_every, self.log_every = checkpoint_every, log_every
         self.params: dict[str, torch.Tensor] = {}
         self.d = None

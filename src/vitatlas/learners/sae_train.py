@@ -39,7 +39,8 @@ from ..dictionary import ArrayLike, is_store, iter_batches, n_rows_and_width
 from ..errors import VitatlasError
 from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from . import sae_kernels as K
-from .sae import SAE, SPARSE_KINDS, resolve_device
+from .options import resolve_device
+from .sae import SAE, SPARSE_KINDS
 
 CHECKPOINT_FORMAT = "vitatlas-sae-checkpoint"
 INIT_ROWS = 65536
