@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from vitatlas import ActivationStore
-from vitatlas.learners.sae import SAE, reconstruction_metrics
+from vitatlas.evaluation.metrics import reconstruction_metrics
+from vitatlas.learners.sae import SAE
 from vitatlas.learners.sae_train import SAESweep, _Member, epoch_seed
 
 
