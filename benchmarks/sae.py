@@ -183,7 +183,7 @@ def main() -> None:
 
     datasets = [("planted", planted(rows, seed=seed))]
     if args.store:
-        datasets.append((f"store", from_store(args.store, rows, seed)))
+        datasets.append(("store", from_store(args.store, rows, seed)))
     else:
         print("store: skipped (no --store DIR given)")
 

@@ -6,7 +6,8 @@ import torch
 from sklearn.linear_model import orthogonal_mp_gram
 
 from vitatlas.errors import VitatlasError
-from vitatlas.learners.coders import batch_omp, code, matching_pursuit, sparse_decode, to_dense
+from vitatlas.learners.coders import (batch_omp, code, code_signals, matching_pursuit, residual, sparse_decode,
+                                      to_dense)
 
 
 def problem(B=40, d=24, n=60, seed=0, dtype=np.float64):
@@ -178,6 +179,26 @@ def test_sparse_decode_and_to_dense_match_dense_product():
     dense = to_dense(idx, val, D.shape[0])
     assert ((dense != 0).sum(1) == (idx >= 0).sum(1)).all()
     torch.testing.assert_close(sparse_decode(idx, val, torch.from_numpy(D)), dense @ torch.from_numpy(D))
+
+
+@pytest.mark.parametrize("coder", ["mp", "omp"])
+@pytest.mark.parametrize("candidates", [None, 16])
+def test_code_signals_matches_code_on_the_full_product(coder, candidates):
+    # code_signals forms Y Dᵀ in row chunks (a ragged last one here) and codes each chunk: same codes
+    D, Y = problem(B=50, seed=7)
+    C, G, ysq = products(D, Y)
+    want = code(C, G, ysq, 5, coder=coder, candidates=candidates)
+    got = code_signals(torch.from_numpy(Y), torch.from_numpy(D), G, 5, coder=coder, candidates=candidates, chunk=16)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+def test_residual_matches_decode():
+    D, Y = problem(seed=8)
+    C, G, ysq = products(D, Y)
+    idx, val = batch_omp(C, G, ysq, 5)
+    Yt, Dt = torch.from_numpy(Y), torch.from_numpy(D)
+    torch.testing.assert_close(residual(Yt, idx, val, Dt), Yt - sparse_decode(idx, val, Dt))
 
 
 def test_bad_arguments():

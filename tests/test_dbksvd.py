@@ -13,7 +13,8 @@ from _planted import planted as planted_problem
 from _planted import recovered
 from vitatlas import ActivationStore, VitatlasError
 from vitatlas.learners.coders import batch_omp, sparse_decode
-from vitatlas.learners.dbksvd import DBKSVD, reconstruction_metrics
+from vitatlas.evaluation.metrics import reconstruction_metrics
+from vitatlas.learners.dbksvd import DBKSVD
 from vitatlas.learners.ksvd_update import duplicates, ksvd_update, replace_unused, update_atom_batch
 
 

@@ -46,7 +46,8 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, appro
 
     from ..data.store import ActivationStore
     from ..errors import VitatlasError
-    from ..learners.dbksvd import DBKSVD, reconstruction_metrics
+    from ..evaluation.metrics import reconstruction_metrics
+    from ..learners.dbksvd import DBKSVD
 
     if candidates == "exact":
         cand = None

@@ -174,10 +174,14 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
               candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonal matching pursuit, Batch-OMP style (Rubinstein, Zibulevsky & Elad 2008), batched.
 
-    Works only with C = DᵀY and G: the Cholesky factor of G_SS is grown one row per step and kept
-    as its inverse L⁻¹ so every update is a small batched matrix-vector product; z = L⁻¹c_S gives
-    the residual energy ‖y‖² − ‖z‖² and the coefficients γ_S = L⁻ᵀz; the residual correlations are
-    DᵀR = C − G_S γ_S.
+    Works only with C = DᵀY and G. The Cholesky factor L of G_SS is grown one row per step; alongside
+    it Q = L⁻¹ G_S (one orthogonalised Gram row per chosen atom, over the row's candidates). Then
+
+        w = L⁻¹ G_S,j = Q[:, j]   (a gather, no triangular solve),
+        z_t = (DᵀR)_j / ℓ,   q_t = (G_j − wᵀQ) / ℓ,   DᵀR -= z_t q_t,   ‖R‖² -= z_t²
+
+    with ℓ² = G_jj − ‖w‖², so each step costs one (t × M) product per sample. The coefficients
+    γ_S = L⁻ᵀz come from one batched triangular solve at the end.
 
     Returns indices (B, k) int64 (-1 padded) and values (B, k).
     """
@@ -187,13 +191,13 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
     dev, dt = C.device, C.dtype
     cc, cand = _screen(C, candidates)
     M = cc.shape[1]
-    rc = cc.clone()
+    rc = cc.clone()  # DᵀR over the candidates
     sup = torch.full((B, k), -1, dtype=torch.long, device=dev)
-    Linv = torch.zeros(B, k, k, dtype=dt, device=dev)
+    L = torch.eye(k, dtype=dt, device=dev).repeat(B, 1, 1)  # identity on slots left unused
     z = torch.zeros(B, k, dtype=dt, device=dev)
-    Gsel = torch.zeros(B, k, M, dtype=dt, device=dev)  # Gram columns of the chosen atoms
-    gamma = torch.zeros(B, k, dtype=dt, device=dev)
+    Q = torch.zeros(B, k, M, dtype=dt, device=dev)
     in_sup = torch.zeros(B, M, dtype=torch.bool, device=dev)
+    energy = ysq.clone()
     stop_energy = _stop_energy(ysq, tol)
     floor = _round_off(ysq)
     dep = 1e3 * torch.finfo(dt).eps  # 1 − ‖w‖² below this: the atom is (numerically) in span(S)
@@ -202,27 +206,26 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
     for t in range(k):
         if not bool(active.any()):
             break
-        score = torch.where(in_sup, torch.full_like(rc, -1.0), rc.abs())
-        best, j = score.max(dim=1)
+        best, j = rc.abs().masked_fill_(in_sup, -1.0).max(dim=1)
         active &= best > floor
         g = _gram_columns(G, cand, j)  # (B, M)
-        gS = torch.gather(Gsel[:, :t], 2, j.view(B, 1, 1).expand(B, t, 1)).squeeze(2)  # G[S, j]: (B, t)
-        w = torch.einsum("bij,bj->bi", Linv[:, :t, :t], gS)
-        ell2 = g[rows, j] - (w * w).sum(dim=1)
+        jj = j.unsqueeze(1)
+        w = torch.gather(Q[:, :t], 2, jj.unsqueeze(1).expand(B, t, 1)).squeeze(2)  # (B, t)
+        ell2 = torch.gather(g, 1, jj).squeeze(1) - (w * w).sum(dim=1)
         active &= ell2 > dep
-        act = active.to(dt)
-        ell = ell2.clamp(min=dep).sqrt()
-        Linv[:, t, :t] = -torch.einsum("bi,bij->bj", w, Linv[:, :t, :t]) * (act / ell).unsqueeze(1)
-        Linv[:, t, t] = act / ell
-        z[:, t] = act * (cc[rows, j] - (w * z[:, :t]).sum(dim=1)) / ell
-        Gsel[:, t] = g * act.unsqueeze(1)
+        scale = torch.where(active, ell2.clamp(min=dep).rsqrt(), torch.zeros_like(ell2))  # 1/ℓ, 0 if done
+        zt = torch.gather(rc, 1, jj).squeeze(1) * scale
+        q = torch.baddbmm(g.unsqueeze(1), w.unsqueeze(1), Q[:, :t], alpha=-1).squeeze(1) * scale.unsqueeze(1)
+        Q[:, t] = q
+        rc.addcmul_(zt.unsqueeze(1), q, value=-1)
+        z[:, t] = zt
+        L[:, t, :t] = w * active.unsqueeze(1)
+        L[:, t, t] = torch.where(active, ell2.clamp(min=dep).sqrt(), L[:, t, t])
         sup[:, t] = torch.where(active, j, sup[:, t])
         in_sup[rows, j] |= active
-        gamma = torch.einsum("bij,bi->bj", Linv[:, :t + 1, :t + 1], z[:, :t + 1])
-        rc = cc - torch.einsum("bt,btm->bm", gamma, Gsel[:, :t + 1])
-        energy = ysq - (z[:, :t + 1] ** 2).sum(dim=1)
+        energy -= zt * zt
         active &= energy > stop_energy
-    gamma = torch.nn.functional.pad(gamma, (0, k - gamma.shape[1]))
+    gamma = torch.linalg.solve_triangular(L.mT, z.unsqueeze(2), upper=True).squeeze(2)
     return _to_global(sup, cand), torch.where(sup >= 0, gamma, torch.zeros_like(gamma))
 
 
@@ -252,7 +255,7 @@ def code(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, coder: 
 
 def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, coder: str = "omp",
                  tol: float = 0.0, refit: bool = True, max_steps: int | None = None,
-                 candidates: int | None = None, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+                 candidates: int | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Code signals Y (B, d) over atoms D (n_atoms, d): the product C = Y Dᵀ and the coder, in row chunks.
 
     With screening, each chunk's slice of C is formed in one reused buffer and coded while it is still
@@ -276,11 +279,8 @@ def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, c
     return idx, val
 
 
-def sparse_decode(idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """Σ_s val[:, s]·D[idx[:, s]] for padded sparse codes: (B, k) × (n_atoms, d) -> (B, d).
-
-    One sparse (CSR) × dense product: O(B·k·d) without materialising the gathered atoms.
-    """
+def _codes_csr(idx: torch.Tensor, val: torch.Tensor, n_atoms: int, dtype: torch.dtype) -> torch.Tensor:
+    """Padded sparse codes (B, k) -> (B, n_atoms) CSR tensor."""
     idx, order = torch.sort(idx, dim=1)  # CSR wants sorted columns; padding (-1) sorts first
     val = torch.gather(val, 1, order)
     used = idx >= 0
@@ -288,8 +288,20 @@ def sparse_decode(idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torc
     ptr[1:] = torch.cumsum(used.sum(dim=1), 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        codes = torch.sparse_csr_tensor(ptr, idx[used], val[used].to(D.dtype), size=(idx.shape[0], D.shape[0]))
-        return codes @ D
+        return torch.sparse_csr_tensor(ptr, idx[used], val[used].to(dtype), size=(idx.shape[0], n_atoms))
+
+
+def sparse_decode(idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Σ_s val[:, s]·D[idx[:, s]] for padded sparse codes: (B, k) × (n_atoms, d) -> (B, d).
+
+    One sparse (CSR) × dense product: O(B·k·d) without materialising the gathered atoms.
+    """
+    return _codes_csr(idx, val, D.shape[0], D.dtype) @ D
+
+
+def residual(Y: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Y − sparse_decode(idx, val, D), as one in-place sparse addmm on a copy of Y (no (B, d) temporary)."""
+    return Y.clone().addmm_(_codes_csr(idx, val, D.shape[0], D.dtype), D, alpha=-1)
 
 
 def to_dense(idx: torch.Tensor, val: torch.Tensor, n_atoms: int) -> torch.Tensor:

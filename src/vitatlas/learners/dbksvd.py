@@ -2,7 +2,8 @@
 
 One *iteration* takes one batch of samples Y (B, d) and the current atoms D (n_atoms, d):
 
-1. the products C = Y Dᵀ (the one large dense product) and G = D Dᵀ;
+1. the products C = Y Dᵀ (the one large dense product, formed in row chunks that are screened and
+   coded while still in cache, so the (B, n_atoms) matrix never exists) and G = D Dᵀ;
 2. sparse coding in the Gram domain (``coder="omp"`` Batch-OMP or ``"mp"`` matching pursuit), with
    each sample screened to its ``candidates`` atoms of largest |DᵀY| so coding stays a small
    fraction of the product (see ``coders``);
@@ -25,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -35,24 +35,11 @@ import torch
 from ..dictionary import ArrayLike, Dictionary, as_tensor, is_store, iter_batches, n_rows_and_width
 from ..errors import VitatlasError
 from ..io import atomic_save_safetensors, load_safetensors
-from .coders import CODERS, code_signals, sparse_decode, to_dense
+from .coders import CODERS, code_signals, residual, to_dense
 from .ksvd_update import ksvd_update
+from .options import resolve_device, resolve_dtype
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHECKPOINT = "dbksvd-checkpoint.safetensors"
-
-
-def resolve_device(device: str) -> str:
-    """Check a device string; ask for CUDA on a machine without it -> one-line error."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise VitatlasError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VitatlasError(f"device {device!r} requested but CUDA is not available here: use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise VitatlasError(f"unsupported device {device!r}: use 'cpu' or 'cuda'")
-    return str(dev)
 
 
 class DBKSVD(Dictionary):
@@ -92,8 +79,6 @@ class DBKSVD(Dictionary):
             raise VitatlasError(f"n_atoms={n_atoms} is smaller than k={k}: a sample cannot use more atoms than exist")
         if coder not in CODERS:
             raise VitatlasError(f"unknown coder {coder!r}: use one of {', '.join(CODERS)}")
-        if dtype not in DTYPES:
-            raise VitatlasError(f"unknown dtype {dtype!r}: use 'float32' or 'float64'")
         self.coder = coder
         self.epochs = None if epochs is None else positive("epochs", epochs)
         self.sample_batch = None if sample_batch is None else positive("sample_batch", sample_batch)
@@ -117,7 +102,7 @@ class DBKSVD(Dictionary):
         self.groups = groups
         self.device = resolve_device(device)
         self.dtype_name = dtype
-        self.dtype = DTYPES[dtype]
+        self.dtype = resolve_dtype(dtype)
         self.seed = int(seed)
         self.checkpoint_every = positive("checkpoint_every", checkpoint_every)
         self.d = None
@@ -206,7 +191,7 @@ class DBKSVD(Dictionary):
         D = self._D[:hi].clone()
         G = D @ D.T
         idx, val = self._code(Y, D, G, self._fit_candidates(hi))
-        R = Y - sparse_decode(idx, val, D)
+        R = residual(Y, idx, val, D)
         trainable = torch.arange(lo, hi, device=D.device)
         ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable, n_power=self.n_power,
                     approx=self.approx, generator=self._gen, G=G, redraw=redraw)
@@ -243,7 +228,7 @@ class DBKSVD(Dictionary):
         """Matryoshka: new atoms of a stage start as random residual rows of the previous prefix."""
         D = self._D[:lo]
         idx, val = self._code(Y, D, D @ D.T, self._fit_candidates(lo))
-        R = Y - sparse_decode(idx, val, D)
+        R = residual(Y, idx, val, D)
         perm = torch.randperm(R.shape[0], generator=self._gen).to(R.device)
         self._init_from_rows(R[perm], lo, hi, Y.shape[1])
 
@@ -354,28 +339,6 @@ class DBKSVD(Dictionary):
 
 
 @torch.no_grad()
-def reconstruction_metrics(model: Dictionary, X: ArrayLike, batch_size: int = 8192) -> dict[str, float]:
-    """Streamed ``signal_recovered``, ``explained_variance`` and ``l0`` of any dictionary on X (names as
-    in DESIGN.md). Sums are kept in float64 so Σ‖x − mean‖² = Σ‖x‖² − n‖mean‖² stays accurate."""
-    n, rel, sq_err, sq, l0 = 0, 0.0, 0.0, 0.0, 0.0
-    total = None
-    for x in iter_batches(X, batch_size, shuffle=False, seed=0, device=model.device, dtype=model.dtype, d=model.d):
-        codes = model._encode(x)
-        err = x - model._decode(codes)
-        xn = x.norm(dim=1).double()
-        en = err.norm(dim=1).double()
-        rel += float(torch.where(xn > 0, en / xn.clamp(min=1e-300), torch.zeros_like(xn)).sum())
-        sq_err += float((en * en).sum())
-        sq += float((xn * xn).sum())
-        s = x.double().sum(dim=0)
-        total = s if total is None else total + s
-        l0 += float((codes != 0).sum())
-        n += x.shape[0]
-    var = sq - float((total * total).sum()) / n
-    return {"signal_recovered": 1 - rel / n, "explained_variance": 1 - sq_err / var if var > 0 else float("nan"),
-            "l0": l0 / n}
-
-
 def _fingerprint(X: ArrayLike, n: int, d: int, config: dict) -> str:
     """Hash of the options that shape the fit and of 16 sampled rows of the data."""
     ids = np.unique(np.linspace(0, n - 1, num=min(n, 16)).astype(np.int64))

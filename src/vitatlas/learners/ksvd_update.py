@@ -52,13 +52,18 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
     ptr = _ptr(a, m)
     v_old = val[rows, cols]
     D_old = D[atoms]  # (m, d) copy
-    pattern = _csr(ptr, rows, torch.ones_like(v_old), (m, B))
+    # E·u is sampled sample-major (rows of R in ascending order, streamed once): 2x faster than
+    # atom-major, which jumps between random rows of R; ``by_sample`` maps back to atom order.
+    key, by_sample = torch.sort(rows * m + a)
+    pattern = _csr(_ptr(key // m, B), key % m, torch.ones_like(v_old), (B, m))
 
     def e_dot(U: torch.Tensor) -> torch.Tensor:  # (P,): E_p · u_{a_p}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sd = torch.sparse.sampled_addmm(pattern, U, R.T, beta=0.0).values()
-        return sd + v_old * (D_old * U).sum(dim=1)[a]
+            sd = torch.sparse.sampled_addmm(pattern, R, U.T, beta=0.0).values()
+        out = torch.empty_like(sd)
+        out[by_sample] = sd
+        return out + v_old * (D_old * U).sum(dim=1)[a]
 
     def et_times(w: torch.Tensor) -> torch.Tensor:  # (m, d): Σ_{p in atom} w_p E_p
         coef = torch.zeros(m, dtype=w.dtype, device=w.device).index_add_(0, a, w * v_old)
@@ -111,7 +116,7 @@ def replace_unused(D: torch.Tensor, R: torch.Tensor, unused: torch.Tensor,
     n = unused.numel()
     if n == 0:
         return 0
-    energy = (R * R).sum(dim=1)
+    energy = torch.linalg.vector_norm(R, dim=1) ** 2  # no (B, d) temporary
     take = min(n, R.shape[0])
     top = torch.topk(energy, take).indices
     top = top[energy[top] > torch.finfo(R.dtype).tiny]
