@@ -16,6 +16,7 @@ where it was fitted) and ``dictionary.safetensors`` (its tensors). Nothing is ev
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -157,6 +158,24 @@ def iter_batches(X: ArrayLike, batch_size: int, *, shuffle: bool, seed: int, dev
         else:
             chunk = np.asarray(X)[rows]
         yield as_tensor(chunk, d=d, device=device, dtype=dtype, first_row=start if order is None else 0)
+
+
+def rows_of(X: ArrayLike, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` of an array, a tensor or an ActivationStore, as a float32 numpy array."""
+    if is_store(X):
+        return X.rows(ids)
+    if isinstance(X, torch.Tensor):
+        return X[torch.as_tensor(ids, device=X.device)].detach().float().cpu().numpy()
+    return np.asarray(np.asarray(X)[ids], dtype=np.float32)
+
+
+def data_fingerprint(X: ArrayLike, n: int, d: int) -> str:
+    """SHA-256 of the shape and of up to 256 rows from each end: enough to refuse another data set."""
+    h = hashlib.sha256(f"{n}x{d}".encode())
+    m = min(n, 256)
+    for ids in (np.arange(m), np.arange(n - m, n)):
+        h.update(np.ascontiguousarray(rows_of(X, ids), dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 # ---- the interface -------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..dictionary import ArrayLike, Dictionary, as_tensor, is_store, iter_batches, n_rows_and_width
+from ..dictionary import ArrayLike, Dictionary, as_tensor, data_fingerprint, iter_batches, n_rows_and_width, rows_of
 from ..errors import VitatlasError
 from ..io import atomic_save_safetensors, load_safetensors
 from .coders import CODERS, code_signals, residual, to_dense
@@ -207,9 +207,7 @@ class DBKSVD(Dictionary):
         m = self._stages()[0][1]
         rng = np.random.default_rng(self.seed)
         ids = np.sort(rng.choice(n, size=min(n, m), replace=False))
-        rows = X.rows(ids) if is_store(X) else (X[torch.as_tensor(ids, device=X.device)] if isinstance(X, torch.Tensor)
-                                                else np.asarray(X)[ids])
-        rows = as_tensor(rows, d=d, dtype=self.dtype)
+        rows = as_tensor(rows_of(X, ids), d=d, dtype=self.dtype)
         self._init_from_rows(rows, 0, m, d)
 
     def _init_from_rows(self, rows: torch.Tensor, lo: int, hi: int, d: int) -> None:
@@ -340,16 +338,8 @@ class DBKSVD(Dictionary):
 
 @torch.no_grad()
 def _fingerprint(X: ArrayLike, n: int, d: int, config: dict) -> str:
-    """Hash of the options that shape the fit and of 16 sampled rows of the data."""
-    ids = np.unique(np.linspace(0, n - 1, num=min(n, 16)).astype(np.int64))
-    if is_store(X):
-        rows = X.rows(ids)
-    elif isinstance(X, torch.Tensor):
-        rows = X[torch.as_tensor(ids, device=X.device)].detach().cpu().numpy()
-    else:
-        rows = np.asarray(X)[ids]
-    h = hashlib.sha256()
+    """Hash of the options that shape the fit and of the data (see ``data_fingerprint``)."""
     opts = {k: v for k, v in config.items() if k not in ("device", "checkpoint_every")}
-    h.update(json.dumps({"opts": opts, "n": int(n), "d": int(d)}, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+    h = hashlib.sha256(json.dumps({"opts": opts}, sort_keys=True).encode())
+    h.update(data_fingerprint(X, n, d).encode())
     return h.hexdigest()

@@ -25,17 +25,15 @@ per SAE every ``log_every`` steps and at each epoch end in ``log_dir/log.jsonl``
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
-from ..dictionary import ArrayLike, is_store, iter_batches, n_rows_and_width
+from ..dictionary import ArrayLike, data_fingerprint, iter_batches, n_rows_and_width
 from ..errors import VitatlasError
 from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from . import sae_kernels as K
@@ -69,21 +67,6 @@ def resolve_epochs(epochs: int | None, steps_per_epoch: int) -> int:
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
-
-
-def data_fingerprint(X: ArrayLike, n: int, d: int) -> str:
-    """SHA-256 of the shape and of up to 256 rows from each end: enough to refuse another data set."""
-    h = hashlib.sha256(f"{n}x{d}".encode())
-    m = min(n, 256)
-    for rows in (np.arange(m), np.arange(n - m, n)):
-        if is_store(X):
-            block = X.rows(rows)
-        elif isinstance(X, torch.Tensor):
-            block = X[torch.as_tensor(rows, device=X.device)].detach().float().cpu().numpy()
-        else:
-            block = np.asarray(np.asarray(X)[rows], dtype=np.float32)
-        h.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
-    return h.hexdigest()
 
 
 class _Member:
