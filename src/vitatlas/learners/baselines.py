@@ -34,7 +34,9 @@ import torch
 
 from ..dictionary import ArrayLike, Dictionary, as_tensor, is_store, iter_batches, n_rows_and_width
 from ..errors import VitatlasError
+from .coders import code, to_dense
 from .options import resolve_device, resolve_dtype
+
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
@@ -59,42 +61,15 @@ def fit_rows(X: ArrayLike, max_rows: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def omp(x: torch.Tensor, atoms: torch.Tensor, k: int, *, chunk: int = 2048) -> torch.Tensor:
-    """Batched orthogonal matching pursuit: dense codes (B, n_atoms) with at most k non-zeros per row.
-
-    x: (B, d); atoms: (n_atoms, d), unit-norm rows. Each step picks the atom most correlated with the
-    residual (never one already chosen) and refits all chosen coefficients by least squares, exactly
-    as sklearn's ``orthogonal_mp``. k is clipped to min(n_atoms, d).
-    """
-    n_atoms, d = atoms.shape
-    k = min(int(k), n_atoms, d)
-    out = torch.zeros(x.shape[0], n_atoms, dtype=x.dtype, device=x.device)
-    # rows in chunks so the (B, k, d) gathered atoms stay small
-    step = max(1, min(chunk, (64 << 20) // max(1, 4 * k * d)))
-    for s0 in range(0, x.shape[0], step):
-        xb = x[s0:s0 + step]
-        B = xb.shape[0]
-        rows = torch.arange(B, device=x.device)
-        corr0 = xb @ atoms.T  # (B, n_atoms)
-        chosen = torch.zeros(B, n_atoms, dtype=torch.bool, device=x.device)
-        support = torch.zeros(B, k, dtype=torch.long, device=x.device)
-        residual = xb
-        coef = xb.new_zeros(B, 0)
-        for s in range(k):
-            c = (residual @ atoms.T).abs_().masked_fill_(chosen, -1.0)
-            j = c.argmax(dim=1)
-            support[:, s] = j
-            chosen[rows, j] = True
-            S = support[:, :s + 1]
-            Ds = atoms[S]  # (B, s+1, d)
-            gram = Ds @ Ds.transpose(1, 2)
-            # a tiny ridge keeps nearly collinear supports solvable without changing well-posed ones
-            gram = gram + torch.finfo(x.dtype).eps * torch.eye(s + 1, dtype=x.dtype, device=x.device)
-            coef = torch.linalg.solve(gram, corr0.gather(1, S))  # (B, s+1)
-            residual = xb - (coef.unsqueeze(1) @ Ds).squeeze(1)
-        if k:
-            out[s0:s0 + B].scatter_(1, support, coef)
-    return out
+def omp(x: torch.Tensor, atoms: torch.Tensor, k: int, *, chunk: int = 2048,
+        gram: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact OMP: dense codes (B, n_atoms) with at most k non-zeros per row; k is clipped to
+    min(n_atoms, d). The coder is DBK-SVD's Batch-OMP (``coders.batch_omp``, checked against sklearn)
+    without screening; pass ``gram`` = atoms @ atomsᵀ to reuse it across calls."""
+    k = min(int(k), *atoms.shape)
+    G = atoms @ atoms.T if gram is None else gram
+    idx, val = code(x @ atoms.T, G, torch.linalg.vector_norm(x, dim=1) ** 2, k, chunk=chunk)
+    return to_dense(idx, val, atoms.shape[0])
 
 
 class _Baseline(Dictionary):
@@ -273,7 +248,10 @@ class _OMPCoded(_Baseline):
                                 "lower k")
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return omp(x, self._atoms, self.k)
+        # the Gram matrix is as costly as a few thousand rows' products: compute it once per atom set
+        if getattr(self, "_gram_of", None) is not self._atoms:
+            self._gram_of, self._gram = self._atoms, self._atoms @ self._atoms.T
+        return omp(x, self._atoms, self.k, gram=self._gram)
 
 
 class RandomDictionary(_OMPCoded):
