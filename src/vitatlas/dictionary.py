@@ -56,12 +56,9 @@ class SparseCodes(NamedTuple):
     n_atoms: int
 
     def to_dense(self) -> torch.Tensor:
-        n = self.indices.shape[0]
-        dense = torch.zeros(n, self.n_atoms, dtype=self.values.dtype, device=self.values.device)
-        used = self.indices >= 0
-        rows = torch.arange(n, device=self.indices.device).unsqueeze(1).expand_as(self.indices)
-        dense[rows[used], self.indices[used]] = self.values[used]
-        return dense
+        from .learners.coders import to_dense  # the coders' padded form is this one
+
+        return to_dense(self.indices, self.values, self.n_atoms)
 
     @staticmethod
     def from_dense(codes: torch.Tensor) -> "SparseCodes":

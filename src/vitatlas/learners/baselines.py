@@ -32,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-from ..dictionary import ArrayLike, Dictionary, as_tensor, is_store, iter_batches, n_rows_and_width
+from ..dictionary import ArrayLike, Dictionary, as_tensor, iter_batches, n_rows_and_width, rows_of
 from ..errors import VitatlasError
 from .coders import code, to_dense
 from .options import resolve_device, resolve_dtype
@@ -49,15 +49,10 @@ def fit_rows(X: ArrayLike, max_rows: int, seed: int) -> np.ndarray:
     n, _ = n_rows_and_width(X)
     if n == 0:
         raise VitatlasError("X is empty (0 rows): pass at least one sample")
-    ids = None
+    ids = np.arange(n)
     if n > max_rows:
         ids = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
-    if is_store(X):
-        rows = X.to_numpy() if ids is None else X.rows(ids)
-    else:
-        arr = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
-        rows = arr if ids is None else arr[ids]
-    return as_tensor(rows).numpy()
+    return as_tensor(rows_of(X, ids)).numpy()
 
 
 @torch.no_grad()
