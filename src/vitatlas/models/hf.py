@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import VitatlasError
+from ..io import sha256_file
 from .base import VisionModel
 from .preprocess import CLIP_MEAN, CLIP_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, ImageTransform, transform_from_hf_config
 
@@ -260,9 +261,7 @@ def _revision(source_dir: Path) -> str:
     )
     for p in files:
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+        h.update(sha256_file(p).encode())
     return h.hexdigest()[:12]
 
 
