@@ -65,3 +65,12 @@ def test_from_npy_errors(tmp_path, capsys):
     code, _, err = run_cli(["store", "from-npy", tmp_path / "x.npy", "--labels", tmp_path / "y.npy",
                             "--out", tmp_path / "s2"], capsys)
     assert code == 2 and "4 labels but" in err
+
+
+def test_bad_groups_are_one_line_errors_for_both_learners(tmp_path, capsys):
+    ActivationStore.from_array(tmp_path / "s", np.ones((20, 4), np.float32))
+    for learner in (["dbksvd"], ["sae", "--kind", "matryoshka"]):
+        code, _, err = run_cli(["fit", *learner, "--acts", tmp_path / "s", "--atoms", "8", "--k", "2",
+                                "--groups", "4,x", "--out", tmp_path / "run"], capsys)
+        assert code == 2 and err.strip().splitlines()[-1] == \
+            "error: --groups must be comma-separated integers like 64,256,1024; got '4,x'"

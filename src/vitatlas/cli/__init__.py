@@ -59,6 +59,16 @@ def fit() -> None:
     """Learn a dictionary from an activation store (DBK-SVD or sparse autoencoders)."""
 
 
+def parse_groups(value: str | None) -> list[int] | None:
+    """``--groups 64,256,1024`` (Matryoshka prefix sizes) -> [64, 256, 1024]; empty -> None."""
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise VitatlasError(f"--groups must be comma-separated integers like 64,256,1024; got {value!r}") from None
+
+
 def run() -> None:
     """Console-script entry point."""
     try:

@@ -9,16 +9,7 @@ from __future__ import annotations
 
 import click
 
-
-def _groups(value: str | None) -> list[int] | None:
-    from ..errors import VitatlasError
-
-    if not value:
-        return None
-    try:
-        return [int(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise VitatlasError(f"--groups must be comma-separated integers like 64,256,1024; got {value!r}") from None
+from . import parse_groups
 
 
 @click.command("dbksvd")
@@ -61,7 +52,7 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, appro
     store = ActivationStore(acts)
     start = time.perf_counter()
     model = DBKSVD(n_atoms, k, coder=coder, epochs=epochs, sample_batch=sample_batch, atom_batch=atom_batch,
-                   approx=approx, candidates=cand, groups=_groups(groups), device=device, dtype=dtype, seed=seed)
+                   approx=approx, candidates=cand, groups=parse_groups(groups), device=device, dtype=dtype, seed=seed)
     out = Path(out)
     model.fit(store, checkpoint_dir=out / "checkpoint", progress=not no_progress)
     model.save(out)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import click
 
+from . import parse_groups
+
 
 @click.command("sae")
 @click.option("--kind", type=click.Choice(["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]), default="topk",
@@ -49,12 +51,7 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, batch_size,
             raise VitatlasError(f"--l1 is not used by --kind {kind}; its sparsity is --k")
     elif k:
         raise VitatlasError(f"--k is not used by --kind {kind}; give --l1 (or nothing for the default)")
-    group_sizes = None
-    if groups:
-        try:
-            group_sizes = [int(v) for v in groups.replace(" ", "").split(",") if v]
-        except ValueError:
-            raise VitatlasError(f"--groups must be comma-separated integers like 96,384,1536; got {groups!r}") from None
+    group_sizes = parse_groups(groups)
     store = ActivationStore(acts)
     saes = []
     for n, kk, c, rate in itertools.product(n_latents, k or [None], l1 or [None], lr or [None]):
