@@ -232,7 +232,7 @@ def main() -> None:
         for kk in ks:
             make(kk).fit(store, progress=False)
         separate = time.perf_counter() - t0
-        from vitatlas.dictionary import iter_batches
+        from vitatlas.data.batches import iter_batches
         t0 = time.perf_counter()
         for e in range(epochs):  # the shared part: reading, converting and checking the batches
             for _ in iter_batches(store, batch, shuffle=True, seed=epoch_seed(seed, e), drop_last=True, d=store.d):

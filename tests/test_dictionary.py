@@ -8,7 +8,9 @@ import torch
 
 import vitatlas
 from vitatlas import ActivationStore, VitatlasError
-from vitatlas.dictionary import LEARNERS, Dictionary, SparseCodes, as_tensor, iter_batches
+from vitatlas.arrays import SparseCodes, as_tensor
+from vitatlas.data.batches import iter_batches
+from vitatlas.dictionary import LEARNERS, Dictionary
 
 
 class Nearest(Dictionary):

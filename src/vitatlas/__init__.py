@@ -9,7 +9,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .data.store import ActivationStore
-from .dictionary import Dictionary, SparseCodes, load
+from .arrays import SparseCodes
+from .dictionary import Dictionary, load
 from .errors import VitatlasError
 
 __all__ = ["ActivationStore", "Dictionary", "SparseCodes", "VitatlasError", "load", "DBKSVD", "SAE", "evaluate"]

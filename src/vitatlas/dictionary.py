@@ -16,15 +16,15 @@ where it was fitted) and ``dictionary.safetensors`` (its tensors). Nothing is ev
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, NamedTuple
+from typing import ClassVar, Iterator
 
-import numpy as np
 import torch
 
+from .arrays import ArrayLike, SparseCodes, as_tensor
+from .data.batches import is_store, iter_batches, n_rows_and_width
 from .errors import VitatlasError
 from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
@@ -40,140 +40,6 @@ LEARNERS: dict[str, str] = {
     "random": "vitatlas.learners.baselines:RandomDictionary",
     "sklearn-dl": "vitatlas.learners.baselines:SklearnDictionaryLearning",
 }
-
-ArrayLike = Any  # numpy array, torch tensor, or anything np.asarray accepts
-
-
-class SparseCodes(NamedTuple):
-    """Sparse codes in fixed-width form: row i uses atoms ``indices[i]`` with weights ``values[i]``.
-
-    indices: (n, width) int64, padded with -1 where a row uses fewer than ``width`` atoms.
-    values: (n, width) float, 0 at the padded positions.
-    """
-
-    indices: torch.Tensor
-    values: torch.Tensor
-    n_atoms: int
-
-    def to_dense(self) -> torch.Tensor:
-        from .learners.coders import to_dense  # the coders' padded form is this one
-
-        return to_dense(self.indices, self.values, self.n_atoms)
-
-    @staticmethod
-    def from_dense(codes: torch.Tensor) -> "SparseCodes":
-        nnz = (codes != 0).sum(dim=1)
-        width = int(nnz.max().item()) if codes.shape[0] else 0
-        # topk on |codes| puts the non-zeros first; positions past each row's nnz are padding.
-        values, indices = torch.topk(codes.abs(), k=width, dim=1) if width else (codes[:, :0], codes[:, :0].long())
-        values = torch.gather(codes, 1, indices)
-        pad = torch.arange(width, device=codes.device).unsqueeze(0) >= nnz.unsqueeze(1)
-        indices = indices.masked_fill(pad, -1)
-        values = values.masked_fill(pad, 0)
-        return SparseCodes(indices, values, codes.shape[1])
-
-
-# ---- input checking ------------------------------------------------------------------------------
-
-def as_tensor(X: ArrayLike, *, d: int | None = None, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32, name: str = "X", first_row: int = 0) -> torch.Tensor:
-    """Check and convert activations to a 2-D finite tensor (n, d) on ``device``.
-
-    Raises a one-line VitatlasError for: a non-numeric input, wrong number of dimensions, no rows,
-    a width different from ``d``, and NaN/Inf values (naming the first bad row, offset by
-    ``first_row`` so streamed batches report positions in the whole data set).
-    """
-    if isinstance(X, torch.Tensor):
-        t = X
-    else:
-        try:
-            arr = np.asarray(X)
-            # memory-mapped stores are read-only; torch needs a writable buffer
-            t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-        except (TypeError, ValueError) as exc:
-            raise VitatlasError(f"{name} must be a numeric array of shape (n, d); could not convert it ({exc})") from None
-    if t.dtype == torch.bool or not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
-        raise VitatlasError(f"{name} must hold real numbers, got dtype {t.dtype}")
-    if t.ndim != 2:
-        raise _not_2d(name, tuple(t.shape))
-    if t.shape[0] == 0:
-        raise VitatlasError(f"{name} is empty (0 rows): pass at least one sample")
-    if d is not None and t.shape[1] != d:
-        raise VitatlasError(f"{name} has width {t.shape[1]} but this dictionary was fitted on width {d}")
-    t = t.to(device=device, dtype=dtype)
-    finite = torch.isfinite(t).all(dim=1)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite)[0].item() + first_row
-        n_bad = int((~finite).sum())
-        raise VitatlasError(f"{name} has NaN or Inf values in {n_bad} row(s), first at row {bad}: clean or drop those rows first")
-    return t
-
-
-def _not_2d(name: str, shape: tuple) -> VitatlasError:
-    hint = " (use X.reshape(1, -1) for a single sample)" if len(shape) == 1 else ""
-    return VitatlasError(f"{name} must be 2-D (n_samples, d), got shape {shape}{hint}")
-
-
-def is_store(X: Any) -> bool:
-    from .data.store import ActivationStore  # local: avoid an import cycle
-    return isinstance(X, ActivationStore)
-
-
-def n_rows_and_width(X: ArrayLike) -> tuple[int, int]:
-    if is_store(X):
-        return X.n_rows, X.d
-    shape = tuple(X.shape) if hasattr(X, "shape") else np.asarray(X).shape
-    if len(shape) != 2:
-        raise _not_2d("X", shape)
-    return shape[0], shape[1]
-
-
-def iter_batches(X: ArrayLike, batch_size: int, *, shuffle: bool, seed: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, drop_last: bool = False, d: int | None = None,
-                 ) -> Iterator[torch.Tensor]:
-    """Yield checked (batch, d) tensors from an array, a tensor or an ActivationStore.
-
-    Shuffling is reproducible for a given ``seed`` (use a different seed per epoch). A store is
-    streamed shard by shard, so data larger than RAM works.
-    """
-    if batch_size <= 0:
-        raise VitatlasError(f"batch size must be positive, got {batch_size}")
-    if is_store(X):
-        for start, batch in X.iter_batches(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                           with_offsets=True):
-            yield as_tensor(batch, d=d, device=device, dtype=dtype, first_row=start if not shuffle else 0)
-        return
-    n, _ = n_rows_and_width(X)
-    if n == 0:
-        raise VitatlasError("X is empty (0 rows): pass at least one sample")
-    order = np.random.default_rng(seed).permutation(n) if shuffle else None
-    stop = n - n % batch_size if (drop_last and n >= batch_size) else n
-    for start in range(0, stop, batch_size):
-        rows = slice(start, min(start + batch_size, n)) if order is None else order[start:start + batch_size]
-        if isinstance(X, torch.Tensor):
-            chunk = X[rows] if order is None else X[torch.as_tensor(rows, device=X.device)]
-        else:
-            chunk = np.asarray(X)[rows]
-        yield as_tensor(chunk, d=d, device=device, dtype=dtype, first_row=start if order is None else 0)
-
-
-def rows_of(X: ArrayLike, ids: np.ndarray) -> np.ndarray:
-    """Rows ``ids`` of an array, a tensor or an ActivationStore, as a float32 numpy array."""
-    if is_store(X):
-        return X.rows(ids)
-    if isinstance(X, torch.Tensor):
-        return X[torch.as_tensor(ids, device=X.device)].detach().float().cpu().numpy()
-    return np.asarray(np.asarray(X)[ids], dtype=np.float32)
-
-
-def data_fingerprint(X: ArrayLike, n: int, d: int) -> str:
-    """SHA-256 of the shape and of up to 256 rows from each end: enough to refuse another data set."""
-    h = hashlib.sha256(f"{n}x{d}".encode())
-    m = min(n, 256)
-    for ids in (np.arange(m), np.arange(n - m, n)):
-        h.update(np.ascontiguousarray(rows_of(X, ids), dtype=np.float32).tobytes())
-    return h.hexdigest()
-
 
 # ---- the interface -------------------------------------------------------------------------------
 

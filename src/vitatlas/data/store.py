@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..arrays import as_tensor
 from ..errors import VitatlasError
 from ..io import atomic_save_npy, atomic_write_json, read_json, sha256_file
 
@@ -262,8 +263,6 @@ class ActivationStore:
 
         Each row is treated as one image with one token; labels, if given, are one int per row.
         """
-        from ..dictionary import as_tensor  # reuse the shape/finite checks
-
         X = np.asarray(X) if not isinstance(X, np.ndarray) else X
         if X.ndim != 2 or X.shape[0] == 0:
             raise VitatlasError(f"activations must be a non-empty 2-D array (n, d), got shape {X.shape}")

@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..dictionary import ArrayLike, Dictionary, is_store, iter_batches, n_rows_and_width
+from ..arrays import ArrayLike
+from ..data.batches import is_store, iter_batches, n_rows_and_width
+from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from .labels import image_activations, label_atoms, label_quality
 from .metrics import ReconstructionStats, frequency_histogram, max_coherence

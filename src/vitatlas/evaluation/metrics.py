@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..data.batches import iter_batches
+
 DENSE_THRESHOLD = 0.01
 
 
@@ -110,8 +112,6 @@ def reconstruction_metrics(model, X, batch_size: int = 4096) -> dict:
     """The reconstruction and sparsity metrics of any fitted Dictionary over all of X (an array, a
     tensor or an ActivationStore) in one streamed pass; the definitions are this module's docstring.
     What the fit commands print and what ``vitatlas.evaluate`` reports come from the same sums."""
-    from ..dictionary import iter_batches  # local: the dictionary module imports nothing from here
-
     model._check_fitted()
     stats = ReconstructionStats(int(model.n_atoms))
     for x in iter_batches(X, batch_size, shuffle=False, seed=0, device=model.device, dtype=model.dtype, d=model.d):

@@ -32,7 +32,9 @@ import math
 import numpy as np
 import torch
 
-from ..dictionary import ArrayLike, Dictionary, as_tensor, iter_batches, n_rows_and_width, rows_of
+from ..arrays import ArrayLike, as_tensor
+from ..data.batches import iter_batches, n_rows_and_width, rows_of
+from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from .coders import code, to_dense
 from .options import resolve_device, resolve_dtype

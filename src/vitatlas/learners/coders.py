@@ -29,6 +29,7 @@ import warnings
 
 import torch
 
+from ..arrays import to_dense  # noqa: F401  (re-exported: the coders' padded form)
 from ..errors import VitatlasError
 
 CODERS = ("mp", "omp")
@@ -302,11 +303,3 @@ def sparse_decode(idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torc
 def residual(Y: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """Y − sparse_decode(idx, val, D), as one in-place sparse addmm on a copy of Y (no (B, d) temporary)."""
     return Y.clone().addmm_(_codes_csr(idx, val, D.shape[0], D.dtype), D, alpha=-1)
-
-
-def to_dense(idx: torch.Tensor, val: torch.Tensor, n_atoms: int) -> torch.Tensor:
-    """Padded sparse codes -> dense (B, n_atoms)."""
-    dense = torch.zeros(idx.shape[0], n_atoms + 1, dtype=val.dtype, device=val.device)
-    # padding (-1) goes to the extra last column, which is dropped
-    dense.scatter_add_(1, torch.where(idx >= 0, idx, n_atoms), val)
-    return dense[:, :n_atoms]

@@ -32,7 +32,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..dictionary import ArrayLike, Dictionary, as_tensor, data_fingerprint, iter_batches, n_rows_and_width, rows_of
+from ..arrays import ArrayLike, as_tensor
+from ..data.batches import data_fingerprint, iter_batches, n_rows_and_width, rows_of
+from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from ..io import atomic_save_safetensors, load_safetensors
 from .coders import CODERS, code_signals, residual, to_dense

@@ -56,10 +56,11 @@ import torch.nn.functional as F
 from ..dictionary import ArrayLike, Dictionary
 from ..errors import VitatlasError
 from . import sae_kernels as K
+from .sae_kernels import SPARSE_KINDS
+from .sae_train import SAESweep, fit_many  # noqa: F401  (SAESweep is part of this module's API)
 from .options import resolve_device, resolve_dtype
 
 KINDS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
-SPARSE_KINDS = ("topk", "batchtopk", "matryoshka")  # exact-k kinds trained through the sparse kernels
 DEFAULT_L1 = {"relu": 0.15, "jumprelu": 1e-2}
 
 
@@ -262,8 +263,6 @@ class SAE(Dictionary):
         ``log_dir/log.jsonl``. callback(step, metrics) is called after every step (tests use it to
         simulate a kill). Final training metrics are in ``self.fit_info["train_metrics"]``.
         """
-        from .sae_train import SAESweep
-
         SAESweep([self]).fit(X, checkpoint_dir=checkpoint_dir, progress=progress, log_dir=log_dir,
                              callback=callback)
         return self
@@ -367,17 +366,3 @@ class SAE(Dictionary):
         stats["sse"] = (x - x_hat).detach().float().pow(2).sum()
         stats["loss"] = loss.detach()
         return loss, stats
-
-
-def fit_many(saes: Sequence[SAE], X: ArrayLike, **kwargs) -> list[SAE]:
-    """Train several SAEs in one pass over the same batches; see ``sae_train.SAESweep``."""
-    from .sae_train import fit_many as _fit_many
-
-    return _fit_many(saes, X, **kwargs)
-
-
-def __getattr__(name: str):
-    if name == "SAESweep":  # lazily, sae_train imports this module
-        from .sae_train import SAESweep
-        return SAESweep
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,16 +29,21 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from ..dictionary import ArrayLike, data_fingerprint, iter_batches, n_rows_and_width
+from ..arrays import ArrayLike
+from ..data.batches import data_fingerprint, iter_batches, n_rows_and_width
+from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from . import sae_kernels as K
 from .options import resolve_device
-from .sae import SAE, SPARSE_KINDS
+from .sae_kernels import SPARSE_KINDS
+
+if TYPE_CHECKING:  # the SAE imports this trainer; the trainer only needs its methods
+    from .sae import SAE
 
 CHECKPOINT_FORMAT = "vitatlas-sae-checkpoint"
 INIT_ROWS = 65536
@@ -204,7 +209,7 @@ class SAESweep:
         saes = list(saes)
         if not saes:
             raise VitatlasError("an SAE sweep needs at least one SAE")
-        if not all(isinstance(s, SAE) for s in saes):
+        if not all(isinstance(s, Dictionary) and s.kind == "sae" for s in saes):
             raise VitatlasError("SAESweep takes a list of vitatlas.SAE objects")
         first = saes[0]._config()
         for s in saes[1:]:

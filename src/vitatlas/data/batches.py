@@ -1,0 +1,77 @@
+"""Rows from an array, a tensor or an ActivationStore, through one set of functions.
+
+Learners, evaluation and interpretation call these instead of asking which kind of data they got: a
+store is streamed shard by shard (data larger than RAM works), arrays and tensors are sliced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..arrays import ArrayLike, as_tensor, not_2d
+from ..errors import VitatlasError
+from .store import ActivationStore
+
+
+def is_store(X: Any) -> bool:
+    return isinstance(X, ActivationStore)
+
+
+def n_rows_and_width(X: ArrayLike) -> tuple[int, int]:
+    if is_store(X):
+        return X.n_rows, X.d
+    shape = tuple(X.shape) if hasattr(X, "shape") else np.asarray(X).shape
+    if len(shape) != 2:
+        raise not_2d("X", shape)
+    return shape[0], shape[1]
+
+
+def iter_batches(X: ArrayLike, batch_size: int, *, shuffle: bool, seed: int, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, drop_last: bool = False, d: int | None = None,
+                 ) -> Iterator[torch.Tensor]:
+    """Yield checked (batch, d) tensors from an array, a tensor or an ActivationStore.
+
+    Shuffling is reproducible for a given ``seed`` (use a different seed per epoch). A store is
+    streamed shard by shard, so data larger than RAM works.
+    """
+    if batch_size <= 0:
+        raise VitatlasError(f"batch size must be positive, got {batch_size}")
+    if is_store(X):
+        for start, batch in X.iter_batches(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                           with_offsets=True):
+            yield as_tensor(batch, d=d, device=device, dtype=dtype, first_row=start if not shuffle else 0)
+        return
+    n, _ = n_rows_and_width(X)
+    if n == 0:
+        raise VitatlasError("X is empty (0 rows): pass at least one sample")
+    order = np.random.default_rng(seed).permutation(n) if shuffle else None
+    stop = n - n % batch_size if (drop_last and n >= batch_size) else n
+    for start in range(0, stop, batch_size):
+        rows = slice(start, min(start + batch_size, n)) if order is None else order[start:start + batch_size]
+        if isinstance(X, torch.Tensor):
+            chunk = X[rows] if order is None else X[torch.as_tensor(rows, device=X.device)]
+        else:
+            chunk = np.asarray(X)[rows]
+        yield as_tensor(chunk, d=d, device=device, dtype=dtype, first_row=start if order is None else 0)
+
+
+def rows_of(X: ArrayLike, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` of an array, a tensor or an ActivationStore, as a float32 numpy array."""
+    if is_store(X):
+        return X.rows(ids)
+    if isinstance(X, torch.Tensor):
+        return X[torch.as_tensor(ids, device=X.device)].detach().float().cpu().numpy()
+    return np.asarray(np.asarray(X)[ids], dtype=np.float32)
+
+
+def data_fingerprint(X: ArrayLike, n: int, d: int) -> str:
+    """SHA-256 of the shape and of up to 256 rows from each end: enough to refuse another data set."""
+    h = hashlib.sha256(f"{n}x{d}".encode())
+    m = min(n, 256)
+    for ids in (np.arange(m), np.arange(n - m, n)):
+        h.update(np.ascontiguousarray(rows_of(X, ids), dtype=np.float32).tobytes())
+    return h.hexdigest()
