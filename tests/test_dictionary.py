@@ -12,6 +12,8 @@ from vitatlas.arrays import SparseCodes, as_tensor
 from vitatlas.data.batches import iter_batches
 from vitatlas.dictionary import LEARNERS, Dictionary
 
+from _tolerance import product_tolerance
+
 
 class Nearest(Dictionary):
     """Code = the single best-correlated atom's coefficient (matching pursuit with one step)."""
@@ -72,10 +74,18 @@ def test_numpy_in_numpy_out_torch_in_torch_out(data):
 
 
 def test_chunked_encoding_equals_one_shot(data):
+    # Chunks of 7 rows and one call of 300 are different BLAS calls: the same atoms must be chosen, and the
+    # values agree within the float32 dot-product bound (see tests/_tolerance.py), not bit for bit.
     dic = Nearest().fit(data)
     full = dic.encode(data)
     dic.encode_batch_size = 7
-    np.testing.assert_array_equal(dic.encode(data), full)
+    chunked = dic.encode(data)
+    corr = np.abs(data @ dic.atoms.numpy().T)
+    top2 = np.sort(corr, axis=1)[:, -2:]
+    tol = product_tolerance(data, dic.atoms.numpy())
+    assert (top2[:, 1] - top2[:, 0] > 2 * tol.max()).all(), "test data has a near-tie: the choice could flip"
+    np.testing.assert_array_equal(chunked != 0, full != 0)
+    assert (np.abs(chunked - full) <= tol).all()
 
 
 def test_sparse_codes_round_trip(data):

@@ -148,10 +148,14 @@ def test_streaming_store_equals_in_memory(tmp_path):
     for key, v in b.items():
         if isinstance(v, float):
             assert a[key] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), key
-    np.testing.assert_array_equal(a["atoms"]["top_rows"], b["atoms"]["top_rows"])
+    # Batches of 16 and of 4,096 encode through different BLAS shapes (last-bit differences, see
+    # tests/_tolerance.py): the same rows must be kept, but two nearly equal values may swap places.
+    codes = np.abs(dic.encode(X))
+    gaps = np.diff(np.sort(codes, axis=0), axis=0)
+    assert gaps[gaps > 0].min() > 1e-5, "test data has near-equal codes: the top rows could change"
+    np.testing.assert_array_equal(np.sort(a["atoms"]["top_rows"], axis=1), np.sort(b["atoms"]["top_rows"], axis=1))
     np.testing.assert_array_equal(a["atoms"]["label"], b["atoms"]["label"])
     # the top rows really are the largest |codes| among firing rows
-    codes = np.abs(dic.encode(X))
     for j in range(20):
         firing = np.nonzero(codes[:, j])[0]
         want = firing[np.argsort(-codes[firing, j], kind="stable")][:8]
