@@ -225,3 +225,19 @@ def test_cli_eval_baselines_only_on_unlabelled_store(tmp_path):
     assert "| pca (baseline) | pca | 2 |" in text and "—" in text
     res = CliRunner().invoke(main, ["eval", "--acts", str(tmp_path / "acts"), "--out", str(tmp_path / "o")])
     assert isinstance(res.exception, vitatlas.VitatlasError) and "nothing to evaluate" in str(res.exception)
+
+
+def test_pareto_joins_runs_at_several_k_into_one_curve_per_learner(tmp_path):
+    from vitatlas.evaluation.report import RunResult, curve_name, write_report
+
+    def run(name, l0, ev, sr, baseline=False, kind="sae"):
+        return RunResult(name, {"l0": l0, "explained_variance": ev, "signal_recovered": sr, "n_atoms": 64},
+                         kind, baseline=baseline)
+
+    results = [run(f"dbksvd-k{k}", k, 0.6 + 0.05 * i, 0.5 + 0.04 * i, kind="dbksvd") for i, k in enumerate([4, 8, 16, 32])]
+    results += [run(f"topk-k{k}-n1536", k, 0.58 + 0.05 * i, 0.5 + 0.03 * i) for i, k in enumerate([4, 8, 16, 32])]
+    results += [run("pca", 8, 0.61, 0.49, True, "pca"), run("random", 8, -0.9, 0.1, True, "random")]
+    assert {curve_name(r) for r in results} == {"dbksvd", "topk-n1536", "pca", "random"}
+    assert curve_name(RunResult("mine", {}, "sae", curve="custom")) == "custom"
+    write_report(tmp_path / "rep", results)
+    assert _png_ok(tmp_path / "rep" / "pareto.png")

@@ -5,7 +5,7 @@ Layout of a report directory::
     metrics.json          one object per evaluated run or baseline (DESIGN.md metric names)
     atoms/<name>.json     per-atom results (frequency, label, faithfulness, specificity, top rows)
     report.md             side-by-side table, metric definitions, data and settings
-    pareto.png            explained_variance against l0 for every run and baseline
+    pareto.png            explained_variance and signal_recovered against l0: a curve per learner over k
     frequency.png         atom firing-frequency histograms
     top_images.png        top images of the most specific atoms (only when the store's images open)
 """
@@ -66,6 +66,7 @@ class RunResult:
     baseline: bool = False
     config: dict = field(default_factory=dict)
     fit_info: dict = field(default_factory=dict)
+    curve: str | None = None  # trade-off curve to join; default: the name without its k / l1 token
 
 
 def jsonable(value):
@@ -97,34 +98,72 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
 
 
+_SPARSITY_TOKEN = re.compile(r"(^|[-_])(k\d+|l1_[0-9.e+-]+?)(?=$|-n\d|[-_][a-z])")
+
+
+def curve_name(result: RunResult) -> str:
+    """The trade-off curve a run belongs to: its name without the sparsity token (``topk-k32-n1536`` ->
+    ``topk-n1536``, ``dbksvd-k8`` -> ``dbksvd``), so runs that differ only in k (or l1) join one curve."""
+    if result.curve:
+        return result.curve
+    return _SPARSITY_TOKEN.sub("", result.name).strip("-_") or result.kind
+
+
+def _pareto(out: Path, results: list[RunResult], plt) -> str:
+    """explained_variance and signal_recovered against l0: one line per learner over its runs at several k,
+    baselines as reference markers, labels in a legend (never printed over each other)."""
+    metrics = [("explained_variance", "explained_variance"), ("signal_recovered", "signal_recovered")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    curves: dict[tuple[bool, str], list[RunResult]] = {}
+    for r in results:
+        if r.metrics.get("l0") is not None:
+            curves.setdefault((r.baseline, curve_name(r)), []).append(r)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    baseline_markers = iter("sD^vP*Xph" * 3)
+    style = {}
+    for i, (baseline, name) in enumerate(sorted(curves, key=lambda c: (c[0], c[1]))):
+        style[(baseline, name)] = (colors[i % len(colors)], next(baseline_markers) if baseline else "o")
+    for ax, (key, label) in zip(axes, metrics):
+        values = [r.metrics.get(key) for rs in curves.values() for r in rs]
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        # a very negative floor (e.g. random atoms) would squash everything else: clip it to the bottom edge
+        floor = min([v for v in values if v >= -0.2] + [0.0]) - 0.05
+        for (baseline, name), rs in sorted(curves.items(), key=lambda c: (c[0][0], c[0][1])):
+            pts = sorted((max(float(r.metrics["l0"]), 1e-3), r.metrics.get(key)) for r in rs
+                         if r.metrics.get(key) is not None and math.isfinite(r.metrics.get(key)))
+            if not pts:
+                continue
+            color, marker = style[(baseline, name)]
+            xs, ys = [x for x, _ in pts], [max(y, floor) for _, y in pts]
+            off = [y for _, y in pts if y < floor]
+            legend = f"{name} (baseline)" if baseline else name
+            if off:
+                legend += f" ({key} {min(off):.2f}, off scale)"
+            ax.plot(xs, ys, linestyle="--" if baseline else "-", marker=marker, color=color,
+                    markersize=7 if baseline else 5, linewidth=1.2 if baseline else 2, label=legend,
+                    alpha=0.85 if baseline else 1.0)
+        if values:
+            ax.set_ylim(floor - 0.03, max(1.0, max(values)) + 0.02)
+        ax.set_xscale("log")
+        ax.set_xlabel("l0 (non-zeros per row, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_title("Reconstruction against sparsity", fontsize=10, loc="left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(labels) - 1) // 4), 1, 1))
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+    return "pareto.png"
+
+
 def _plots(out: Path, results: list[RunResult]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    points = [(r, r.metrics.get("l0"), r.metrics.get("explained_variance")) for r in results]
-    points = [(r, l0, ev) for r, l0, ev in points if l0 is not None and ev is not None and math.isfinite(ev)]
-    # a very negative floor (e.g. random atoms) would squash everything else: draw it at the bottom edge
-    floor = min([ev for _, _, ev in points if ev >= -0.2] + [0.0]) - 0.05
-    for r, l0, ev in points:
-        shown = max(ev, floor)
-        ax.scatter([max(l0, 1e-3)], [shown], marker=("v" if ev < floor else "s") if r.baseline else "o", s=50)
-        label = r.name if ev >= floor else f"{r.name} ({ev:.2f})"
-        ax.annotate(label, (max(l0, 1e-3), shown), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    if points:
-        ax.set_ylim(floor - 0.03, max(1.0, max(ev for _, _, ev in points)) + 0.03)
-    ax.set_xscale("log")
-    ax.set_xlabel("l0 (non-zeros per row, log scale)")
-    ax.set_ylabel("explained_variance")
-    ax.set_title("Reconstruction against sparsity (squares: baselines; ▼ off scale)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=110)
-    plt.close(fig)
-    written.append("pareto.png")
+    written = [_pareto(out, results, plt)]
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in results:
@@ -137,7 +176,8 @@ def _plots(out: Path, results: list[RunResult]) -> list[str]:
     ax.set_xlabel("atom firing frequency (fraction of rows)")
     ax.set_ylabel("atoms")
     ax.set_title("Atom frequency histogram")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "frequency.png", dpi=110)
     plt.close(fig)
@@ -239,7 +279,7 @@ def write_report(out: str | Path, results: list[RunResult], *, store=None, data:
     lines += ["", "— = not available (no labels, or not defined for this dictionary).", ""]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["## Plots", "", "![explained variance against l0](pareto.png)", "",
+    lines += ["## Plots", "", "![explained variance and signal recovered against l0, one curve per learner](pareto.png)", "",
               "![atom frequency histogram](frequency.png)", "", "## Top images", "", grid_note, "",
               "## Metric definitions", "",
               FORMULAS.format(top_n=settings.get("top_n", "?"), min_support=settings.get("min_support", "?"),
