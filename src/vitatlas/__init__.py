@@ -13,7 +13,7 @@ from .arrays import SparseCodes
 from .dictionary import Dictionary, load
 from .errors import VitatlasError
 
-__all__ = ["ActivationStore", "Dictionary", "SparseCodes", "VitatlasError", "load", "DBKSVD", "SAE", "evaluate"]
+__all__ = ["ActivationStore", "Dictionary", "SparseCodes", "VitatlasError", "load", "DBKSVD", "SAE", "evaluate", "interpret", "intervene", "intervention"]
 
 
 def __getattr__(name: str):
@@ -27,4 +27,13 @@ def __getattr__(name: str):
     if name == "evaluate":
         from .evaluation import evaluate
         return evaluate
+    if name == "interpret":  # the package, callable: vitatlas.interpret(dictionary, store, ...)
+        import importlib  # not `from . import interpret`: that asks this __getattr__ again
+        return importlib.import_module(".interpret", __name__)
+    if name == "intervene":  # the package, callable: vitatlas.intervene(model, dictionary, images, ...)
+        import importlib  # not `from . import intervene`: that asks this __getattr__ again (recursion)
+        return importlib.import_module(f"{__name__}.intervene")
+    if name == "intervention":
+        from .intervene import intervention
+        return intervention
     raise AttributeError(f"module 'vitatlas' has no attribute {name!r}")

@@ -37,6 +37,9 @@ class LazyGroup(click.Group):
     "store": "vitatlas.cli.store:store",
     "fit": "vitatlas.cli:fit",
     "eval": "vitatlas.cli.eval:eval_cmd",
+    "probe": "vitatlas.cli.probe:probe",
+    "intervene": "vitatlas.cli.intervene:intervene",
+    "interpret": "vitatlas.cli.interpret:interpret",
 }, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vitatlas")
 def main() -> None:

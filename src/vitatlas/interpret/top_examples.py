@@ -1,0 +1,230 @@
+"""The streaming top-examples pass: one walk over a store keeps, for every atom, its top-N images.
+
+Rows are read in store order (no shuffle), encoded chunk by chunk, and grouped into images with the
+store's index (an extraction writes the rows of one image contiguously; an image cut by a chunk or
+shard boundary is carried over to the next chunk). Per image and atom the *image activation* is the
+atom's maximum (``rank="max"``) or mean (``rank="mean"``) code over the image's rows (one row for a
+CLS store). A running top-N per atom is merged with ``torch.topk`` over ``[kept, new]``, and the
+atom's code on every row of each kept image is kept with it, so heatmaps need no second pass.
+
+Memory is O(A·N·P) for the kept lists (P = rows per image, stored as float16), O(A·B) for the
+statistics (B histogram bins) and O(chunk·A) for one chunk's dense codes — never the whole store.
+
+Per atom and *side* (the positive side: codes > 0; the negative side, for signed codes: −codes > 0,
+i.e. the atom's negation treated as an atom of its own) the pass also counts:
+
+- ``frequency``: fraction of rows where the side fires (code > 0);
+- ``mean_activation`` / ``max_activation``: mean / maximum of the code over those rows;
+- a histogram of the code over those rows in log-spaced bins (``HIST_PER_DECADE`` per decade from
+  10^HIST_LOG_LO to 10^HIST_LOG_HI; values outside are clipped into the first / last bin).
+
+An image enters a side's top list only if the side fires on at least one of its rows.
+
+The whole state is a dict of tensors, so it is checkpointed atomically (safetensors) together with
+the number of rows already absorbed, and a resumed pass continues from there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.store import ActivationStore
+from ..dictionary import Dictionary
+from ..errors import VitatlasError
+from ..io import atomic_save_safetensors
+
+RANKS = ("max", "mean")
+HIST_LOG_LO, HIST_LOG_HI, HIST_PER_DECADE = -6, 6, 4
+N_BINS = (HIST_LOG_HI - HIST_LOG_LO) * HIST_PER_DECADE
+SIDES = ("pos", "neg")
+
+
+def hist_edges() -> np.ndarray:
+    return np.logspace(HIST_LOG_LO, HIST_LOG_HI, N_BINS + 1)
+
+
+def rows_per_image(store: ActivationStore) -> int:
+    """Rows each image contributes: the store's token positions (1 for CLS and from-npy stores)."""
+    positions = store.manifest.get("token_positions")
+    return len(positions) if positions else 1
+
+
+@dataclass
+class PassSettings:
+    top: int
+    rank: str
+    n_atoms: int          # atoms kept (the first n_atoms of the dictionary)
+    signed: bool          # keep a negative side
+    patches: bool         # keep per-row codes of kept images (P > 1)
+    chunk_rows: int
+    faith_images: np.ndarray  # sorted image ids whose per-image activations are kept for AUROC
+
+    def identity(self, dictionary: Dictionary, store: ActivationStore) -> dict:
+        return {"store": str(store.path.resolve()), "store_rows": store.n_rows, "dictionary": dictionary.kind,
+                "dictionary_atoms": int(dictionary.n_atoms), "top": self.top, "rank": self.rank,
+                "n_atoms": self.n_atoms, "signed": self.signed, "n_faith_images": int(self.faith_images.size),
+                "atoms_sum": float(dictionary.atoms.double().sum())}
+
+
+def new_state(s: PassSettings, P: int, device: str) -> dict[str, torch.Tensor]:
+    A, N = s.n_atoms, s.top
+    state: dict[str, torch.Tensor] = {}
+    for side in SIDES if s.signed else SIDES[:1]:
+        state[f"{side}.values"] = torch.full((N, A), -torch.inf, device=device)
+        state[f"{side}.image_ids"] = torch.full((N, A), -1, dtype=torch.int64, device=device)
+        if s.patches:
+            state[f"{side}.patch_values"] = torch.zeros((N, A, P), dtype=torch.float16, device=device)
+        state[f"{side}.count"] = torch.zeros(A, dtype=torch.int64, device=device)
+        state[f"{side}.total"] = torch.zeros(A, dtype=torch.float64, device=device)
+        state[f"{side}.peak"] = torch.zeros(A, device=device)
+        state[f"{side}.hist"] = torch.zeros((A, N_BINS), dtype=torch.int64, device=device)
+    state["faith.scores"] = torch.zeros((s.faith_images.size, A), device=device)
+    return state
+
+
+def _update_stats(state: dict, side: str, codes: torch.Tensor) -> None:
+    """Frequency, sum, max and histogram of the positive part of ``codes`` (rows, A)."""
+    fires = codes > 0
+    state[f"{side}.count"] += fires.sum(0)
+    state[f"{side}.total"] += torch.where(fires, codes, 0).sum(0, dtype=torch.float64)
+    state[f"{side}.peak"] = torch.maximum(state[f"{side}.peak"], codes.amax(0).clamp(min=0))
+    rows, atoms = fires.nonzero(as_tuple=True)
+    if atoms.numel():
+        v = codes[rows, atoms]
+        b = ((torch.log10(v) - HIST_LOG_LO) * HIST_PER_DECADE).floor().long().clamp_(0, N_BINS - 1)
+        state[f"{side}.hist"].view(-1).index_add_(0, atoms * N_BINS + b, torch.ones_like(b))
+
+
+def _update_top(state: dict, side: str, per_image: torch.Tensor, image_ids: torch.Tensor, rank: str) -> torch.Tensor:
+    """Merge images (n_img, P, A) of codes into the running top-N of ``side``; returns image maxima."""
+    peak = per_image.amax(1)                                       # (n_img, A)
+    score = peak if rank == "max" else per_image.mean(1)
+    score = score.masked_fill(peak <= 0, -torch.inf)               # only images where the side fires
+    kept = state[f"{side}.values"]
+    N = kept.shape[0]
+    values, pick = torch.topk(torch.cat([kept, score]), k=N, dim=0)  # (N, A), sorted descending
+    is_new = pick >= N
+    old_pick, new_pick = pick.clamp(max=N - 1), (pick - N).clamp(min=0)
+    ids = torch.where(is_new, image_ids[new_pick], state[f"{side}.image_ids"].gather(0, old_pick))
+    state[f"{side}.image_ids"] = ids.masked_fill(torch.isinf(values), -1)
+    state[f"{side}.values"] = values
+    key = f"{side}.patch_values"
+    if key in state and bool(is_new.any()):
+        P = per_image.shape[1]
+        old = state[key].gather(0, old_pick.unsqueeze(-1).expand(-1, -1, P))
+        new = per_image.transpose(1, 2).gather(0, new_pick.unsqueeze(-1).expand(-1, -1, P)).to(torch.float16)
+        state[key] = torch.where(is_new.unsqueeze(-1), new, old)
+    return peak
+
+
+def _absorb(state: dict, s: PassSettings, codes: torch.Tensor, ids: np.ndarray, P: int) -> None:
+    """Absorb the codes (rows, A) of whole images whose image ids per row are ``ids``."""
+    n_img = codes.shape[0] // P
+    img_ids_np = ids[::P]
+    if not np.array_equal(np.repeat(img_ids_np, P), ids):
+        bad = img_ids_np[np.nonzero(np.repeat(img_ids_np, P) != ids)[0][0] // P]
+        raise VitatlasError(f"the store's rows of image {bad} are not {P} contiguous rows: interpret needs a store "
+                            "written by `vitatlas extract` or `store from-npy`")
+    img_ids = torch.from_numpy(img_ids_np.astype(np.int64)).to(codes.device)
+    per_image = codes.reshape(n_img, P, -1)
+    faith_sel = np.isin(img_ids_np, s.faith_images)
+    faith_pos = np.searchsorted(s.faith_images, img_ids_np)
+    for side in SIDES if s.signed else SIDES[:1]:
+        c = codes if side == "pos" else -codes
+        _update_stats(state, side, c)
+        peak = _update_top(state, side, per_image if side == "pos" else -per_image, img_ids, s.rank)
+        if side == "pos" and faith_sel.any():
+            # image activation for AUROC: the atom's largest |code| on the image, as evaluate uses
+            mag = per_image.abs().amax(1) if s.signed else peak
+            sel = torch.from_numpy(faith_sel).to(codes.device)
+            state["faith.scores"][torch.from_numpy(faith_pos[faith_sel]).to(codes.device)] = mag[sel]
+
+
+CHECKPOINT_NAME = "top-state.safetensors"
+
+
+def _load_checkpoint(checkpoint_dir: Path | None, identity: dict, device: str) -> tuple[dict | None, int]:
+    """The saved state and the rows it covers, or (None, 0). One file: tensors and metadata commit together."""
+    if checkpoint_dir is None or not (checkpoint_dir / CHECKPOINT_NAME).is_file():
+        return None, 0
+    from safetensors import safe_open
+
+    from ..io import load_safetensors
+
+    path = checkpoint_dir / CHECKPOINT_NAME
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # a damaged checkpoint is only lost time: start over
+        return None, 0
+    if json.loads(meta.get("identity", "null")) != identity:
+        raise VitatlasError(f"the checkpoint {path} was made with another run, store or settings: "
+                            "delete it or pass another --out")
+    state = {k: v.to(device) for k, v in load_safetensors(path, "interpret checkpoint").items()}
+    return state, int(meta["rows_done"])
+
+
+def _save_checkpoint(checkpoint_dir: Path, state: dict, identity: dict, rows_done: int) -> None:
+    atomic_save_safetensors(checkpoint_dir / CHECKPOINT_NAME, state,
+                            metadata={"identity": json.dumps(identity), "rows_done": str(rows_done)})
+
+
+@torch.no_grad()
+def top_examples_pass(dictionary: Dictionary, store: ActivationStore, s: PassSettings, *, device: str = "cpu",
+                      progress: bool = True, checkpoint_dir: str | Path | None = None,
+                      checkpoint_seconds: float = 60.0) -> dict[str, torch.Tensor]:
+    """Run the pass (resuming from ``checkpoint_dir`` when it holds a matching state); returns the state."""
+    from tqdm.auto import tqdm
+
+    P = rows_per_image(store)
+    identity = s.identity(dictionary, store)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    state, rows_done = _load_checkpoint(ckpt, identity, device)
+    if state is None:
+        state = new_state(s, P, device)
+    index_ids = store.index[:, 0]
+    pending_codes: torch.Tensor | None = None
+    pending_start = rows_done
+    last_save = time.perf_counter()
+    bar = tqdm(total=store.n_rows, initial=rows_done, unit="row", desc=f"interpret {dictionary.kind}",
+               disable=not progress)
+    for start, batch in store.iter_batches(s.chunk_rows, shuffle=False, with_offsets=True):
+        end = start + batch.shape[0]
+        if end <= rows_done:
+            continue
+        if start < rows_done:
+            batch, start = batch[rows_done - start:], rows_done
+        x = torch.from_numpy(batch if batch.flags.writeable else batch.copy()).to(device)
+        codes = dictionary.encode(x)[:, :s.n_atoms].to(device=device, dtype=torch.float32)
+        if pending_codes is not None:
+            codes = torch.cat([pending_codes, codes])
+        ids = index_ids[pending_start:end]
+        # keep the last image for the next chunk unless the store ends here
+        cut = codes.shape[0] if end == store.n_rows else _last_run_start(ids)
+        if cut:
+            _absorb(state, s, codes[:cut], ids[:cut], P)
+        pending_codes = codes[cut:] if cut < codes.shape[0] else None
+        pending_start += cut
+        bar.update(end - start)
+        if ckpt is not None and time.perf_counter() - last_save > checkpoint_seconds:
+            _save_checkpoint(ckpt, state, identity, pending_start)
+            last_save = time.perf_counter()
+    bar.close()
+    if pending_codes is not None:  # cannot happen: the last chunk absorbs everything
+        raise VitatlasError("internal error: rows left over after the last chunk")
+    if ckpt is not None:
+        _save_checkpoint(ckpt, state, identity, store.n_rows)
+    return state
+
+
+def _last_run_start(ids: np.ndarray) -> int:
+    """Index where the final run of equal image ids starts."""
+    change = np.nonzero(ids[1:] != ids[:-1])[0]
+    return int(change[-1] + 1) if change.size else 0
+
