@@ -1,0 +1,84 @@
+"""Static export: the explorer as a folder of files that opens from disk or any web host.
+
+The pages and the JS/CSS are the live site's own; instead of the JSON API they read ``data/<key>.js``
+files that call ``vitatlasData(key, object)`` (a ``<script>`` tag loads from ``file://`` where
+``fetch`` is refused). Everything is exported except the live intervention: the table of every
+run (sorted and filtered in the browser), every atom page, the compare page, and the image pages of
+the images that appear in the atoms' top lists (the most frequent ``max_images`` of them).
+
+Files are written atomically; re-exporting into the same folder replaces them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import VitatlasError
+from ..io import atomic_write_bytes
+from .explorer import Explorer
+from .server import PAGES, STATIC, asset, config_js, json_safe
+from .table import Query
+
+DEFAULT_MAX_IMAGES = 2000
+
+
+def _data_file(out: Path, key: str, obj) -> None:
+    payload = json.dumps(json_safe(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    # "</" cannot end a script element inside a JSON string once escaped
+    payload = payload.replace("</", "<\\/")
+    atomic_write_bytes(out / "data" / f"{key}.js", f"vitatlasData({json.dumps(key)}, {payload});\n".encode())
+
+
+def export_site(explorer: Explorer, out: str | Path, *, max_images: int = DEFAULT_MAX_IMAGES,
+                progress: bool = True) -> Path:
+    """Write the static site for ``explorer`` into ``out``; returns the path of its index.html."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VitatlasError(f"--export {out} is a file: pass a directory")
+    if max_images < 0:
+        raise VitatlasError(f"max_images must be >= 0, got {max_images}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in PAGES:
+        atomic_write_bytes(out / name, asset(name))
+    for name in STATIC:
+        atomic_write_bytes(out / "static" / name, asset(name))
+    atomic_write_bytes(out / "static" / "config.js", config_js(explorer, mode="static"))
+
+    _data_file(out, "meta", {**explorer.meta(), "live": None})
+    counts: Counter = Counter()
+    total = sum(explorer.runs[n].n_atoms for n in explorer.run_names)
+    bar = tqdm(total=total, desc="export atoms", unit="atom", disable=not progress)
+    for name in explorer.run_names:
+        run = explorer.runs[name]
+        _data_file(out, f"table-{name}", {"run": name, "rows": run.table.query(Query(limit=len(run.table) or 1))["rows"]})
+        for a in range(run.n_atoms):
+            atom = explorer.atom(name, a)
+            _data_file(out, f"atom-{name}-{a}", atom)
+            for t in atom["card"].get("top_images") or []:
+                counts[int(t["image"])] += 1
+            bar.update(1)
+        cards_dir = out / "cards" / name
+        for a in range(run.n_atoms):
+            for fname in run.cards.card_files(a).values():
+                src = run.cards.file("cards", fname)
+                if src is not None:
+                    cards_dir.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, cards_dir / fname)
+    bar.close()
+    if len(explorer.run_names) >= 2:
+        _data_file(out, "compare", explorer.compare())
+
+    images = [i for i, _ in counts.most_common() if i in explorer.images][:max_images]
+    for image_id in tqdm(images, desc="export images", unit="image", disable=not progress):
+        try:
+            atomic_write_bytes(out / "images" / f"{image_id}.png", explorer.image_png(image_id))
+        except VitatlasError:
+            continue  # the source moved: the pages show the statistics without the picture
+        for name in explorer.run_names:
+            _data_file(out, f"image-{name}-{image_id}", explorer.image(name, image_id))
+    return out / "index.html"
