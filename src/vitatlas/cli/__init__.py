@@ -37,6 +37,7 @@ class LazyGroup(click.Group):
     "store": "vitatlas.cli.store:store",
     "fit": "vitatlas.cli:fit",
     "eval": "vitatlas.cli.eval:eval_cmd",
+    "explore": "vitatlas.cli.explore:explore",
     "probe": "vitatlas.cli.probe:probe",
     "intervene": "vitatlas.cli.intervene:intervene",
     "interpret": "vitatlas.cli.interpret:interpret",
