@@ -11,10 +11,16 @@ import click
 @click.option("--data", required=True, metavar="S",
               help="embedded:fashion-mnist[:train|:test], embedded:digits, embedded:photos, an image folder, "
                    "or hf-disk:PATH.")
-@click.option("--layer", "layers", type=int, multiple=True, required=True, metavar="L",
-              help="Residual stream after block L (0-based; negative counts from the end). Repeatable.")
-@click.option("--tokens", type=click.Choice(["cls", "patches", "all"]), multiple=True, default=("cls",),
-              show_default=True, help="Token kind; repeat for several stores from one forward pass (OUT/cls, OUT/patches).")
+@click.option("--layer", "layers", type=int, multiple=True, metavar="L",
+              help="Residual stream after block L (0-based; negative counts from the end). Repeatable. "
+                   "Needed by every token kind but embedding.")
+@click.option("--tokens", type=click.Choice(["cls", "patches", "all", "embedding"]), multiple=True, default=("cls",),
+              show_default=True, help="Token kind; repeat for several stores from one forward pass (OUT/cls, "
+                                      "OUT/patches). embedding: CLIP/SigLIP's projected image embedding (the joint "
+                                      "image-text space), one row per image, no --layer.")
+@click.option("--caption-column", default=None, metavar="NAME",
+              help="Where the source's captions are: a text column of a saved HF dataset, or the caption key of an "
+                   "image folder's captions.jsonl (default: found automatically). Used by interpret.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output store directory.")
 @click.option("--limit", type=int, default=None, help="Use only the first N images.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -22,7 +28,7 @@ import click
               help="Storage dtype; float16 halves the disk.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--shard-mb", type=float, default=64.0, show_default=True, help="Target shard size in MiB.")
-def extract(model_name, data, layers, tokens, out, limit, batch_size, dtype, device, shard_mb):
+def extract(model_name, data, layers, tokens, caption_column, out, limit, batch_size, dtype, device, shard_mb):
     """Extract activations (resumable: re-run the same command after an interruption)."""
     from ..data.extract import extract as run_extract
     from ..errors import VitatlasError
@@ -30,7 +36,8 @@ def extract(model_name, data, layers, tokens, out, limit, batch_size, dtype, dev
     if shard_mb <= 0:
         raise VitatlasError(f"--shard-mb must be positive, got {shard_mb}")
     result = run_extract(model_name, data, list(layers), list(tokens), out, limit=limit, batch_size=batch_size,
-                         dtype=dtype, shard_bytes=int(shard_mb * (1 << 20)), device=device)
-    click.echo(f"extracted {result.n_rows} new rows from {result.n_images} images, layers "
-               f"{', '.join(map(str, result.layers))}, in {result.seconds:.1f} s "
+                         dtype=dtype, shard_bytes=int(shard_mb * (1 << 20)), device=device,
+                         caption_column=caption_column)
+    what = ", ".join([f"layer {layer}" for layer in result.layers] + (["embedding"] if "embedding" in tokens else []))
+    click.echo(f"extracted {result.n_rows} new rows from {result.n_images} images ({what}) in {result.seconds:.1f} s "
                f"({result.rows_per_second:.0f} rows/s, {result.n_skipped} skipped) -> {result.out}")

@@ -4,6 +4,10 @@ The run walks the source in fixed batches of images (image 0..B-1, B..2B-1, ...)
 number of whole batches, so a run killed at any moment resumes at the last committed shard and
 replays exactly the batches an uninterrupted run would have: the finished store is the same, bit for
 bit. Loading and preprocessing the next batches runs in a background thread while the model computes.
+
+Token kind ``embedding`` (CLIP, SigLIP) stores the model's projected image embedding, one row per image
+(index position 0), width ``model.embedding_width``; it takes no layer (the manifest records
+``"layer": null``) and is computed from the same forward pass as the other kinds, run to the last block.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 from ..errors import VitatlasError
 from .sources import ImageSource, UnreadableImage, open_source
 from .store import DTYPES, StoreWriter, ceil_to, layer_dirname, rows_per_shard
+
+EMBEDDING = "embedding"  # the token kind that is a projected image embedding, not a residual-stream token
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ def _load_batch(model, source: ImageSource, start: int, stop: int) -> _Batch:
 
 def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Sequence[str], out: str | Path, *,
             limit: int | None = None, batch_size: int = 32, dtype: str = "float32", shard_bytes: int = 64 << 20,
-            device: str = "cpu", progress: bool = True, model=None) -> ExtractResult:
+            device: str = "cpu", progress: bool = True, model=None, caption_column: str | None = None) -> ExtractResult:
     """Record the residual stream after each of ``layers`` for the images of ``data`` into ``out``.
 
     One layer and one token kind write a store directly in ``out``; several layers write ``out/layer-XX``
@@ -70,6 +76,9 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Seq
     ``.../patches``. Re-running the
     same call after an interruption resumes; a call with other arguments on the same ``out`` is refused.
     ``model`` may be passed pre-loaded (tests, benchmarks); otherwise ``model_name`` is loaded.
+    ``tokens="embedding"`` takes ``layers=[]`` (see the module docstring). ``caption_column`` names the
+    source's caption field (a column of a saved HF dataset, a key of an image folder's captions.jsonl);
+    it is recorded in the manifest for the caption descriptions of ``vitatlas interpret``.
     """
     from tqdm.auto import tqdm
 
@@ -81,37 +90,53 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Seq
         raise VitatlasError(f"--batch-size must be positive, got {batch_size}")
     if limit is not None and limit <= 0:
         raise VitatlasError(f"--limit must be positive, got {limit}")
-    if not layers:
-        raise VitatlasError("give at least one --layer")
-    source = open_source(data)
-    model = model if model is not None else models.load(model_name, device=device)
-    layer_ids = sorted({model.resolve_layer(layer) for layer in layers})
     kinds = [tokens] if isinstance(tokens, str) else list(dict.fromkeys(tokens))
     if not kinds:
         raise VitatlasError("give at least one --tokens kind")
-    positions = {kind: model.token_positions(kind) for kind in kinds}
+    stream_kinds = [kind for kind in kinds if kind != EMBEDDING]
+    layers = list(layers or [])
+    if stream_kinds and not layers:
+        raise VitatlasError("give at least one --layer")
+    if not stream_kinds and layers:
+        raise VitatlasError("--tokens embedding is the model's output embedding and takes no --layer: drop --layer "
+                            "(or add --tokens cls/patches/all to record those layers too)")
+    source = open_source(data, caption_column=caption_column)
+    model = model if model is not None else models.load(model_name, device=device)
+    layer_ids = sorted({model.resolve_layer(layer) for layer in layers})
+    positions = {kind: model.token_positions(kind) for kind in stream_kinds}
+    embed_width = None
+    if EMBEDDING in kinds:
+        embed_width = model.require_embedding()
+        positions[EMBEDDING] = np.zeros(1, np.int64)  # one row per image
     n_images = min(len(source), limit) if limit else len(source)
     if n_images == 0:
         raise VitatlasError(f"data source {data} holds no images")
 
     # Shards are whole batches of images, so resumed runs replay identical batches.
     max_tokens = max(len(p) for p in positions.values())
-    per_shard = ceil_to(max(1, rows_per_shard(model.width, dtype, shard_bytes) // max_tokens), batch_size)
+    width = max(model.width, embed_width or 0)
+    per_shard = ceil_to(max(1, rows_per_shard(width, dtype, shard_bytes) // max_tokens), batch_size)
     out = Path(out)
     identity = {"model": model.name, "revision": model.revision, "data": source.spec,
                 "n_images": n_images, "batch_size": batch_size, "images_per_shard": per_shard,
                 "preprocessing": model.preprocessing}
     meta = {"model": model.describe(), "source": source.describe() | {"n_images_used": n_images},
             "preprocessing": model.preprocessing, "class_names": source.class_names}
-    writers: dict[tuple[int, str], StoreWriter] = {}
+    writers: dict[tuple[int | None, str], StoreWriter] = {}
     for layer in layer_ids:
-        for kind in kinds:
+        for kind in stream_kinds:
             path = out if len(layer_ids) == 1 else out / layer_dirname(layer)
             path = path if len(kinds) == 1 else path / kind
             writers[layer, kind] = StoreWriter(
                 path, d=model.width, dtype=dtype, identity=identity | {"layer": layer, "tokens": kind},
                 meta=meta | {"layer": layer, "tokens": kind, "token_positions": positions[kind].tolist()},
                 has_labels=source.has_labels)
+    if embed_width is not None:  # one store whatever the layers: out alone, else out/embedding
+        writers[None, EMBEDDING] = StoreWriter(
+            out if len(kinds) == 1 else out / EMBEDDING, d=embed_width, dtype=dtype,
+            identity=identity | {"layer": None, "tokens": EMBEDDING},
+            meta=meta | {"layer": None, "tokens": EMBEDDING, "token_positions": [0]}, has_labels=source.has_labels)
+    run_layers = layer_ids + ([model.n_layers - 1] if embed_width is not None else [])
     start = min(w.n_images for w in writers.values())
     skipped_before = min(int(w.manifest.get("n_skipped", 0)) for w in writers.values())
 
@@ -136,10 +161,15 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Seq
             n_skipped += len(batch.skipped)
             if batch.pixels is not None:
                 with torch.inference_mode():
-                    streams = model.residual_streams(batch.pixels.to(device), layer_ids)
+                    streams = model.residual_streams(batch.pixels.to(device), run_layers)
+                    if embed_width is not None:
+                        embedding = model.pool_embedding(streams[model.n_layers - 1])
                 for layer, kind in writers:
                     pos = positions[kind]
-                    acts = streams[layer][:, torch.as_tensor(pos), :].float().cpu().numpy().reshape(-1, model.width)
+                    if kind == EMBEDDING:
+                        acts = embedding.float().cpu().numpy()
+                    else:
+                        acts = streams[layer][:, torch.as_tensor(pos), :].float().cpu().numpy().reshape(-1, model.width)
                     index = np.stack([np.repeat(batch.ids, len(pos)), np.tile(pos, len(batch.ids))], axis=1)
                     shard_parts[layer, kind].append((acts, index, np.repeat(batch.labels, len(pos))))
                 new_rows += len(batch.ids) * sum(len(p) for p in positions.values())
@@ -157,7 +187,7 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Seq
                         index = np.concatenate([p[1] for p in parts])
                         labels = np.concatenate([p[2] for p in parts])
                     else:  # every image of the shard was unreadable
-                        acts, index, labels = (np.zeros((0, model.width), np.float32), np.zeros((0, 2), np.int32),
+                        acts, index, labels = (np.zeros((0, int(writer.manifest["d"])), np.float32), np.zeros((0, 2), np.int32),
                                                np.zeros(0, np.int64))
                     writer.manifest["n_skipped"] = n_skipped
                     writer.write_shard(acts, index, labels if source.has_labels else None, n_images=shard_images)

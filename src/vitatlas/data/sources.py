@@ -11,11 +11,23 @@ A source is opened from a spec string:
 Every source is indexable: ``len(src)``, ``src.load(i)`` (a PIL image, or UnreadableImage),
 ``src.label(i)`` (int, -1 if unknown), ``src.class_names``. Sources are deterministic, so image ``i``
 is the same image on every run; that is what makes an interrupted extraction resumable.
+
+Captions (for the caption descriptions of ``vitatlas interpret``): ``src.captions(i)`` is the list of
+caption strings of image ``i`` (empty when it has none) and ``src.caption_column`` names where they come
+from, None when the source carries no text.
+- a saved Hugging Face dataset: the column ``caption_column`` (a string or a list of strings per row);
+  without one, a string column named caption, captions, text or sentence is used when there is one;
+- an image folder: a ``captions.jsonl`` at its root, one JSON object a line, ``{"file": "cats/1.png",
+  "caption": "a cat on a sofa"}`` (``file`` relative to the folder, ``file_name`` also accepted; the
+  caption a string or a list of strings; an image may appear on several lines). ``caption_column``
+  names the caption key (default ``caption``).
+A ``caption_column`` the source does not have is a one-line error.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -38,9 +50,14 @@ class UnreadableImage(Exception):
     """An image that exists in the source but cannot be decoded; extraction skips it."""
 
 
+CAPTIONS_FILE = "captions.jsonl"
+CAPTION_COLUMNS = ("caption", "captions", "text", "sentence")  # found without --caption-column
+
+
 class ImageSource:
     spec: str
     class_names: list[str] | None = None
+    caption_column: str | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -68,8 +85,17 @@ class ImageSource:
         except UnreadableImage as exc:
             raise VitatlasError(f"image {i} of {self.spec} cannot be read: {exc}") from None
 
+    @property
+    def has_captions(self) -> bool:
+        return self.caption_column is not None
+
+    def captions(self, i: int) -> list[str]:
+        """The captions of image i (an empty list when the source or the image has none)."""
+        return []
+
     def describe(self) -> dict:
-        return {"spec": self.spec, "name": self.spec, "n_images": len(self), "class_names": self.class_names}
+        return {"spec": self.spec, "name": self.spec, "n_images": len(self), "class_names": self.class_names,
+                "caption_column": self.caption_column}
 
 
 class ArraySource(ImageSource):
@@ -165,7 +191,7 @@ class PhotoSource(ImageSource):
 class FolderSource(ImageSource):
     """An image folder. Files directly inside sub-folders get the sub-folder name as label."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, caption_column: str | None = None):
         self.spec = str(root)
         self.root = root
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -174,6 +200,16 @@ class FolderSource(ImageSource):
         # Labels only when every image sits in a class sub-folder; a mixed folder gets none.
         self.class_names = classes if classes and all(p.parent != root for p in files) else None
         self._class_index = {c: i for i, c in enumerate(classes)}
+        self._captions: dict[str, list[str]] = {}
+        if (root / CAPTIONS_FILE).is_file():
+            self.caption_column = caption_column or "caption"
+            self._captions = _read_captions_jsonl(root / CAPTIONS_FILE, self.caption_column)
+        elif caption_column is not None:
+            raise VitatlasError(f"--caption-column {caption_column}: {root} has no {CAPTIONS_FILE} (one JSON object a "
+                                'line, e.g. {"file": "cats/1.png", "caption": "a cat"})')
+
+    def captions(self, i: int) -> list[str]:
+        return self._captions.get(self.files[i].relative_to(self.root).as_posix(), [])
 
     def __len__(self) -> int:
         return len(self.files)
@@ -196,10 +232,46 @@ class FolderSource(ImageSource):
         return str(self.files[i])
 
 
+def _caption_list(value, where: str) -> list[str]:
+    """A caption field (a string, a list of strings, or null) -> a list of non-empty strings."""
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise VitatlasError(f"{where}: a caption must be a string or a list of strings, got {type(value).__name__}")
+    return [v for v in values if v.strip()]
+
+
+def _read_captions_jsonl(path: Path, key: str) -> dict[str, list[str]]:
+    """captions.jsonl -> {file path relative to the folder (posix): [captions]}."""
+    out: dict[str, list[str]] = {}
+    seen_keys: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise VitatlasError(f"{path} line {n} is not JSON ({exc.msg}): write one JSON object a line") from None
+            if not isinstance(obj, dict):
+                raise VitatlasError(f"{path} line {n} is not a JSON object")
+            seen_keys.update(obj)
+            name = obj.get("file", obj.get("file_name"))
+            if not isinstance(name, str):
+                raise VitatlasError(f'{path} line {n} has no "file" (the image path relative to the folder)')
+            if key in obj:
+                out.setdefault(Path(name).as_posix(), []).extend(_caption_list(obj[key], f"{path} line {n}"))
+    if key not in seen_keys:
+        raise VitatlasError(f"caption column {key!r} does not exist in {path} (keys: "
+                            f"{', '.join(sorted(seen_keys)) or 'none'}): pass --caption-column with one of them")
+    return out
+
+
 class HFDiskSource(ImageSource):
     """A Hugging Face ``datasets`` dataset saved with ``save_to_disk`` (image column found automatically)."""
 
-    def __init__(self, path: Path, spec: str):
+    def __init__(self, path: Path, spec: str, caption_column: str | None = None):
         try:
             import datasets
         except ImportError:
@@ -219,6 +291,35 @@ class HFDiskSource(ImageSource):
         self.spec, self.ds, self.image_col = spec, ds, image_cols[0]
         self.label_col = label_cols[0] if label_cols else None
         self.class_names = list(ds.features[self.label_col].names) if self.label_col else None
+        self.caption_column = self._caption_column(ds, caption_column, path)
+        self._captions: list | None = None
+
+    @staticmethod
+    def _caption_column(ds, wanted: str | None, path: Path) -> str | None:
+        import datasets
+
+        def is_text(feature) -> bool:
+            if isinstance(feature, datasets.Value):
+                return feature.dtype in ("string", "large_string")
+            inner = getattr(feature, "feature", None)  # Sequence / List of strings
+            return isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
+
+        if wanted is not None:
+            if wanted not in ds.features:
+                raise VitatlasError(f"caption column {wanted!r} does not exist in the dataset at {path} (columns: "
+                                    f"{', '.join(ds.features)})")
+            if not is_text(ds.features[wanted]):
+                raise VitatlasError(f"caption column {wanted!r} of the dataset at {path} is not text "
+                                    f"({ds.features[wanted]}): pass a string column")
+            return wanted
+        return next((c for c in CAPTION_COLUMNS if c in ds.features and is_text(ds.features[c])), None)
+
+    def captions(self, i: int) -> list[str]:
+        if self.caption_column is None:
+            return []
+        if self._captions is None:  # one column read, without decoding any image
+            self._captions = list(self.ds.select_columns([self.caption_column])[self.caption_column])
+        return _caption_list(self._captions[int(i)], f"{self.spec} row {i}")
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -240,8 +341,14 @@ EMBEDDED = ("embedded:fashion-mnist", "embedded:fashion-mnist:train", "embedded:
             "embedded:digits", "embedded:photos")
 
 
-def open_source(spec: str) -> ImageSource:
-    """Open an image source from its spec string (see the module docstring)."""
+def open_source(spec: str, caption_column: str | None = None) -> ImageSource:
+    """Open an image source from its spec string (see the module docstring).
+
+    ``caption_column``: where the captions are (see the module docstring); an error when the source has none.
+    """
+    if caption_column is not None and spec.startswith("embedded:"):
+        raise VitatlasError(f"{spec} carries no captions: --caption-column needs an image folder with "
+                            f"{CAPTIONS_FILE} or a saved Hugging Face dataset with a text column")
     if spec.startswith("embedded:"):
         parts = spec.split(":")
         if parts[1] == "fashion-mnist" and len(parts) <= 3:
@@ -258,7 +365,7 @@ def open_source(spec: str) -> ImageSource:
         path = Path(spec[len("hf-disk:"):])
         if not path.exists():
             raise VitatlasError(f"no saved dataset at {path}")
-        return HFDiskSource(path, spec)
+        return HFDiskSource(path, spec, caption_column)
     path = Path(spec)
     if not path.exists():
         raise VitatlasError(f"data source {spec!r} is neither an embedded data set ({', '.join(EMBEDDED)}) "
@@ -266,8 +373,8 @@ def open_source(spec: str) -> ImageSource:
     if not path.is_dir():
         raise VitatlasError(f"data source {spec} is a file; pass a folder of images (sub-folders = labels)")
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        return HFDiskSource(path, spec)
-    source = FolderSource(path)
+        return HFDiskSource(path, spec, caption_column)
+    source = FolderSource(path, caption_column)
     if len(source) == 0:
         raise VitatlasError(f"{path} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return source

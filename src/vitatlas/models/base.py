@@ -6,6 +6,13 @@ rest of the network from a block onwards on a modified residual stream (for inte
 
 Layer numbering: layer ``i`` is the residual stream *after* block ``i`` (0-based); negative numbers
 count from the end, so ``-1`` is the output of the last block (before the final layer norm).
+
+Token kinds: ``cls``, ``patches`` and ``all`` are rows of the residual stream at a layer; ``embedding``
+is the model's projected image embedding, one row per image, in the joint image–text space of a
+dual encoder (CLIP: ``visual_projection`` of the final-normed CLS; SigLIP: the attention-pooling head
+on the final-normed tokens), i.e. what ``get_image_features`` returns. Only models with such a space
+have it (``embedding_width`` is not None); the others, the embedded DINOv2-S included, raise a
+one-line error rather than pass off a CLS vector as a joint-space embedding.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from PIL import Image
 
 from ..errors import VitatlasError
 
-TOKEN_KINDS = ("cls", "patches", "all")
+TOKEN_KINDS = ("cls", "patches", "all", "embedding")
+STREAM_KINDS = ("cls", "patches", "all")  # the kinds that are rows of the residual stream at a layer
 
 
 class VisionModel(ABC):
@@ -97,7 +105,47 @@ class VisionModel(ABC):
             return np.arange(self.n_prefix_tokens, self.n_tokens, dtype=np.int64)
         if kind == "all":
             return np.arange(self.n_tokens, dtype=np.int64)
+        if kind == "embedding":
+            raise VitatlasError("token kind 'embedding' is one row per image, not a token of the residual stream: "
+                                "use image_embeddings() / pool_embedding()")
         raise VitatlasError(f"unknown token kind {kind!r}: use one of {', '.join(TOKEN_KINDS)}")
+
+    # ---- the joint image–text space (dual encoders only) ---------------------------------------
+    @property
+    def embedding_width(self) -> int | None:
+        """Width of the projected image embedding (token kind ``embedding``), or None when the model has none."""
+        return None
+
+    @property
+    def has_text_tower(self) -> bool:
+        """True when ``text_embeddings`` can embed phrases into the same space as ``image_embeddings``."""
+        return False
+
+    def require_embedding(self) -> int:
+        """``embedding_width``, or the one-line error saying this model has no joint image–text space."""
+        if self.embedding_width is None:
+            raise VitatlasError(
+                f"{self.name} has no joint image-text embedding: --tokens embedding needs a Hugging Face CLIP or "
+                "SigLIP model (hf:<path>); use --tokens cls for an image-level vector of this model")
+        return self.embedding_width
+
+    def pool_embedding(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the last block (B, T, d) -> projected image embeddings (B, D)."""
+        self.require_embedding()
+        raise NotImplementedError(f"{type(self).__name__} declares an embedding_width but no pool_embedding")
+
+    def image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) -> projected image embeddings (B, D) (``get_image_features``)."""
+        self.require_embedding()
+        last = self.n_layers - 1
+        with torch.no_grad():
+            return self.pool_embedding(self.residual_streams(pixels, [last])[last])
+
+    def text_embeddings(self, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
+        """Phrases -> text embeddings (len(texts), D) in the space of ``image_embeddings`` (not normalised)."""
+        raise VitatlasError(
+            f"{self.name} has no text tower: text descriptions need a Hugging Face CLIP or SigLIP dual model "
+            "saved with its text tower and tokenizer")
 
     def describe(self) -> dict:
         """What a store manifest records about the model."""

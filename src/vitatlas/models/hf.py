@@ -12,6 +12,13 @@ What "final norm" means per family (the output of ``forward_from``):
   (``n_prefix_tokens = 0``); ``token_positions("cls")`` raises a VitatlasError rather than inventing one.
 - DINOv2 / ViT: ``layernorm`` (the model's own ``last_hidden_state``). DINOv2 with registers has
   ``1 + num_register_tokens`` prefix tokens (CLS first, then the registers).
+
+The joint image–text space (token kind ``embedding``, ``text_embeddings``): CLIP's image embedding is
+``visual_projection(post_layernorm(CLS))``, SigLIP's the attention-pooling ``head`` on the final-normed
+tokens (SigLIP has no projection), both as ``get_image_features`` computes them. Text goes through the
+checkpoint's own tokenizer (CLIP: padded to the longest phrase, pooled at the end token; SigLIP: padded
+to ``max_length`` as it was trained) and ``get_text_features``. Vision-only CLIP checkpoints have no
+projection, so no embedding; a vision-only SigLIP has its head (an embedding) but no text tower.
 """
 
 from __future__ import annotations
@@ -171,6 +178,52 @@ class HFVisionModel(VisionModel):
             )
         return super().token_positions(kind)
 
+    # ---- the joint image–text space ------------------------------------------------------------------
+    @property
+    def embedding_width(self) -> int | None:
+        if self.family == "clip" and hasattr(self._model, "visual_projection"):
+            return int(self._model.visual_projection.out_features)
+        if self.family == "siglip" and getattr(self._tower, "head", None) is not None:
+            return self.width
+        return None
+
+    @property
+    def has_text_tower(self) -> bool:
+        return self.embedding_width is not None and self.text_model() is not None
+
+    def pool_embedding(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        self.require_embedding()
+        with torch.no_grad():
+            normed = self.final_norm(last_hidden.to(self.device, self._dtype))
+            if self.family == "clip":
+                return self._model.visual_projection(normed[:, 0])
+            return self._tower.head(normed)
+
+    def text_embeddings(self, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
+        model = self.text_model() if self.embedding_width is not None else None
+        if model is None:
+            return super().text_embeddings(texts)  # the one-line "no text tower" error
+        tokenizer = self.tokenizer()
+        if tokenizer is None:
+            raise VitatlasError(
+                f"{self.name} ships no tokenizer (tokenizer.json / tokenizer_config.json): save it next to the "
+                "model with tokenizer.save_pretrained(DIR)")
+        text_config = getattr(self._model.config, "text_config", None)
+        max_length = int(getattr(text_config, "max_position_embeddings", 77))
+        # SigLIP was trained on text padded to max_length and pools the last position
+        padding = "max_length" if self.family == "siglip" else True
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(list(texts[start:start + batch_size]), padding=padding, truncation=True,
+                                  max_length=max_length, return_tensors="pt")
+                feats = model.get_text_features(**{k: v.to(self.device) for k, v in batch.items()})
+                feats = getattr(feats, "pooler_output", feats)  # transformers 5 returns a model output
+                out.append(feats.float().cpu())
+        if not out:
+            return torch.zeros(0, self.embedding_width)
+        return torch.cat(out)
+
     # ---- text side, for labelling ----------------------------------------------------------------
     def text_model(self) -> nn.Module | None:
         """The full dual-encoder model (CLIPModel / SiglipModel, with ``get_text_features``), or None.
@@ -194,7 +247,10 @@ class HFVisionModel(VisionModel):
         return self._tokenizer
 
     def describe(self) -> dict:
-        return {**super().describe(), "family": self.family}
+        out = {**super().describe(), "family": self.family}
+        if self.embedding_width is not None:
+            out["embedding_width"] = self.embedding_width
+        return out
 
 
 # ---- loading ------------------------------------------------------------------------------------
