@@ -27,6 +27,7 @@ from importlib import resources
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -87,7 +88,8 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
         return explorer.runs[run].n_atoms
 
     async def page(request: Request) -> Response:
-        name = request.path_params.get("name") or "index.html"
+        name = request.path_params.get("name")
+        name = f"{name}.html" if name else "index.html"
         if name not in PAGES:
             return error(404, f"no page {name[:60]!r}")
         return Response(asset(name), media_type="text/html", headers=headers())
@@ -178,8 +180,10 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
         media = "image/webp" if name.endswith(".webp") else "image/png"
         return Response(path.read_bytes(), media_type=media, headers=headers({"Cache-Control": "max-age=3600"}))
 
-    async def not_found(request: Request) -> Response:
-        return error(404, f"nothing at {request.url.path[:80]!r}")
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return error(404, f"nothing at {request.url.path[:80]!r}")
+        return error(exc.status_code, f"{exc.detail} ({request.method} {request.url.path[:80]})")
 
     async def api_error(request: Request, exc: v.ApiError) -> Response:
         return error(exc.status, exc.message)
@@ -192,23 +196,17 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
         return error(500, f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
 
     routes = [
-        Route("/", page), Route("/{name:str}.html", lambda r: page_named(r, page)),
+        Route("/", page), Route("/{name:str}.html", page),
         Route("/static/{name:str}", static),
         Route("/api/meta", meta), Route("/api/atoms", atoms), Route("/api/atoms/{atom_id:str}", atom),
         Route("/api/images/{image_id:str}", image), Route("/api/compare", compare),
         Route("/api/intervene", intervene, methods=["POST"]),
         Route("/images/{name:str}", image_png), Route("/cards/{run:str}/{name:str}", card_file),
-        Route("/{rest:path}", not_found),
     ]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
     return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={v.ApiError: api_error, VitatlasError: vitatlas_error,
+                     exception_handlers={HTTPException: http_error, v.ApiError: api_error, VitatlasError: vitatlas_error,
                                          Exception: internal_error})
-
-
-async def page_named(request: Request, page) -> Response:
-    request.path_params["name"] = request.path_params["name"] + ".html"
-    return await page(request)
 
 
 def local_hosts(host: str, port: int) -> list[str] | None:

@@ -92,7 +92,7 @@ def atoms_query(params: Mapping[str, str]) -> Query:
     query = Query()
     sort = text(params.get("sort", "id"), "sort") or "id"
     query.descending = sort.startswith("-")
-    query.sort = sort.lstrip("-")
+    query.sort = sort[1:] if query.descending else sort
     if query.sort not in SORT_KEYS:
         raise ApiError(400, f"unknown sort key {query.sort!r}: use one of {', '.join(SORT_KEYS)} (prefix - for descending)")
     query.q = text(params.get("q", ""), "q")
