@@ -234,10 +234,26 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     X = small()
     DBKSVD(40, 3, epochs=1, checkpoint_every=1).fit(X, checkpoint_dir=tmp_path, progress=False)
-    path = tmp_path / "dbksvd-checkpoint.safetensors"
+    path = next(tmp_path.glob("state-*.safetensors"))
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(VitatlasError, match="corrupt or truncated"):
         DBKSVD(40, 3, epochs=1, checkpoint_every=1).fit(X, checkpoint_dir=tmp_path, progress=False)
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(VitatlasError, match="corrupt"):
+        DBKSVD(40, 3, epochs=1, checkpoint_every=1).fit(X, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_checkpoint_is_json_plus_safetensors_without_json_in_a_tensor(tmp_path):
+    import json
+
+    from vitatlas.io import load_safetensors
+
+    DBKSVD(40, 3, epochs=1, sample_batch=200, checkpoint_every=2).fit(small(), checkpoint_dir=tmp_path, progress=False)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["format"] == "vitatlas-dbksvd-checkpoint" and state["step"] == 3 and len(state["history"]) == 3
+    tensors = load_safetensors(tmp_path / state["weights"])
+    assert set(tensors) == {"atoms", "rng"} and tensors["atoms"].shape == (40, 16)
+    assert [p.name for p in tmp_path.glob("state-*.safetensors")] == [state["weights"]]  # older ones removed
 
 
 def test_fit_from_store(tmp_path):

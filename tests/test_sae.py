@@ -252,7 +252,11 @@ def test_sweep_refuses_members_that_cannot_share_batches():
     (dict(kind="topk", n_latents=0, k=2), "n_latents"),
     (dict(kind="topk", n_latents=8, k=2, dtype="int8"), "unknown dtype"),
     (dict(kind="topk", n_latents=8, k=2, batch_size=0), "batch_size"),
-    (dict(kind="topk", n_latents=8, k=2, groups=[4, 8]), "only used by kind='matryoshka'"),
+    (dict(kind="topk", n_latents=8, k=2, groups=[4, 8]), "groups is not used by a topk SAE"),
+    (dict(kind="relu", n_latents=64, aux_coef="x"), "aux_coef is not used by a relu SAE"),
+    (dict(kind="topk", n_latents=64, k=4, aux_coef="x"), "aux_coef must be a finite number >= 0, got 'x'"),
+    (dict(kind="topk", n_latents=64, k=4, speed=3), "unknown SAE option 'speed'"),
+    (dict(kind="topk", n_latents=64, k=4, lr=float("nan")), "lr must be"),
     (dict(kind="matryoshka", n_latents=8, k=2, groups=[4, 6]), "ending at n_latents"),
 ])
 def test_bad_options(kwargs, match):
@@ -282,11 +286,12 @@ def test_bad_data(small):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only error")
-def test_cuda_unavailable_is_a_clear_error(small):
+def test_cuda_unavailable_is_a_clear_error():
+    # checked when the options are made, as for every learner
     with pytest.raises(VitatlasError, match="CUDA is not available"):
-        fast(device="cuda").fit(small, progress=False)
+        fast(device="cuda")
     with pytest.raises(VitatlasError, match="unknown device"):
-        fast(device="gpu!").fit(small, progress=False)
+        fast(device="gpu!")
 
 
 def test_k_at_least_d_is_allowed_for_saes():

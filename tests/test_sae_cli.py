@@ -60,8 +60,10 @@ def test_relu_default_l1_and_errors(acts, tmp_path):
                "--batch-size", "500", "--no-progress"])
     assert res.exception is None, res.output
     assert vitatlas.load(tmp_path / "r").l1 > 0
-    for extra, match in ([[], "needs --k"], [["--k", "4", "--l1", "0.1"], "not used"],
-                         [["--k", "64"], "smaller than n_latents"], [["--k", "4", "--device", "cuda:9"], "CUDA|cuda"]):
+    for extra, match in ([[], "needs k"], [["--k", "4", "--l1", "0.1"], "not used"],
+                         [["--k", "64"], "smaller than n_latents"], [["--k", "4", "--device", "cuda:9"], "CUDA|cuda"],
+                         [["--k", "4", "--groups", "8,64"], "groups is not used by a topk SAE"],
+                         [["--k", "4", "--epochs", "0"], "epochs must be a positive integer"]):
         res = run(["--kind", "topk", "--acts", str(acts), "--atoms", "64", "--out", str(tmp_path / "e"), "--no-progress",
                    *extra])
         assert isinstance(res.exception, VitatlasError), res.output

@@ -5,12 +5,14 @@ A K-SVD dictionary, an SAE and a PCA baseline are three ways to produce the same
 Evaluation, labelling, the explorer and interventions take a ``Dictionary`` and never ask which
 learner made it.
 
-A subclass implements ``_encode`` / ``_decode`` on torch tensors already validated and on the right
-device, ``atoms``, ``fit`` / ``partial_fit``, and the three save hooks ``_config``, ``_state`` and
-``_from_saved``. The base class gives it input checking, numpy/torch type mirroring, chunked encoding,
+A subclass sets ``learner`` (its key in ``LEARNERS``, written to config.json) and implements
+``_encode`` / ``_decode`` on torch tensors already validated and on the right device, ``atoms``,
+``fit`` / ``partial_fit``, and the save hooks ``_config`` (its options: the fields of its frozen options
+dataclass), ``_state`` and ``_load_state`` (``_saved_options`` may upgrade options saved by an older
+version). The base class gives it input checking, numpy/torch type mirroring, chunked encoding,
 the sparse code form, and save/load as safetensors plus JSON.
 
-On disk a dictionary is a directory holding ``config.json`` (learner kind, sizes, constructor options,
+On disk a dictionary is a directory holding ``config.json`` (learner, sizes, constructor options,
 where it was fitted) and ``dictionary.safetensors`` (its tensors). Nothing is ever unpickled.
 """
 
@@ -31,7 +33,7 @@ from .io import atomic_save_safetensors, atomic_write_json, load_safetensors, re
 FORMAT = "vitatlas-dictionary"
 FORMAT_VERSION = 1
 
-# kind -> "module:Class". Resolved lazily so importing vitatlas stays fast.
+# learner key (config.json "learner") -> "module:Class". Resolved lazily so importing vitatlas stays fast.
 LEARNERS: dict[str, str] = {
     "dbksvd": "vitatlas.learners.dbksvd:DBKSVD",
     "sae": "vitatlas.learners.sae:SAE",
@@ -46,13 +48,23 @@ LEARNERS: dict[str, str] = {
 class Dictionary(ABC):
     """Atoms + encoder + decoder. See the module docstring for what subclasses implement."""
 
-    kind: ClassVar[str]
+    learner: ClassVar[str]  # registry key in LEARNERS (an SAE's family is ``SAE.family``)
     n_atoms: int
     d: int | None = None  # set by fit/partial_fit/load
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     encode_batch_size: int = 4096
     fit_info: dict  # where the dictionary was fitted (store manifest summary), set by record_fit_source
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__ and "learner" not in cls.__dict__:
+            cls.learner = cls.__dict__["kind"]  # subclasses written before ``learner`` named it ``kind``
+
+    @property
+    def kind(self) -> str:
+        """Deprecated spelling of ``learner`` (kept for code and reports written before it)."""
+        return self.learner
 
     # -- what subclasses implement -----------------------------------------------------------------
     @property
@@ -78,6 +90,11 @@ class Dictionary(ABC):
     @abstractmethod
     def _config(self) -> dict:
         """JSON-able constructor options: ``type(self)(**_config())`` rebuilds an unfitted twin."""
+
+    @classmethod
+    def _saved_options(cls, config: dict) -> dict:
+        """Options from a saved config.json, upgraded to what the constructor takes today."""
+        return config
 
     @abstractmethod
     def _state(self) -> dict[str, torch.Tensor]:
@@ -147,7 +164,7 @@ class Dictionary(ABC):
         path.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(path / "dictionary.safetensors", self._state())
         atomic_write_json(path / "config.json", {
-            "format": FORMAT, "version": FORMAT_VERSION, "learner": self.kind,
+            "format": FORMAT, "version": FORMAT_VERSION, "learner": self.learner,
             "n_atoms": int(self.n_atoms), "d": int(self.d),
             "config": self._config(), "fit_info": getattr(self, "fit_info", {}),
         })
@@ -155,7 +172,7 @@ class Dictionary(ABC):
 
     @classmethod
     def _from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor], device: str | None) -> "Dictionary":
-        config = dict(meta.get("config", {}))
+        config = cls._saved_options(dict(meta.get("config", {})))
         if device is not None and "device" in config:
             config["device"] = device
         obj = cls(**config)
@@ -169,15 +186,25 @@ class Dictionary(ABC):
         return f"{type(self).__name__}({opts})"
 
 
-def learner_class(kind: str) -> type[Dictionary]:
-    if kind not in LEARNERS:
-        raise VitatlasError(f"unknown learner {kind!r}: known learners are {', '.join(sorted(LEARNERS))}")
-    module, _, name = LEARNERS[kind].partition(":")
+def learner_class(learner: str) -> type[Dictionary]:
+    """The class registered under ``learner`` (a config.json's "learner" field)."""
+    if learner not in LEARNERS:
+        raise VitatlasError(f"unknown learner {learner!r}: known learners are {', '.join(sorted(LEARNERS))}")
+    module, _, name = LEARNERS[learner].partition(":")
     return getattr(importlib.import_module(module), name)
 
 
 def load(path: str | Path, device: str | None = None) -> Dictionary:
-    """Load any saved dictionary (DBK-SVD, SAE, baseline) from its directory."""
+    """Load any saved dictionary (DBK-SVD, SAE, baseline) from its directory.
+
+    >>> import tempfile, numpy as np
+    >>> from vitatlas.learners.baselines import PCABaseline
+    >>> X = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+    >>> run = PCABaseline(2).fit(X).save(tempfile.mkdtemp())
+    >>> same = load(run)
+    >>> same.learner, same.encode(X).shape
+    ('pca', (100, 2))
+    """
     path = Path(path)
     if not path.exists():
         raise VitatlasError(f"no dictionary at {path}: the directory does not exist")

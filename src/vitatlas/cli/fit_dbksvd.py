@@ -49,10 +49,11 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, appro
             cand = int(candidates)
         except ValueError:
             raise VitatlasError(f"--candidates must be 'auto', 'exact' or an integer, got {candidates!r}") from None
-    store = ActivationStore(acts)
-    start = time.perf_counter()
+    # the options are checked by DBKSVDConfig's declared constraints before the store is opened
     model = DBKSVD(n_atoms, k, coder=coder, epochs=epochs, sample_batch=sample_batch, atom_batch=atom_batch,
                    approx=approx, candidates=cand, groups=parse_groups(groups), device=device, dtype=dtype, seed=seed)
+    store = ActivationStore(acts)
+    start = time.perf_counter()
     out = Path(out)
     model.fit(store, checkpoint_dir=out / "checkpoint", progress=not no_progress)
     model.save(out)

@@ -24,8 +24,8 @@ from . import parse_groups
 @click.option("--lr", type=float, multiple=True, help="Learning rate (repeatable; default depends on --atoms).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--groups", default=None, help="Matryoshka prefix sizes, e.g. 96,384,1536 (last = --atoms).")
-@click.option("--base", type=click.Choice(["topk", "batchtopk"]), default="batchtopk", show_default=True,
-              help="Matryoshka activation.")
+@click.option("--base", type=click.Choice(["topk", "batchtopk"]), default=None,
+              help="Matryoshka activation (default: batchtopk).")
 @click.option("--epochs", type=int, default=None, help="Passes over the store (default: enough for 2000 steps).")
 @click.option("--batch-size", type=int, default=1024, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -41,22 +41,17 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, batch_size,
     from ..data.store import ActivationStore
     from ..errors import VitatlasError
     from ..evaluation.metrics import reconstruction_metrics
-    from ..learners.sae import SAE, SPARSE_KINDS
+    from ..learners.sae import SAE
     from ..learners.sae_train import SAESweep
 
-    if kind in SPARSE_KINDS:
-        if not k:
-            raise VitatlasError(f"--kind {kind} needs --k (active latents per sample), e.g. --k 32")
-        if l1:
-            raise VitatlasError(f"--l1 is not used by --kind {kind}; its sparsity is --k")
-    elif k:
-        raise VitatlasError(f"--k is not used by --kind {kind}; give --l1 (or nothing for the default)")
-    group_sizes = parse_groups(groups)
+    # every option is checked by the SAE's own declared constraints (one line each, naming the option);
+    # options a family does not use (--k on relu, --groups on topk) are refused there too
+    family_options = {name: value for name, value in (("groups", parse_groups(groups)), ("base", base))
+                      if value is not None}
+    saes = [SAE(kind=kind, n_latents=n, k=kk, l1=c, lr=rate, epochs=epochs, batch_size=batch_size, device=device,
+                dtype=dtype, seed=seed, **family_options)
+            for n, kk, c, rate in itertools.product(n_latents, k or [None], l1 or [None], lr or [None])]
     store = ActivationStore(acts)
-    saes = []
-    for n, kk, c, rate in itertools.product(n_latents, k or [None], l1 or [None], lr or [None]):
-        saes.append(SAE(kind=kind, n_latents=n, k=kk, l1=c, lr=rate, groups=group_sizes, base=base, epochs=epochs,
-                        batch_size=batch_size, device=device, dtype=dtype, seed=seed))
     names = [s.name for s in saes]
     if len(set(names)) != len(names):
         raise VitatlasError("the same SAE is asked for twice (repeated --k/--l1/--atoms/--lr value)")

@@ -2,6 +2,11 @@
 
 The metric definitions live with their code: reconstruction and sparsity in ``metrics``, atom labels
 in ``labels``, sparse probing and the downstream probe in ``probing``. ``report`` writes them out.
+
+``evaluate`` streams the rows once through a few accumulators, each with one job:
+``ReconstructionStats`` (reconstruction and sparsity sums), ``TopActivations`` (the top rows per
+atom), ``KeptActivations`` (full activation vectors of a bounded row subset, for AUROC and sparse
+probing) and ``ImageMeans`` (per-image mean activations and reconstructions, for the downstream probe).
 """
 
 from __future__ import annotations
@@ -20,6 +25,104 @@ from .probing import downstream_probe, image_split, sparse_probe
 __all__ = ["evaluate"]
 
 ACTIVATIONS = ("abs", "value")
+
+
+class TopActivations:
+    """Running top-``top_n`` rows per atom, among the rows where the atom fires."""
+
+    def __init__(self, top_n: int, n_atoms: int):
+        self.values = torch.full((top_n, n_atoms), -float("inf"))
+        self.rows = torch.full((top_n, n_atoms), -1, dtype=torch.int64)
+
+    def update(self, act: torch.Tensor, codes: torch.Tensor, start: int) -> None:
+        b, n_atoms = act.shape
+        cand_vals = torch.cat([self.values, act.masked_fill(codes == 0, -float("inf"))])
+        cand_rows = torch.cat([self.rows, torch.arange(start, start + b).unsqueeze(1).expand(b, n_atoms)])
+        self.values, pick = torch.topk(cand_vals, k=self.values.shape[0], dim=0)
+        self.rows = torch.gather(cand_rows, 0, pick)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top_n, A) rows (−1 where fewer rows fired) and values."""
+        return torch.where(torch.isinf(self.values), torch.full_like(self.rows, -1), self.rows), self.values
+
+
+class KeptActivations:
+    """Full activation vectors of at most ``memory_budget // (4·A)`` rows (all, or a fixed random subset)."""
+
+    def __init__(self, n: int, n_atoms: int, memory_budget: int, rng: np.random.Generator, keep: bool):
+        cap = max(1, memory_budget // (4 * n_atoms))
+        self.rows = np.arange(n) if n <= cap else np.sort(rng.choice(n, size=cap, replace=False))
+        self.pos = np.full(n, -1, np.int64)
+        self.pos[self.rows] = np.arange(self.rows.size)
+        self.acts = np.zeros((self.rows.size, n_atoms), np.float32) if keep else None
+
+    def update(self, act: torch.Tensor, start: int) -> None:
+        if self.acts is None:
+            return
+        pos = self.pos[start:start + act.shape[0]]
+        sel = pos >= 0
+        self.acts[pos[sel]] = act[torch.from_numpy(sel)].numpy()
+
+
+class ImageMeans:
+    """Per-image sums of x and x̂ over labelled rows (at most ``max_images`` images) for the probe."""
+
+    def __init__(self, labels: np.ndarray, image_ids: np.ndarray, d: int, max_images: int,
+                 rng: np.random.Generator):
+        self.labels = labels
+        self.img_uniq, self.img_of_row = np.unique(image_ids, return_inverse=True)
+        imgs = np.unique(self.img_of_row[labels >= 0])
+        if imgs.size > max_images:
+            imgs = np.sort(rng.choice(imgs, size=max_images, replace=False))
+        self.images = imgs
+        slot = np.full(self.img_uniq.size, -1, np.int64)
+        slot[imgs] = np.arange(imgs.size)
+        self.row_slot = torch.from_numpy(np.where(labels >= 0, slot[self.img_of_row], -1))
+        self.x_sum = torch.zeros(imgs.size, d, dtype=torch.float64)
+        self.xh_sum = torch.zeros(imgs.size, d, dtype=torch.float64)
+        self.count = torch.zeros(imgs.size, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, start: int) -> None:
+        rs = self.row_slot[start:start + x.shape[0]]
+        ok = rs >= 0
+        self.x_sum.index_add_(0, rs[ok], x[ok.to(x.device)].double().cpu())
+        self.xh_sum.index_add_(0, rs[ok], x_hat[ok.to(x.device)].double().cpu())
+        self.count.index_add_(0, rs[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
+
+    def result(self, test_fraction: float, seed: int) -> dict:
+        """The downstream probe on the images' mean rows (original vs reconstructed)."""
+        have = self.count > 0
+        x_img = (self.x_sum[have] / self.count[have].unsqueeze(1)).numpy()
+        xh_img = (self.xh_sum[have] / self.count[have].unsqueeze(1)).numpy()
+        first_row = np.full(self.img_uniq.size, -1, np.int64)
+        lab_rows = np.nonzero(self.labels >= 0)[0]
+        first_row[self.img_of_row[lab_rows[::-1]]] = lab_rows[::-1]  # any labelled row of each image
+        img_ids_sel = self.images[have.numpy()]
+        y_img = self.labels[first_row[img_ids_sel]]
+        test_img = image_split(self.img_uniq[img_ids_sel], test_fraction=test_fraction, seed=seed)
+        return downstream_probe(x_img, xh_img, y_img, test_img)
+
+
+def _row_labels(labels, X: ArrayLike, n: int) -> np.ndarray | None:
+    """(n,) int64 labels (−1 unknown) from the argument or a labelled store; None when none is known."""
+    if labels is None and is_store(X):
+        labels = X.labels
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise VitatlasError(f"labels must be {n} integers (one per row), got shape {labels.shape}")
+    labels = labels.astype(np.int64)
+    return labels if (labels >= 0).any() else None
+
+
+def _row_images(image_ids, X: ArrayLike, n: int) -> np.ndarray:
+    if image_ids is None:
+        image_ids = X.index[:, 0].astype(np.int64) if is_store(X) else np.arange(n)
+    image_ids = np.asarray(image_ids)
+    if image_ids.shape != (n,):
+        raise VitatlasError(f"image_ids must have one entry per row ({n}), got shape {image_ids.shape}")
+    return image_ids
 
 
 @torch.no_grad()
@@ -60,81 +163,36 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
     if d != dictionary.d:
         raise VitatlasError(f"data has width {d} but the dictionary was fitted on width {dictionary.d}")
     n_atoms = int(dictionary.n_atoms)
+    labels = _row_labels(labels, X, n)
+    image_ids = _row_images(image_ids, X, n)
 
-    if labels is None and is_store(X):
-        labels = X.labels
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise VitatlasError(f"labels must be {n} integers (one per row), got shape {labels.shape}")
-        labels = labels.astype(np.int64)
-        if not (labels >= 0).any():
-            labels = None
-    if image_ids is None:
-        image_ids = X.index[:, 0].astype(np.int64) if is_store(X) else np.arange(n)
-    image_ids = np.asarray(image_ids)
-    if image_ids.shape != (n,):
-        raise VitatlasError(f"image_ids must have one entry per row ({n}), got shape {image_ids.shape}")
-
-    rng = np.random.default_rng(seed)
-    # rows whose full activation vector is kept (AUROC and sparse probing)
-    cap = max(1, memory_budget // (4 * n_atoms))
-    keep_rows = np.arange(n) if n <= cap else np.sort(rng.choice(n, size=cap, replace=False))
-    keep_pos = np.full(n, -1, np.int64)
-    keep_pos[keep_rows] = np.arange(keep_rows.size)
-    acts_kept = np.zeros((keep_rows.size, n_atoms), np.float32) if labels is not None else None
-
-    # images for the downstream probe: labelled ones, at most max_probe_images
-    probe = labels is not None
-    if probe:
-        img_uniq, img_of_row = np.unique(image_ids, return_inverse=True)
-        labelled_imgs = np.unique(img_of_row[labels >= 0])
-        if labelled_imgs.size > max_probe_images:
-            labelled_imgs = np.sort(rng.choice(labelled_imgs, size=max_probe_images, replace=False))
-        slot = np.full(img_uniq.size, -1, np.int64)
-        slot[labelled_imgs] = np.arange(labelled_imgs.size)
-        row_slot = torch.from_numpy(np.where(labels >= 0, slot[img_of_row], -1))
-        x_sum = torch.zeros(labelled_imgs.size, d, dtype=torch.float64)
-        xh_sum = torch.zeros(labelled_imgs.size, d, dtype=torch.float64)
-        img_count = torch.zeros(labelled_imgs.size, dtype=torch.float64)
-
+    rng = np.random.default_rng(seed)  # drawn from in this order: kept rows, then probe images
     stats = ReconstructionStats(n_atoms)
-    top_vals = torch.full((top_n, n_atoms), -float("inf"))
-    top_rows = torch.full((top_n, n_atoms), -1, dtype=torch.int64)
+    top = TopActivations(top_n, n_atoms)
+    kept = KeptActivations(n, n_atoms, memory_budget, rng, keep=labels is not None)
+    images = ImageMeans(labels, image_ids, d, max_probe_images, rng) if labels is not None else None
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, desc=f"eval {dictionary.kind}", unit="row", disable=not progress)
+    bar = tqdm(total=n, desc=f"eval {dictionary.learner}", unit="row", disable=not progress)
     start = 0
     for x in iter_batches(X, batch_size, shuffle=False, seed=0, device=dictionary.device,
                           dtype=dictionary.dtype, d=d):
-        b = x.shape[0]
         codes = dictionary._encode(x)
         x_hat = dictionary._decode(codes)
         stats.update(x, x_hat, codes)
         codes = codes.float().cpu()
         act = codes.abs() if activation == "abs" else codes.clone()
-        # running top-N per atom among rows where the atom fires
-        cand_vals = torch.cat([top_vals, act.masked_fill(codes == 0, -float("inf"))])
-        cand_rows = torch.cat([top_rows, torch.arange(start, start + b).unsqueeze(1).expand(b, n_atoms)])
-        top_vals, pick = torch.topk(cand_vals, k=top_n, dim=0)
-        top_rows = torch.gather(cand_rows, 0, pick)
-        if acts_kept is not None:
-            pos = keep_pos[start:start + b]
-            sel = pos >= 0
-            acts_kept[pos[sel]] = act[torch.from_numpy(sel)].numpy()
-        if probe:
-            rs = row_slot[start:start + b]
-            ok = rs >= 0
-            x_sum.index_add_(0, rs[ok], x[ok.to(x.device)].double().cpu())
-            xh_sum.index_add_(0, rs[ok], x_hat[ok.to(x.device)].double().cpu())
-            img_count.index_add_(0, rs[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
-        start += b
-        bar.update(b)
+        top.update(act, codes, start)
+        kept.update(act, start)
+        if images is not None:
+            images.update(x, x_hat, start)
+        start += x.shape[0]
+        bar.update(x.shape[0])
     bar.close()
 
-    top_rows = torch.where(torch.isinf(top_vals), torch.full_like(top_rows, -1), top_rows)
-    out: dict = {"kind": dictionary.kind, "n_rows": n, "d": d, "n_atoms": n_atoms}
+    top_rows, top_vals = top.result()
+    out: dict = {"kind": dictionary.learner, "n_rows": n, "d": d, "n_atoms": n_atoms}
     out.update(stats.result())
     out["max_coherence"] = max_coherence(dictionary.atoms)
     freq = stats.frequency
@@ -143,27 +201,18 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
 
     if labels is not None:
         lab = label_atoms(top_rows.numpy(), labels, min_support=min(min_support, top_n))
-        out.update(label_quality(lab, *image_activations(acts_kept, image_ids[keep_rows], labels[keep_rows])))
+        out.update(label_quality(lab, *image_activations(kept.acts, image_ids[kept.rows], labels[kept.rows])))
         atoms.update({k: v for k, v in lab.items() if k != "prior"})
         names = class_names if class_names is not None else (X.class_names if is_store(X) else None)
         if names:
             atoms["label_name"] = [names[c] if 0 <= c < len(names) else None for c in lab["label"].tolist()]
-        kept_lab = labels[keep_rows]
+        kept_lab = labels[kept.rows]
         ok = kept_lab >= 0
-        test = image_split(image_ids[keep_rows][ok], test_fraction=test_fraction, seed=seed)
-        out.update(sparse_probe(acts_kept if ok.all() else acts_kept[ok], kept_lab[ok], test))
-        have = img_count > 0
-        x_img = (x_sum[have] / img_count[have].unsqueeze(1)).numpy()
-        xh_img = (xh_sum[have] / img_count[have].unsqueeze(1)).numpy()
-        first_row = np.full(img_uniq.size, -1, np.int64)
-        lab_rows = np.nonzero(labels >= 0)[0]
-        first_row[img_of_row[lab_rows[::-1]]] = lab_rows[::-1]  # any labelled row of each image
-        img_ids_sel = labelled_imgs[have.numpy()]
-        y_img = labels[first_row[img_ids_sel]]
-        test_img = image_split(img_uniq[img_ids_sel], test_fraction=test_fraction, seed=seed)
-        out.update(downstream_probe(x_img, xh_img, y_img, test_img))
+        test = image_split(image_ids[kept.rows][ok], test_fraction=test_fraction, seed=seed)
+        out.update(sparse_probe(kept.acts if ok.all() else kept.acts[ok], kept_lab[ok], test))
+        out.update(images.result(test_fraction, seed))
     out["settings"] = {"top_n": top_n, "min_support": min(min_support, top_n), "activation": activation,
-                       "rows_for_auroc": int(keep_rows.size) if labels is not None else 0,
+                       "rows_for_auroc": int(kept.rows.size) if labels is not None else 0,
                        "test_fraction": test_fraction, "seed": seed, "batch_size": batch_size,
                        "has_labels": labels is not None}
     out["atoms"] = atoms

@@ -2,16 +2,16 @@
 
 Every baseline is a ``Dictionary`` (unit-norm atoms, encode, decode, save / ``vitatlas.load``):
 
-- ``PCABaseline(k)`` (kind ``"pca"``): the top-k principal directions of the centred data. Dense
+- ``PCABaseline(k)`` (learner ``"pca"``): the top-k principal directions of the centred data. Dense
   codes, so L0 = k and n_atoms = k. ``encode(x) = (x - mean) @ Vᵀ``, ``decode(c) = c @ V + mean``: the
   best reconstruction any k-dimensional affine subspace gives (dense, so not a sparse dictionary).
-- ``KMeansBaseline(n_atoms)`` (kind ``"kmeans"``): vector quantisation, L0 = 1. Lloyd's k-means on
+- ``KMeansBaseline(n_atoms)`` (learner ``"kmeans"``): vector quantisation, L0 = 1. Lloyd's k-means on
   the data gives centroids c_j; atom j is the unit direction of ``c_j - mean`` and a sample's code is
   ``‖c_j - mean‖`` at its nearest centroid j (Euclidean), 0 elsewhere, so ``decode`` returns exactly
   that centroid (``decode(c) = c @ atoms + mean``).
-- ``RandomDictionary(n_atoms, k)`` (kind ``"random"``): unit Gaussian random atoms coded by OMP with
+- ``RandomDictionary(n_atoms, k)`` (learner ``"random"``): unit Gaussian random atoms coded by OMP with
   exactly k non-zeros: the floor any learnt dictionary must beat.
-- ``SklearnDictionaryLearning(n_atoms, k)`` (kind ``"sklearn-dl"``): scikit-learn's
+- ``SklearnDictionaryLearning(n_atoms, k)`` (learner ``"sklearn-dl"``): scikit-learn's
   ``MiniBatchDictionaryLearning`` (online L1 dictionary learning, coordinate descent) learns the atoms;
   codes are OMP with k non-zeros (what sklearn's ``transform_algorithm="omp"`` computes; here the
   batched torch OMP below, which is checked against sklearn's in the tests).
@@ -23,11 +23,21 @@ re-seeded on the worst-served rows; about 4 s for 5,000 × 384 rows and 1,536 ce
 sklearn-dl is capped harder (default 3,072 rows, one pass in batches of 512, at most 30 coordinate-descent
 iterations per sparse code while learning, atoms initialised on data rows): with 1,536 atoms a batch of 512
 costs 1.5–3.5 s on one core, so the default fit took 9–11 s here (5,000 × 384 rows, 1,536 atoms, k = 8).
+
+Each baseline's options are a frozen dataclass (``PCAConfig``, ``KMeansConfig``, ``RandomConfig``,
+``SklearnDLConfig``) checked by ``options.check_options``; the classes are thin wrappers over them.
+
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
+    >>> pca = PCABaseline(3).fit(X)
+    >>> pca.encode(X).shape, pca.config
+    ((200, 3), PCAConfig(k=3, device='cpu', dtype='float32', batch_size=8192))
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -37,13 +47,70 @@ from ..data.batches import iter_batches, n_rows_and_width, rows_of
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from .coders import code, to_dense
-from .options import resolve_device, resolve_dtype
+from .options import Device, DType, Int, Options, OptionError, Real, option, resolve_dtype
+
+# ---- options ---------------------------------------------------------------------------------------
+
+_DEVICE = option("cpu", Device(), "'cpu' or 'cuda[:N]'")
+_DTYPE = option("float32", DType(), "'float32' or 'float64'")
+_SEED = option(0, Int(min=0), "random subset, initial atoms")
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise VitatlasError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+@dataclass(frozen=True)
+class PCAConfig(Options):
+    what: ClassVar[str] = "PCA"
+    k: int = option(rule=Int(min=1), doc="components (= atoms, L0)")
+    device: str = _DEVICE
+    dtype: str = _DTYPE
+    batch_size: int = option(8192, Int(min=1), "rows per streamed batch")
+
+
+@dataclass(frozen=True)
+class KMeansConfig(Options):
+    what: ClassVar[str] = "k-means"
+    n_atoms: int = option(rule=Int(min=1), doc="centroids")
+    n_iter: int = option(15, Int(min=1), "Lloyd iterations")
+    max_rows: int = option(16_384, Int(min=1), "rows fitted on (a fixed random subset)")
+    seed: int = _SEED
+    device: str = _DEVICE
+    dtype: str = _DTYPE
+
+
+def require_k_at_most_atoms(k: int, n_atoms: int) -> None:
+    """OMP with k non-zeros needs at least k atoms."""
+    if k > n_atoms:
+        raise OptionError(f"k={k} non-zeros cannot exceed n_atoms={n_atoms}: lower k or add atoms")
+
+
+@dataclass(frozen=True)
+class RandomConfig(Options):
+    what: ClassVar[str] = "a random dictionary"
+    n_atoms: int = option(rule=Int(min=1), doc="atoms")
+    k: int = option(rule=Int(min=1), doc="OMP non-zeros")
+    seed: int = _SEED
+    device: str = _DEVICE
+    dtype: str = _DTYPE
+
+    def check_rules(self) -> None:
+        require_k_at_most_atoms(self.k, self.n_atoms)
+
+
+@dataclass(frozen=True)
+class SklearnDLConfig(Options):
+    what: ClassVar[str] = "sklearn-dl"
+    n_atoms: int = option(rule=Int(min=1), doc="atoms")
+    k: int = option(rule=Int(min=1), doc="OMP non-zeros")
+    alpha: float = option(0.1, Real(min=0, min_open=True), "sklearn's L1 weight while learning")
+    max_iter: int = option(1, Int(min=1), "passes over the rows")
+    batch_size: int = option(512, Int(min=1), "rows per mini-batch")
+    max_rows: int = option(3072, Int(min=1), "rows fitted on (a fixed random subset)")
+    cd_max_iter: int = option(30, Int(min=1), "coordinate-descent iterations per code while learning")
+    seed: int = _SEED
+    device: str = _DEVICE
+    dtype: str = _DTYPE
+
+    def check_rules(self) -> None:
+        require_k_at_most_atoms(self.k, self.n_atoms)
 
 
 def fit_rows(X: ArrayLike, max_rows: int, seed: int) -> np.ndarray:
@@ -70,15 +137,27 @@ def omp(x: torch.Tensor, atoms: torch.Tensor, k: int, *, chunk: int = 2048,
 
 
 class _Baseline(Dictionary):
-    """Shared plumbing: device/dtype options and the saved tensors."""
+    """Shared plumbing: the options dataclass, device/dtype and the saved tensors."""
 
-    def __init__(self, *, device: str = "cpu", dtype: str = "float32"):
-        self.device = resolve_device(device)
-        self._dtype_name = dtype
-        self.dtype = resolve_dtype(dtype)
+    options: ClassVar[type[Options]]
+
+    def _setup(self, **values) -> None:
+        self.config = self.options.from_dict(values)
+        self.device, self.dtype = self.config.device, resolve_dtype(self.config.dtype)
         self.d = None
         self.fit_info = {}
         self._atoms: torch.Tensor | None = None
+
+    @property
+    def n_atoms(self) -> int:  # type: ignore[override]
+        return self.config.n_atoms
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    def _config(self) -> dict:
+        return self.config.to_dict()
 
     @property
     def atoms(self) -> torch.Tensor:
@@ -91,35 +170,35 @@ class _Baseline(Dictionary):
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self._atoms = tensors["atoms"].to(self.device, self.dtype)
 
-    def _base_config(self) -> dict:
-        return {"device": self.device, "dtype": self._dtype_name}
-
 
 class PCABaseline(_Baseline):
     """Top-k principal directions; dense codes (L0 = k). Exact: mean and scatter in float64, two passes."""
 
-    kind = "pca"
+    learner = "pca"
+    options = PCAConfig
 
-    def __init__(self, k: int, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 8192):
-        super().__init__(device=device, dtype=dtype)
-        self.k = _positive_int("k", k)
-        self.n_atoms = self.k
-        self.batch_size = _positive_int("batch_size", batch_size)
+    def __init__(self, k: int, **options):
+        self._setup(k=k, **options)
         self._mean: torch.Tensor | None = None
 
-    def _config(self) -> dict:
-        return {"k": self.k, **self._base_config(), "batch_size": self.batch_size}
+    @property
+    def n_atoms(self) -> int:  # type: ignore[override]
+        return self.config.k
+
+    @property
+    def k(self) -> int:
+        return self.config.k
 
     def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "PCABaseline":
         n, d = n_rows_and_width(X)
         if self.k > d:
             raise VitatlasError(f"PCA with k={self.k} components needs k <= d={d}: lower k")
         total = torch.zeros(d, dtype=torch.float64)
-        for x in iter_batches(X, self.batch_size, shuffle=False, seed=0, dtype=torch.float64):
+        for x in iter_batches(X, self.config.batch_size, shuffle=False, seed=0, dtype=torch.float64):
             total += x.sum(0)
         mean = total / n
         scatter = torch.zeros(d, d, dtype=torch.float64)
-        for x in iter_batches(X, self.batch_size, shuffle=False, seed=0, dtype=torch.float64):
+        for x in iter_batches(X, self.config.batch_size, shuffle=False, seed=0, dtype=torch.float64):
             xc = x - mean
             scatter += xc.T @ xc
         evals, evecs = torch.linalg.eigh(scatter)
@@ -127,7 +206,7 @@ class PCABaseline(_Baseline):
         # fix each component's sign (largest |entry| positive) so fits are reproducible
         sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
         comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)
-        self._atoms = comps.to(self.device, self.dtype)
+        self._atoms = comps.to(self.device, self.dtype).contiguous()  # as it will be after save + load
         self._mean = mean.to(self.device, self.dtype)
         self.d = d
         self.record_fit_source(X)
@@ -150,21 +229,13 @@ class PCABaseline(_Baseline):
 class KMeansBaseline(_Baseline):
     """Lloyd's k-means; L0 = 1 (code = distance of the nearest centroid from the mean, see module doc)."""
 
-    kind = "kmeans"
+    learner = "kmeans"
+    options = KMeansConfig
 
-    def __init__(self, n_atoms: int, *, n_iter: int = 15, max_rows: int = 16_384, seed: int = 0,
-                 device: str = "cpu", dtype: str = "float32"):
-        super().__init__(device=device, dtype=dtype)
-        self.n_atoms = _positive_int("n_atoms", n_atoms)
-        self.n_iter = _positive_int("n_iter", n_iter)
-        self.max_rows = _positive_int("max_rows", max_rows)
-        self.seed = int(seed)
+    def __init__(self, n_atoms: int, **options):
+        self._setup(n_atoms=n_atoms, **options)
         self._mean: torch.Tensor | None = None
         self._scale: torch.Tensor | None = None
-
-    def _config(self) -> dict:
-        return {"n_atoms": self.n_atoms, "n_iter": self.n_iter, "max_rows": self.max_rows, "seed": self.seed,
-                **self._base_config()}
 
     @staticmethod
     def _assign(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,13 +251,13 @@ class KMeansBaseline(_Baseline):
         return torch.cat(idx), torch.cat(dist)
 
     def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "KMeansBaseline":
-        rows = torch.from_numpy(fit_rows(X, self.max_rows, self.seed)).to(self.device, self.dtype)
+        rows = torch.from_numpy(fit_rows(X, self.config.max_rows, self.seed)).to(self.device, self.dtype)
         n, d = rows.shape
         if self.n_atoms > n:
             raise VitatlasError(f"k-means with {self.n_atoms} centroids needs at least that many rows, got {n}")
         gen = torch.Generator().manual_seed(self.seed)
         centroids = rows[torch.randperm(n, generator=gen)[:self.n_atoms].to(self.device)].clone()
-        for _ in range(self.n_iter):
+        for _ in range(self.config.n_iter):
             assign, dist = self._assign(rows, centroids)
             sums = torch.zeros_like(centroids).index_add_(0, assign, rows)
             counts = torch.bincount(assign, minlength=self.n_atoms).to(rows.dtype)
@@ -232,12 +303,12 @@ class KMeansBaseline(_Baseline):
 class _OMPCoded(_Baseline):
     """Dictionaries coded by OMP with k non-zeros."""
 
-    def __init__(self, n_atoms: int, k: int, *, device: str = "cpu", dtype: str = "float32"):
-        super().__init__(device=device, dtype=dtype)
-        self.n_atoms = _positive_int("n_atoms", n_atoms)
-        self.k = _positive_int("k", k)
-        if self.k > self.n_atoms:
-            raise VitatlasError(f"k={self.k} non-zeros cannot exceed n_atoms={self.n_atoms}: lower k or add atoms")
+    def __init__(self, n_atoms: int, k: int, **options):
+        self._setup(n_atoms=n_atoms, k=k, **options)
+
+    @property
+    def k(self) -> int:
+        return self.config.k
 
     def _check_k(self, d: int) -> None:
         if self.k > d:
@@ -254,17 +325,15 @@ class _OMPCoded(_Baseline):
 class RandomDictionary(_OMPCoded):
     """Unit Gaussian random atoms + OMP at k: the floor a learnt dictionary must beat."""
 
-    kind = "random"
-
-    def __init__(self, n_atoms: int, k: int, *, seed: int = 0, device: str = "cpu", dtype: str = "float32"):
-        super().__init__(n_atoms, k, device=device, dtype=dtype)
-        self.seed = int(seed)
-
-    def _config(self) -> dict:
-        return {"n_atoms": self.n_atoms, "k": self.k, "seed": self.seed, **self._base_config()}
+    learner = "random"
+    options = RandomConfig
 
     def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "RandomDictionary":
-        _, d = n_rows_and_width(X)
+        n, d = n_rows_and_width(X)
+        if n == 0:
+            raise VitatlasError("X is empty (0 rows): pass at least one sample")
+        for _ in iter_batches(X, 65536, shuffle=False, seed=0, d=d):
+            pass  # the atoms ignore X, but bad data (NaN, Inf, wrong shape) is refused as by every learner
         self._check_k(d)
         gen = torch.Generator().manual_seed(self.seed)
         atoms = torch.randn(self.n_atoms, d, generator=gen, dtype=torch.float64)
@@ -281,25 +350,8 @@ class SklearnDictionaryLearning(_OMPCoded):
     only makes ``alpha`` — the L1 weight sklearn learns with — independent of the data's scale).
     """
 
-    kind = "sklearn-dl"
-
-    def __init__(self, n_atoms: int, k: int, *, alpha: float = 0.1, max_iter: int = 1, batch_size: int = 512,
-                 max_rows: int = 3072, cd_max_iter: int = 30, seed: int = 0, device: str = "cpu",
-                 dtype: str = "float32"):
-        super().__init__(n_atoms, k, device=device, dtype=dtype)
-        if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
-            raise VitatlasError(f"alpha must be a positive number, got {alpha!r}")
-        self.alpha = float(alpha)
-        self.max_iter = _positive_int("max_iter", max_iter)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        self.max_rows = _positive_int("max_rows", max_rows)
-        self.cd_max_iter = _positive_int("cd_max_iter", cd_max_iter)
-        self.seed = int(seed)
-
-    def _config(self) -> dict:
-        return {"n_atoms": self.n_atoms, "k": self.k, "alpha": self.alpha, "max_iter": self.max_iter,
-                "batch_size": self.batch_size, "max_rows": self.max_rows, "cd_max_iter": self.cd_max_iter,
-                "seed": self.seed, **self._base_config()}
+    learner = "sklearn-dl"
+    options = SklearnDLConfig
 
     def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "SklearnDictionaryLearning":
         import warnings
@@ -308,7 +360,7 @@ class SklearnDictionaryLearning(_OMPCoded):
         from sklearn.exceptions import ConvergenceWarning
         from threadpoolctl import threadpool_limits
 
-        rows = fit_rows(X, self.max_rows, self.seed).astype(np.float64)
+        rows = fit_rows(X, self.config.max_rows, self.seed).astype(np.float64)
         d = rows.shape[1]
         self._check_k(d)
         rms = float(np.sqrt((rows ** 2).sum(1).mean())) or 1.0
@@ -320,9 +372,9 @@ class SklearnDictionaryLearning(_OMPCoded):
         init = init + 1e-3 * rng.standard_normal(init.shape)  # break ties between repeated rows
         init /= np.linalg.norm(init, axis=1, keepdims=True)
         learner = MiniBatchDictionaryLearning(
-            n_components=self.n_atoms, alpha=self.alpha, max_iter=self.max_iter, batch_size=self.batch_size,
-            fit_algorithm="cd", dict_init=init, transform_algorithm="omp", transform_n_nonzero_coefs=self.k,
-            transform_max_iter=self.cd_max_iter, random_state=self.seed, verbose=bool(progress))
+            n_components=self.n_atoms, alpha=self.config.alpha, max_iter=self.config.max_iter,
+            batch_size=self.config.batch_size, fit_algorithm="cd", dict_init=init, transform_algorithm="omp", transform_n_nonzero_coefs=self.k,
+            transform_max_iter=self.config.cd_max_iter, random_state=self.seed, verbose=bool(progress))
         # one BLAS thread: sklearn's per-atom update loop is a chain of small mat-vecs that run many
         # times slower with several threads (20x measured on a busy 2-core machine)
         with warnings.catch_warnings(), threadpool_limits(1):
@@ -344,8 +396,9 @@ BASELINES = {"pca": PCABaseline, "kmeans": KMeansBaseline, "random": RandomDicti
              "sklearn-dl": SklearnDictionaryLearning}
 
 
-def make_baseline(kind: str, *, n_atoms: int, k: int, seed: int = 0, device: str = "cpu") -> Dictionary:
-    """A baseline of ``kind`` sized like the runs it is compared with (PCA has k atoms, k-means L0 = 1)."""
+def make_baseline(learner: str, *, n_atoms: int, k: int, seed: int = 0, device: str = "cpu") -> Dictionary:
+    """A baseline ``learner`` sized like the runs it is compared with (PCA has k atoms, k-means L0 = 1)."""
+    kind = learner
     if kind == "pca":
         return PCABaseline(k, device=device)
     if kind == "kmeans":

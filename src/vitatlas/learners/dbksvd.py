@@ -19,6 +19,19 @@ previous prefix), so every prefix is a usable dictionary on its own.
 Handling of edge cases: zero rows get zero codes; NaN/Inf rows are refused (VitatlasError naming the
 row); ``k >= d`` is refused (the codes would not be sparse: every sample is fitted exactly);
 ``n_atoms < k`` is refused.
+
+Options are the frozen dataclass ``DBKSVDConfig`` (each field declares its constraint; ``DBKSVD(...)``
+is a thin wrapper over it). Checkpoints go through the shared ``checkpoint.Checkpoint`` (state.json as
+the commit point, atoms and the generator state in safetensors).
+
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+    >>> dl = DBKSVD(n_atoms=32, k=3, epochs=2).fit(X, progress=False)
+    >>> codes = dl.encode(X); X_hat = dl.reconstruct(X)
+    >>> codes.shape, X_hat.shape, int((codes != 0).sum(1).max())
+    ((600, 32), (600, 16), 3)
+    >>> dl.config.coder, dl.config == DBKSVDConfig(n_atoms=32, k=3, epochs=2)
+    ('omp', True)
 """
 
 from __future__ import annotations
@@ -26,8 +39,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -36,91 +51,93 @@ from ..arrays import ArrayLike, as_tensor
 from ..data.batches import data_fingerprint, iter_batches, n_rows_and_width, rows_of
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
-from ..io import atomic_save_safetensors, load_safetensors
+from .checkpoint import Checkpoint
 from .coders import CODERS, code_signals, residual, to_dense
 from .ksvd_update import ksvd_update
-from .options import resolve_device, resolve_dtype
+from .options import (Choice, Device, DType, Either, Flag, Int, Ints, Options, Real, option, require_enough_atoms,
+                      require_prefix_sizes, resolve_dtype)
 
-CHECKPOINT = "dbksvd-checkpoint.safetensors"
+CHECKPOINT_FORMAT = "vitatlas-dbksvd-checkpoint"
+OLD_CHECKPOINT = "dbksvd-checkpoint.safetensors"  # single-file checkpoints written before state.json
+
+
+@dataclass(frozen=True)
+class DBKSVDConfig(Options):
+    """DBK-SVD's options (all JSON-able; ``DBKSVD._config()`` returns these fields)."""
+
+    what: ClassVar[str] = "DBK-SVD"
+    n_atoms: int = option(rule=Int(min=1), doc="number of atoms")
+    k: int = option(rule=Int(min=1), doc="atoms per sample")
+    coder: str = option("omp", Choice(tuple(CODERS), what="coder"),
+                        "'omp' (Batch-OMP) or 'mp' (matching pursuit, up to mp_steps = 4k steps)")
+    epochs: int | None = option(None, Int(min=1, optional=True), "passes over the data (None: >= 40 iterations)")
+    sample_batch: int | None = option(None, Int(min=1, optional=True),
+                                      "samples per iteration (None: 8·n_atoms in [4096, 2²⁸/n_atoms])")
+    atom_batch: int | None = option(None, Int(min=1, optional=True),
+                                    "atoms updated in parallel against one snapshot (None: n_atoms / 8)")
+    n_power: int = option(2, Int(min=1), "power-iteration steps of the rank-1 update")
+    approx: bool = option(False, Flag(), "AK-SVD (one step from the codes)")
+    refit: bool = option(True, Flag(), "least-squares refit after matching pursuit")
+    tol: float = option(0.0, Real(min=0, max=1, max_open=True), "stop coding a sample at this relative residual")
+    mp_steps: int | None = option(None, Int(min=1, optional=True), "matching-pursuit steps (None: 4k)")
+    candidates: int | str | None = option("auto", Either((Choice(("auto",)), Int(min=1)), optional=True,
+                                                         none_means="exact coding"),
+                                          "screening width while fitting ('auto': max(4k, 32))")
+    groups: tuple[int, ...] | None = option(None, Ints(min=1, optional=True), "Matryoshka prefix sizes")
+    device: str = option("cpu", Device(), "'cpu' or 'cuda[:N]'")
+    dtype: str = option("float32", DType(), "'float32' or 'float64'")
+    seed: int = option(0, Int(min=0), "initial atoms, shuffling and re-drawn atoms")
+    checkpoint_every: int = option(20, Int(min=1), "iterations between checkpoints")
+
+    def check_rules(self) -> None:
+        require_enough_atoms(self.k, self.n_atoms)
+        require_prefix_sizes(self.groups, self.n_atoms, "n_atoms", first_at_least=self.k)
 
 
 class DBKSVD(Dictionary):
-    """Double-Batch K-SVD dictionary learner.
+    """Double-Batch K-SVD dictionary learner: ``DBKSVD(n_atoms, k, **options)``.
 
-    >>> dl = DBKSVD(n_atoms=1024, k=8).fit(X)      # doctest: +SKIP
-    >>> codes = dl.encode(X); Xhat = dl.reconstruct(X)   # doctest: +SKIP
-
-    Options (all JSON-able; ``_config`` returns them):
-      coder: "omp" (Batch-OMP, default) or "mp" (matching pursuit, up to ``mp_steps`` = 4k steps).
-      epochs: passes over the data (None: enough for at least 40 iterations). sample_batch: samples per
-      iteration (None: 8·n_atoms, at least 4096, at most 2²⁸/n_atoms so DᵀY stays under 1 GB fp32). atom_batch: atoms updated in
-      parallel against one snapshot (None: n_atoms // 8). n_power: power-iteration steps of the
-      rank-1 update. approx: AK-SVD (one step from the codes). refit: least-squares refit after MP.
-      tol: stop coding a sample at this relative residual. candidates: screening width during
-      fitting ("auto" = max(4k, 32), None = exact coding); encode() always codes exactly.
-      groups: Matryoshka prefix sizes, increasing, ending at n_atoms. device, dtype ("float32" |
-      "float64"), seed. checkpoint_every: iterations between checkpoints when fit() is given a
-      checkpoint_dir.
+    The options, their constraints and defaults are the fields of ``DBKSVDConfig`` (``encode`` always
+    codes exactly, whatever ``candidates`` says). ``DBKSVD.from_config(cfg)`` builds one from a config.
     """
 
-    kind = "dbksvd"
+    learner = "dbksvd"
 
-    def __init__(self, n_atoms: int, k: int, *, coder: str = "omp", epochs: int | None = None, sample_batch: int | None = None,
-                 atom_batch: int | None = None, n_power: int = 2, approx: bool = False, refit: bool = True,
-                 tol: float = 0.0, mp_steps: int | None = None, candidates: int | str | None = "auto",
-                 groups: list[int] | None = None, device: str = "cpu", dtype: str = "float32", seed: int = 0,
-                 checkpoint_every: int = 20):
-        def positive(name, value):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise VitatlasError(f"{name} must be a positive integer, got {value!r}")
-            return int(value)
+    def __init__(self, n_atoms: int, k: int, **options):
+        self._setup(DBKSVDConfig.from_dict({"n_atoms": n_atoms, "k": k, **options}))
 
-        self.n_atoms = positive("n_atoms", n_atoms)
-        self.k = positive("k", k)
-        if self.n_atoms < self.k:
-            raise VitatlasError(f"n_atoms={n_atoms} is smaller than k={k}: a sample cannot use more atoms than exist")
-        if coder not in CODERS:
-            raise VitatlasError(f"unknown coder {coder!r}: use one of {', '.join(CODERS)}")
-        self.coder = coder
-        self.epochs = None if epochs is None else positive("epochs", epochs)
-        self.sample_batch = None if sample_batch is None else positive("sample_batch", sample_batch)
-        self.atom_batch = None if atom_batch is None else positive("atom_batch", atom_batch)
-        self.n_power = positive("n_power", n_power)
-        self.approx = bool(approx)
-        self.refit = bool(refit)
-        if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
-            raise VitatlasError(f"tol is a relative residual in [0, 1), got {tol!r}")
-        self.tol = float(tol)
-        self.mp_steps = None if mp_steps is None else positive("mp_steps", mp_steps)
-        if not (candidates is None or candidates == "auto" or
-                (isinstance(candidates, (int, np.integer)) and not isinstance(candidates, bool) and candidates > 0)):
-            raise VitatlasError(f"candidates must be 'auto', None (exact) or a positive integer, got {candidates!r}")
-        self.candidates = candidates if candidates in (None, "auto") else int(candidates)
-        if groups is not None:
-            groups = [positive("groups entry", g) for g in groups]
-            if groups != sorted(set(groups)) or groups[-1] != self.n_atoms or groups[0] < self.k:
-                raise VitatlasError(f"groups must be increasing prefix sizes from at least k={k} up to n_atoms="
-                                    f"{n_atoms}, e.g. [64, 256, {n_atoms}]; got {groups}")
-        self.groups = groups
-        self.device = resolve_device(device)
-        self.dtype_name = dtype
-        self.dtype = resolve_dtype(dtype)
-        self.seed = int(seed)
-        self.checkpoint_every = positive("checkpoint_every", checkpoint_every)
+    @classmethod
+    def from_config(cls, config: DBKSVDConfig) -> "DBKSVD":
+        obj = cls.__new__(cls)
+        obj._setup(config)
+        return obj
+
+    def _setup(self, config: DBKSVDConfig) -> None:
+        self.config = config
+        self.device, self.dtype = config.device, resolve_dtype(config.dtype)
+        self.fit_info = {}
         self.d = None
         self._D: torch.Tensor | None = None
         self._G: torch.Tensor | None = None
         self.history: list[float] = []  # signal_recovered of each iteration's batch
-        self._gen = torch.Generator().manual_seed(self.seed)
+        self._gen = torch.Generator().manual_seed(config.seed)
         self._step = 0
 
     # ---- Dictionary interface -------------------------------------------------------------------
+    @property
+    def n_atoms(self) -> int:  # type: ignore[override]
+        return self.config.n_atoms
+
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
     def _config(self) -> dict:
-        return {"n_atoms": self.n_atoms, "k": self.k, "coder": self.coder, "epochs": self.epochs,
-                "sample_batch": self.sample_batch, "atom_batch": self.atom_batch, "n_power": self.n_power,
-                "approx": self.approx, "refit": self.refit, "tol": self.tol, "mp_steps": self.mp_steps,
-                "candidates": self.candidates, "groups": self.groups, "device": self.device,
-                "dtype": self.dtype_name, "seed": self.seed, "checkpoint_every": self.checkpoint_every}
+        return self.config.to_dict()
 
     @property
     def atoms(self) -> torch.Tensor:
@@ -147,17 +164,17 @@ class DBKSVD(Dictionary):
         return self._G
 
     def _code(self, Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, candidates: int | None):
-        return code_signals(Y, D, G, self.k, coder=self.coder, tol=self.tol, refit=self.refit,
-                            max_steps=self.mp_steps, candidates=candidates)
+        return code_signals(Y, D, G, self.k, coder=self.config.coder, tol=self.config.tol, refit=self.config.refit,
+                            max_steps=self.config.mp_steps, candidates=candidates)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         idx, val = self._code(x, self._D, self._gram(), None)  # encoding is exact
         return to_dense(idx, val, self.n_atoms)
 
     def _fit_candidates(self, n_prefix: int) -> int | None:
-        if self.candidates == "auto":
+        if self.config.candidates == "auto":
             return min(n_prefix, max(4 * self.k, 32))
-        return self.candidates
+        return self.config.candidates
 
     # ---- fitting --------------------------------------------------------------------------------
     def _check_width(self, d: int) -> None:
@@ -169,23 +186,23 @@ class DBKSVD(Dictionary):
 
     def _stages(self) -> list[tuple[int, int]]:
         """(first trainable atom, prefix size) of each stage."""
-        if not self.groups:
+        if not self.config.groups:
             return [(0, self.n_atoms)]
-        bounds = [0] + self.groups
-        return [(bounds[i], bounds[i + 1]) for i in range(len(self.groups))]
+        bounds = [0, *self.config.groups]
+        return [(bounds[i], bounds[i + 1]) for i in range(len(self.config.groups))]
 
     def _sample_batch(self) -> int:
-        if self.sample_batch is not None:
-            return self.sample_batch
+        if self.config.sample_batch is not None:
+            return self.config.sample_batch
         return int(min(max(8 * self.n_atoms, 4096), max(4096, (1 << 28) // self.n_atoms)))
 
     def _epochs(self, n: int) -> int:
-        if self.epochs is not None:
-            return self.epochs
+        if self.config.epochs is not None:
+            return self.config.epochs
         return max(1, math.ceil(40 / math.ceil(n / self._sample_batch())))
 
     def _atom_batch(self, n_trainable: int) -> int:
-        return self.atom_batch or max(1, math.ceil(n_trainable / 8))
+        return self.config.atom_batch or max(1, math.ceil(n_trainable / 8))
 
     @torch.no_grad()
     def _iteration(self, Y: torch.Tensor, lo: int, hi: int, redraw: bool = True) -> float:
@@ -195,8 +212,8 @@ class DBKSVD(Dictionary):
         idx, val = self._code(Y, D, G, self._fit_candidates(hi))
         R = residual(Y, idx, val, D)
         trainable = torch.arange(lo, hi, device=D.device)
-        ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable, n_power=self.n_power,
-                    approx=self.approx, generator=self._gen, G=G, redraw=redraw)
+        ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable, n_power=self.config.n_power,
+                    approx=self.config.approx, generator=self._gen, G=G, redraw=redraw)
         self._D[lo:hi] = D[lo:hi]
         self._G = None
         ynorm = Y.norm(dim=1)
@@ -257,7 +274,7 @@ class DBKSVD(Dictionary):
         fingerprint = _fingerprint(X, n, d, self._config())
         self._gen = torch.Generator().manual_seed(self.seed)
         self._step, self.history = 0, []
-        ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+        ckpt = self._checkpoint(checkpoint_dir)
         if ckpt is not None and ckpt.exists():
             self._load_checkpoint(ckpt, fingerprint)
         else:
@@ -286,7 +303,7 @@ class DBKSVD(Dictionary):
                         self._step += 1
                         bar.update(1)
                         bar.set_postfix(signal_recovered=f"{sr:.4f}", refresh=False)
-                        if ckpt is not None and self._step % self.checkpoint_every == 0:
+                        if ckpt is not None and self._step % self.config.checkpoint_every == 0:
                             self._save_checkpoint(ckpt, fingerprint)
                         if callback is not None:
                             callback(self._step, sr)
@@ -301,12 +318,12 @@ class DBKSVD(Dictionary):
 
     def partial_fit(self, X: ArrayLike) -> "DBKSVD":
         """One iteration per ``sample_batch`` rows of X, warm-started from the current atoms."""
-        if self.groups:
+        if self.config.groups:
             raise VitatlasError("partial_fit does not support groups (Matryoshka stages need fit); use fit(X)")
         n, d = n_rows_and_width(X)
         self._check_width(d)
         if self._D is None:
-            if not hasattr(self, "fit_info"):
+            if not self.fit_info:
                 self.record_fit_source(X)
             self._init_atoms(X, n, d)
         for Y in iter_batches(X, self._sample_batch(), shuffle=False, seed=0, device=self.device, dtype=self.dtype,
@@ -316,24 +333,26 @@ class DBKSVD(Dictionary):
         return self
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def _save_checkpoint(self, path: Path, fingerprint: str) -> None:
-        meta = {"fingerprint": fingerprint, "step": self._step, "history": self.history, "d": self.d}
-        atomic_save_safetensors(path, {
-            "atoms": self._D, "rng": self._gen.get_state(),
-            "meta": torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)})
+    @staticmethod
+    def _checkpoint(directory: str | Path | None) -> Checkpoint | None:
+        if directory is None:
+            return None
+        ckpt = Checkpoint(directory, CHECKPOINT_FORMAT, "DBK-SVD checkpoint")
+        if not ckpt.exists() and (Path(directory) / OLD_CHECKPOINT).exists():
+            warnings.warn(f"{Path(directory) / OLD_CHECKPOINT} was written by an older vitatlas and is not resumed; "
+                          "the fit starts over", stacklevel=3)
+        return ckpt
 
-    def _load_checkpoint(self, path: Path, fingerprint: str) -> None:
-        t = load_safetensors(path, what="DBK-SVD checkpoint")
-        try:
-            meta = json.loads(bytes(t["meta"].tolist()).decode())
-            atoms, rng = t["atoms"], t["rng"]
-        except (KeyError, ValueError, UnicodeDecodeError):
-            raise VitatlasError(f"checkpoint {path} is damaged: delete {path.parent} to start over") from None
-        if meta.get("fingerprint") != fingerprint:
-            raise VitatlasError(f"checkpoint {path} was made with other options or other data: use the same "
-                                f"options and data to resume, or delete {path.parent} to start over")
-        self._set_atoms(atoms)
-        self._gen.set_state(rng)
+    def _save_checkpoint(self, ckpt: Checkpoint, fingerprint: str) -> None:
+        ckpt.save(self._step, {"atoms": self._D, "rng": self._gen.get_state()},
+                  {"identity": fingerprint, "history": self.history, "d": self.d})
+
+    def _load_checkpoint(self, ckpt: Checkpoint, fingerprint: str) -> None:
+        meta, t = ckpt.load(fingerprint)
+        if "atoms" not in t or "rng" not in t or not isinstance(meta.get("history"), list):
+            raise VitatlasError(f"DBK-SVD checkpoint in {ckpt.dir} is damaged: delete {ckpt.dir} to start over")
+        self._set_atoms(t["atoms"])
+        self._gen.set_state(t["rng"])
         self._step = int(meta["step"])
         self.history = list(meta["history"])
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-SPARSE_KINDS = ("topk", "batchtopk", "matryoshka")  # exact-k kinds trained through the sparse kernels
-
 import torch
 import torch.nn.functional as F
 

@@ -3,7 +3,8 @@
 ``SAESweep([sae_a, sae_b, ...]).fit(X)`` trains several SAEs in one pass over the same batches: each
 batch is read, converted and moved to the device once, then every SAE takes its step on it. One SAE's
 ``SAE.fit`` is a sweep of one, so a sweep gives exactly the SAEs that separate fits give (same seeds,
-same batches). Members must share ``batch_size``, ``epochs``, ``seed``, ``device`` and ``dtype``.
+same batches). Members must have equal ``TrainConfig``s (epochs, batch size, seed, device, dtype, ...);
+their models and ``OptimConfig``s (lr, warm-up, ...) may differ.
 
 Data: ``iter_batches`` with shuffling seeded per epoch (``seed * 1_000_003 + epoch``), so an
 ActivationStore larger than RAM streams shard by shard; the last partial batch of an epoch is dropped
@@ -11,10 +12,10 @@ ActivationStore larger than RAM streams shard by shard; the last partial batch o
 data mean and mean squared norm are estimated on up to ``INIT_ROWS`` shuffled rows; they set every
 member's input scale and b_dec.
 
-Checkpoints (``checkpoint_dir``): ``state-<step>.safetensors`` (parameters, Adam moments, dead-latent
-counters, epoch accumulators of every member) and ``state.json`` (step, epoch and batch position in the
-data stream, options, data fingerprint), written atomically in that order, the JSON being the commit
-point. There is no other random state: batch order derives from the seed and the epoch, so a run killed
+Checkpoints (``checkpoint_dir``, through the shared ``checkpoint.Checkpoint``): ``state-<step>.safetensors``
+(parameters, Adam moments, dead-latent counters, epoch accumulators of every member) and ``state.json``
+(step, epoch and batch position in the data stream, options, data fingerprint), written atomically in
+that order, the JSON being the commit point. There is no other random state: batch order derives from the seed and the epoch, so a run killed
 at any moment and re-run resumes from the last checkpoint and ends bit-identical on CPU. A checkpoint
 made with other options or other data is refused.
 
@@ -37,19 +38,18 @@ from ..arrays import ArrayLike
 from ..data.batches import data_fingerprint, iter_batches, n_rows_and_width
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
-from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from . import sae_kernels as K
-from .options import resolve_device
-from .sae_kernels import SPARSE_KINDS
+from .checkpoint import Checkpoint
+from .options import resolve_device, resolve_dtype
+from .sae_config import SPARSE_KINDS, TrainConfig
+from .sae_model import SAEModule
+from .sae_objectives import OBJECTIVES
 
-if TYPE_CHECKING:  # the SAE imports this trainer; the trainer only needs its methods
+if TYPE_CHECKING:  # the SAE imports this trainer; the trainer only uses its configs and module
     from .sae import SAE
 
 CHECKPOINT_FORMAT = "vitatlas-sae-checkpoint"
 INIT_ROWS = 65536
-SHARED = ("batch_size", "epochs", "seed", "device", "dtype")
-
-
 MIN_STEPS = 2000  # epochs=None trains for at least this many steps (at most MAX_AUTO_EPOCHS epochs)
 MAX_AUTO_EPOCHS = 50
 
@@ -78,30 +78,36 @@ class _Member:
     """Training state of one SAE: optimizer, schedule, dead-latent counters, epoch accumulators."""
 
     def __init__(self, sae: SAE, n_rows: int, steps_per_epoch: int):
-        self.sae = sae
-        self.epochs = resolve_epochs(sae.epochs, steps_per_epoch)
+        self.sae, optim = sae, sae.optim
+        self.epochs = resolve_epochs(sae.train_config.epochs, steps_per_epoch)
         self.total_steps = self.epochs * steps_per_epoch
-        self.base_lr = sae.lr if sae.lr is not None else default_lr(sae.n_latents)
-        self.warmup = sae.warmup_steps if sae.warmup_steps is not None else min(1000, max(1, self.total_steps // 20))
-        self.dead_window = sae.dead_tokens if sae.dead_tokens is not None else min(10_000_000, n_rows)
+        self.base_lr = optim.lr if optim.lr is not None else default_lr(sae.config.n_latents)
+        self.warmup = optim.warmup_steps if optim.warmup_steps is not None else min(1000, max(1, self.total_steps // 20))
+        self.dead_window = optim.dead_tokens if optim.dead_tokens is not None else min(10_000_000, n_rows)
+        self.objective = OBJECTIVES[sae.config.family]
         self.opt: torch.optim.Adam | None = None
         self.history: dict[str, float] = {}
 
+    @property
+    def module(self) -> SAEModule:
+        return self.sae._module
+
     def start(self) -> None:
         """Create optimizer and counters for the (initialised) parameters."""
-        sae, dev = self.sae, self.sae.device
-        self.aux_k = sae.aux_k if sae.aux_k is not None else max(1, sae.d // 2)
-        for name in sae.trainable():
-            sae.params[name].requires_grad_(True)
-        main = [sae.params[n] for n in sae.trainable() if n != "log_threshold"]
+        sae, m, dev = self.sae, self.module, self.sae.device
+        act = sae.config.activation
+        self.aux_k = getattr(act, "aux_k", None) or max(1, m.d // 2)
+        m.requires_grad_(True)
+        main = [p for name, p in m.named_parameters() if name != "log_threshold"]
         groups = [{"params": main, "lr_scale": 1.0}]
-        if "log_threshold" in sae.trainable():
+        if hasattr(m, "log_threshold"):
             # JumpReLU thresholds move in log space; at the shared lr they could not travel far enough
             # in a short run (measured: 0.1 -> 0.14 in 160 steps while pre-activations were ~1)
-            groups.append({"params": [sae.params["log_threshold"]], "lr_scale": sae.threshold_lr_scale})
+            groups.append({"params": [m.log_threshold], "lr_scale": act.threshold_lr_scale})
         self.opt = torch.optim.Adam(groups, lr=self.base_lr, betas=(0.9, 0.999))
-        self.since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=dev)
-        self.fired_epoch = torch.zeros(sae.n_latents, dtype=torch.bool, device=dev)
+        n = sae.config.n_latents
+        self.since_fired = torch.zeros(n, dtype=torch.long, device=dev)
+        self.fired_epoch = torch.zeros(n, dtype=torch.bool, device=dev)
         self.th_updates = 0
         self.reset_acc()
 
@@ -116,40 +122,39 @@ class _Member:
         return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def step(self, x_raw: torch.Tensor, step: int) -> None:
-        sae, p = self.sae, self.sae.params
-        x = x_raw * p["scale"]
-        dead = self.since_fired >= self.dead_window if sae.sae_kind in SPARSE_KINDS else None
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if (sae.amp and x.device.type == "cuda") \
+        sae, m = self.sae, self.module
+        x = x_raw * m.scale
+        dead = self.since_fired >= self.dead_window if sae.config.family in SPARSE_KINDS else None
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if (sae.train_config.amp and x.device.type == "cuda") \
             else contextlib.nullcontext()
         with amp:
-            loss, st = sae.train_loss(x, dead, self.aux_k)
-        loss.backward()
-        K.remove_parallel_grad(p["W_dec"], p["W_dec"].grad)
-        params = [p[n] for n in sae.trainable()]
-        if sae.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, sae.grad_clip)
+            out = self.objective(m, x, dead, self.aux_k)
+        out.loss.backward()
+        K.remove_parallel_grad(m.W_dec, m.W_dec.grad)
+        if sae.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(m.trainable(), sae.optim.grad_clip)
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(step) * group["lr_scale"]
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        K.normalize_rows_(p["W_dec"].data)
+        K.normalize_rows_(m.W_dec.data)
         with torch.no_grad():
             b = x.shape[0]
             self.since_fired += b
-            self.since_fired[st["fired"]] = 0
-            self.fired_epoch[st["fired"]] = True
-            if "threshold" in st:
+            self.since_fired[out.fired] = 0
+            self.fired_epoch[out.fired] = True
+            if out.batch_threshold is not None:
                 # running mean over the first updates, then an EMA (so short runs are not biased to step 0)
-                th = p["threshold"]
+                th = m.threshold
                 self.th_updates += 1
-                mom = min(sae.threshold_momentum, 1.0 - 1.0 / float(self.th_updates))
-                th.copy_(mom * th + (1 - mom) * st["threshold"].to(th.dtype))
+                mom = min(sae.config.activation.threshold_momentum, 1.0 - 1.0 / float(self.th_updates))
+                th.copy_(mom * th + (1 - mom) * out.batch_threshold.to(th.dtype))
             a = self.acc
-            a["sse"] += st["sse"].double()
+            a["sse"] += out.sse.double()
             a["sst"] += (x - x.mean(0)).double().pow(2).sum()
-            a["nnz"] += st["nnz"].double()
+            a["nnz"] += out.nnz.double()
             a["rows"] += b
-            a["loss"] += st["loss"].double()
+            a["loss"] += out.loss.detach().double()
             a["steps"] += 1
 
     def metrics(self) -> dict[str, float]:
@@ -170,12 +175,16 @@ class _Member:
         self.reset_acc()
         return m
 
+    def finish(self) -> None:
+        if self.module is not None:
+            self.module.requires_grad_(False)
+
     # -- checkpoint state ----------------------------------------------------------------------------
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}p.{n}": t.detach() for n, t in self.sae.params.items()}
-        for name in self.sae.trainable():
-            st = self.opt.state.get(self.sae.params[name], {})
-            for key, val in st.items():
+        m = self.module
+        out = {f"{prefix}p.{n}": t.detach() for n, t in m.tensors().items()}
+        for name, param in m.named_parameters():
+            for key, val in self.opt.state.get(param, {}).items():
                 out[f"{prefix}adam.{name}.{key}"] = torch.as_tensor(val)
         out[f"{prefix}since_fired"] = self.since_fired
         out[f"{prefix}fired_epoch"] = self.fired_epoch.to(torch.uint8)
@@ -185,17 +194,13 @@ class _Member:
 
     def load_state(self, t: dict[str, torch.Tensor], prefix: str, d: int) -> None:
         sae, dev = self.sae, self.sae.device
-        sae.d = d
-        sae.params = {k[len(prefix) + 2:]: v.to(dev) for k, v in t.items() if k.startswith(prefix + "p.")}
-        if set(sae.params) != set(sae.trainable()) | {"scale"} | set(sae._extra_param_names()):
-            raise VitatlasError("checkpoint does not match the SAE options (different parameters); delete it to start over")
+        saved = {k[len(prefix) + 2:]: v for k, v in t.items() if k.startswith(prefix + "p.")}
+        sae._set_module(SAEModule.from_tensors(sae.config, d, saved, device=dev, dtype=sae.dtype))
         self.start()
-        for name in sae.trainable():
-            param = sae.params[name]
+        for name, param in self.module.named_parameters():
             st = {key.rsplit(".", 1)[1]: v for key, v in t.items() if key.startswith(f"{prefix}adam.{name}.")}
             if st:
-                st = {k: (v if k == "step" else v.to(dev)) for k, v in st.items()}
-                self.opt.state[param] = st
+                self.opt.state[param] = {k: (v if k == "step" else v.to(dev)) for k, v in st.items()}
         self.since_fired = t[f"{prefix}since_fired"].to(dev)
         self.fired_epoch = t[f"{prefix}fired_epoch"].to(dev).bool()
         self.th_updates = int(t[f"{prefix}th_updates"])
@@ -209,59 +214,59 @@ class SAESweep:
         saes = list(saes)
         if not saes:
             raise VitatlasError("an SAE sweep needs at least one SAE")
-        if not all(isinstance(s, Dictionary) and s.kind == "sae" for s in saes):
+        if not all(isinstance(s, Dictionary) and isinstance(getattr(s, "train_config", None), TrainConfig)
+                   for s in saes):
             raise VitatlasError("SAESweep takes a list of vitatlas.SAE objects")
-        first = saes[0]._config()
+        first = saes[0].train_config
         for s in saes[1:]:
-            cfg = s._config()
-            diff = [k for k in SHARED if cfg[k] != first[k]]
-            if diff:
-                raise VitatlasError(f"all SAEs of a sweep must share {', '.join(SHARED)}; {s.name} differs in {', '.join(diff)}")
+            if s.train_config != first:
+                diff = [k for k in TrainConfig.names() if getattr(s.train_config, k) != getattr(first, k)]
+                raise VitatlasError(f"all SAEs of a sweep must share their training options "
+                                    f"({', '.join(TrainConfig.names())}); {s.name} differs in {', '.join(diff)}")
         if len({id(s) for s in saes}) != len(saes):
             raise VitatlasError("the same SAE object appears twice in the sweep")
         self.saes = saes
+        self.train = first
 
     def fit(self, X: ArrayLike, *, checkpoint_dir: str | Path | None = None, progress: bool = True,
             log_dir: str | Path | None = None, callback: Callable[[int, dict], Any] | None = None) -> list[SAE]:
         from tqdm.auto import tqdm
 
-        head = self.saes[0]
-        device = resolve_device(head.device)
+        tc = self.train
+        device, dtype = resolve_device(tc.device), resolve_dtype(tc.dtype)
         n, d = n_rows_and_width(X)
         if n == 0:
             raise VitatlasError("X is empty (0 rows): pass at least one sample")
-        batch = head.batch_size
-        steps_per_epoch = n // batch if n >= batch else 1
-        drop_last = n >= batch
+        steps_per_epoch = n // tc.batch_size if n >= tc.batch_size else 1
+        drop_last = n >= tc.batch_size
         members = [_Member(s, n, steps_per_epoch) for s in self.saes]
         epochs = members[0].epochs
         total = epochs * steps_per_epoch
         for s in self.saes:
             s.record_fit_source(X)
 
-        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        fingerprint = data_fingerprint(X, n, d) if ckpt is not None else None
+        ckpt = Checkpoint(checkpoint_dir, CHECKPOINT_FORMAT, "SAE checkpoint") if checkpoint_dir is not None else None
+        identity = self._identity(d, data_fingerprint(X, n, d)) if ckpt is not None else None
         step, epoch, pos = 0, 0, 0
-        if ckpt is not None and (ckpt / "state.json").exists():
-            step, epoch, pos = self._resume(ckpt, members, d, fingerprint)
+        if ckpt is not None and ckpt.exists():
+            step, epoch, pos = self._resume(ckpt, members, d, identity)
         else:
-            mean, scale = self._data_stats(X, d, device, head)
+            mean, scale = self._data_stats(X, d, device, tc.seed)
             for m in members:
-                m.sae.init_params(d, mean * scale, scale)
+                m.sae._set_module(SAEModule.initial(m.sae.config, d, mean * scale, scale, seed=tc.seed,
+                                                    device=device, dtype=dtype))
                 m.start()
 
         if log_dir is not None:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
         log = open(Path(log_dir) / "log.jsonl", "a") if log_dir is not None else None
-        every_ckpt = min(s.checkpoint_every for s in self.saes)
-        every_log = min(s.log_every for s in self.saes)
         bar = tqdm(total=total, initial=step, desc="sae" if len(members) == 1 else f"sae x{len(members)}",
                    unit="step", disable=not progress, dynamic_ncols=True)
         t0, rows_done = time.perf_counter(), 0
         try:
             while epoch < epochs:
-                batches = iter_batches(X, batch, shuffle=True, seed=epoch_seed(head.seed, epoch), device=device,
-                                       dtype=head.dtype, drop_last=drop_last, d=d)
+                batches = iter_batches(X, tc.batch_size, shuffle=True, seed=epoch_seed(tc.seed, epoch), device=device,
+                                       dtype=dtype, drop_last=drop_last, d=d)
                 for b_idx, x in enumerate(batches):
                     if b_idx < pos:
                         continue  # already trained on before the checkpoint we resumed from
@@ -269,28 +274,26 @@ class SAESweep:
                         m.step(x, step)
                     step, pos, rows_done = step + 1, b_idx + 1, rows_done + x.shape[0]
                     bar.update(1)
-                    if step % every_log == 0 or callback is not None:
+                    if step % tc.log_every == 0 or callback is not None:
                         metrics = {m.sae.name: m.metrics() for m in members}
-                        if step % every_log == 0:
+                        if step % tc.log_every == 0:
                             self._log(log, bar, members, metrics, step, epoch, rows_done / (time.perf_counter() - t0))
                         if callback is not None:
                             callback(step, metrics)
-                    if ckpt is not None and step % every_ckpt == 0:
-                        self._save(ckpt, members, d, fingerprint, step, epoch, pos, complete=False)
+                    if ckpt is not None and step % tc.checkpoint_every == 0:
+                        self._save(ckpt, members, identity, step, epoch, pos, complete=False)
                 epoch, pos = epoch + 1, 0
                 ends = {m.sae.name: m.end_epoch() for m in members}
                 self._log(log, bar, members, ends, step, epoch - 1, rows_done / max(time.perf_counter() - t0, 1e-9),
                           event="epoch_end")
             if ckpt is not None:
-                self._save(ckpt, members, d, fingerprint, step, epoch, 0, complete=True)
+                self._save(ckpt, members, identity, step, epoch, 0, complete=True)
         finally:
             bar.close()
             if log is not None:
                 log.close()
             for m in members:
-                for name in m.sae.trainable():
-                    if name in m.sae.params:
-                        m.sae.params[name] = m.sae.params[name].detach().requires_grad_(False)
+                m.finish()
         for m in members:
             m.sae.fit_info = dict(m.sae.fit_info, train_metrics=dict(m.history), steps=step)
         return self.saes
@@ -298,11 +301,11 @@ class SAESweep:
     # -- helpers -------------------------------------------------------------------------------------
     @staticmethod
     @torch.no_grad()
-    def _data_stats(X: ArrayLike, d: int, device: str, head: SAE) -> tuple[torch.Tensor, float]:
+    def _data_stats(X: ArrayLike, d: int, device: str, seed: int) -> tuple[torch.Tensor, float]:
         """Mean (d,) and input scale sqrt(d / mean ‖x‖²) from up to INIT_ROWS shuffled rows."""
         total = torch.zeros(d, dtype=torch.float64, device=device)
         sq, rows = 0.0, 0
-        for x in iter_batches(X, 8192, shuffle=True, seed=head.seed + 7919, device=device, dtype=torch.float64, d=d):
+        for x in iter_batches(X, 8192, shuffle=True, seed=seed + 7919, device=device, dtype=torch.float64, d=d):
             total += x.sum(0)
             sq += float(x.pow(2).sum())
             rows += x.shape[0]
@@ -336,36 +339,28 @@ class SAESweep:
     def _identity(self, d: int, fingerprint: str) -> dict:
         return {"configs": [s._config() for s in self.saes], "d": d, "data": fingerprint}
 
-    def _save(self, ckpt: Path, members, d, fingerprint, step, epoch, pos, complete) -> None:
+    @staticmethod
+    def _save(ckpt: Checkpoint, members, identity, step, epoch, pos, complete) -> None:
         tensors: dict[str, torch.Tensor] = {}
         for i, m in enumerate(members):
             tensors.update(m.state(f"m{i}."))
-        name = f"state-{step:09d}.safetensors"
-        atomic_save_safetensors(ckpt / name, tensors)
-        atomic_write_json(ckpt / "state.json", {
-            "format": CHECKPOINT_FORMAT, **self._identity(d, fingerprint), "weights": name, "step": step,
-            "epoch": epoch, "batch": pos, "complete": complete,
-            "history": [m.history for m in members]})
-        for old in ckpt.glob("state-*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        ckpt.save(step, tensors, {"identity": identity, "epoch": epoch, "batch": pos, "complete": complete,
+                                  "history": [m.history for m in members]})
 
-    def _resume(self, ckpt: Path, members, d: int, fingerprint: str) -> tuple[int, int, int]:
-        meta = read_json(ckpt / "state.json", what="SAE checkpoint")
-        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-            raise VitatlasError(f"{ckpt / 'state.json'} is not a vitatlas SAE checkpoint; delete {ckpt} to start over")
-        ident = self._identity(d, fingerprint)
-        if meta.get("d") != d or meta.get("data") != fingerprint:
-            raise VitatlasError(f"checkpoint in {ckpt} was made on different data; use another checkpoint directory or delete it")
-        if meta.get("configs") != json.loads(json.dumps(ident["configs"])):
-            raise VitatlasError(f"checkpoint in {ckpt} was made with different SAE options; re-run with the same options or delete it")
+    @staticmethod
+    def _resume(ckpt: Checkpoint, members, d: int, identity: dict) -> tuple[int, int, int]:
+        def mismatch(saved) -> str:
+            if not isinstance(saved, dict) or saved.get("d") != d or saved.get("data") != identity["data"]:
+                return f"checkpoint in {ckpt.dir} was made on different data; use another checkpoint directory or delete it"
+            return f"checkpoint in {ckpt.dir} was made with different SAE options; re-run with the same options or delete it"
+
+        meta, tensors = ckpt.load(identity, mismatch=mismatch)
         try:
-            tensors = load_safetensors(ckpt / str(meta["weights"]), what="SAE checkpoint weights")
             for i, m in enumerate(members):
                 m.load_state(tensors, f"m{i}.", d)
                 m.history = dict(meta.get("history", [{}] * len(members))[i])
         except KeyError as exc:
-            raise VitatlasError(f"SAE checkpoint in {ckpt} is incomplete (missing {exc}); delete it to start over") from None
+            raise VitatlasError(f"SAE checkpoint in {ckpt.dir} is incomplete (missing {exc}); delete it to start over") from None
         return int(meta["step"]), int(meta["epoch"]), int(meta["batch"])
 
 
