@@ -7,8 +7,14 @@ import pytest
 import torch
 
 import vitatlas
-from vitatlas.learners.baselines import (KMeansBaseline, PCABaseline, RandomDictionary, SklearnDictionaryLearning,
-                                         make_baseline, omp)
+from vitatlas.learners.baselines import (
+    KMeansBaseline,
+    PCABaseline,
+    RandomDictionary,
+    SklearnDictionaryLearning,
+    make_baseline,
+    omp,
+)
 
 
 @pytest.fixture(scope="module")

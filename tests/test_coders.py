@@ -6,8 +6,7 @@ import torch
 from sklearn.linear_model import orthogonal_mp_gram
 
 from vitatlas.errors import VitatlasError
-from vitatlas.learners.coders import (batch_omp, code, code_signals, matching_pursuit, residual, sparse_decode,
-                                      to_dense)
+from vitatlas.learners.coders import batch_omp, code, code_signals, matching_pursuit, residual, sparse_decode, to_dense
 
 
 def problem(B=40, d=24, n=60, seed=0, dtype=np.float64):

@@ -7,16 +7,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import vitatlas
 from _planted import planted as planted_problem
 from _planted import recovered
+
+import vitatlas
 from vitatlas import ActivationStore, VitatlasError
-from vitatlas.learners.coders import batch_omp, sparse_decode
 from vitatlas.evaluation.metrics import reconstruction_metrics
+from vitatlas.learners.coders import batch_omp, sparse_decode
 from vitatlas.learners.dbksvd import DBKSVD
 from vitatlas.learners.ksvd_update import duplicates, ksvd_update, replace_unused, update_atom_batch
-
 
 # K-SVD codes are signed: planted codes have random signs and magnitudes in [1, 2]
 planted = functools.partial(planted_problem, n=8000, low=1.0, high=2.0, signed=True)
@@ -124,7 +123,8 @@ def test_replace_unused_takes_worst_residual_rows():
 
 def test_replace_unused_with_zero_residual_uses_random_unit_atoms():
     D = torch.eye(4, dtype=torch.float64)
-    n = replace_unused(D, torch.zeros(3, 4, dtype=torch.float64), torch.tensor([1, 2]), torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    n = replace_unused(D, torch.zeros(3, 4, dtype=torch.float64), torch.tensor([1, 2]), gen)
     assert n == 2 and torch.isfinite(D).all()
     torch.testing.assert_close(D.norm(dim=1), torch.ones(4, dtype=torch.float64))
 

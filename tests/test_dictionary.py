@@ -5,14 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from _tolerance import product_tolerance
 
 import vitatlas
 from vitatlas import ActivationStore, VitatlasError
 from vitatlas.arrays import SparseCodes, as_tensor
 from vitatlas.data.batches import iter_batches
 from vitatlas.dictionary import LEARNERS, Dictionary
-
-from _tolerance import product_tolerance
 
 
 class Nearest(Dictionary):

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from _planted import planted, recovered
 
 import vitatlas
-from _planted import planted, recovered
 from vitatlas import ActivationStore, VitatlasError
 from vitatlas.evaluation.metrics import reconstruction_metrics
 from vitatlas.learners.sae import DEFAULT_L1, SAE

@@ -64,9 +64,10 @@ def test_relu_default_l1_and_errors(acts, tmp_path):
                          [["--k", "64"], "smaller than n_latents"], [["--k", "4", "--device", "cuda:9"], "CUDA|cuda"],
                          [["--k", "4", "--groups", "8,64"], "groups is not used by a topk SAE"],
                          [["--k", "4", "--epochs", "0"], "epochs must be a positive integer"]):
-        res = run(["--kind", "topk", "--acts", str(acts), "--atoms", "64", "--out", str(tmp_path / "e"), "--no-progress",
-                   *extra])
+        res = run(["--kind", "topk", "--acts", str(acts), "--atoms", "64", "--out", str(tmp_path / "e"),
+                   "--no-progress", *extra])
         assert isinstance(res.exception, VitatlasError), res.output
         assert __import__("re").search(match, str(res.exception)), str(res.exception)
-    res = run(["--kind", "topk", "--acts", str(tmp_path / "missing"), "--atoms", "64", "--k", "4", "--out", str(tmp_path)])
+    res = run(["--kind", "topk", "--acts", str(tmp_path / "missing"), "--atoms", "64", "--k", "4", "--out",
+               str(tmp_path)])
     assert isinstance(res.exception, VitatlasError)

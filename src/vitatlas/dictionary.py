@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 
@@ -81,10 +82,10 @@ class Dictionary(ABC):
         return codes @ self.atoms
 
     @abstractmethod
-    def fit(self, X: ArrayLike, **kwargs) -> "Dictionary":
+    def fit(self, X: ArrayLike, **kwargs) -> Dictionary:
         ...
 
-    def partial_fit(self, X: ArrayLike) -> "Dictionary":
+    def partial_fit(self, X: ArrayLike) -> Dictionary:
         raise VitatlasError(f"{type(self).__name__} does not support partial_fit")
 
     @abstractmethod
@@ -107,7 +108,8 @@ class Dictionary(ABC):
     # -- shared behaviour --------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if self.d is None:
-            raise VitatlasError(f"this {type(self).__name__} is not fitted yet: call fit(X) or vitatlas.load(dir) first")
+            raise VitatlasError(f"this {type(self).__name__} is not fitted yet: call fit(X) or vitatlas.load(dir) "
+                                "first")
 
     def _chunks(self, X: ArrayLike) -> Iterator[torch.Tensor]:
         self._check_fitted()
@@ -171,7 +173,7 @@ class Dictionary(ABC):
         return path
 
     @classmethod
-    def _from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor], device: str | None) -> "Dictionary":
+    def _from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor], device: str | None) -> Dictionary:
         config = cls._saved_options(dict(meta.get("config", {})))
         if device is not None and "device" in config:
             config["device"] = device
@@ -214,7 +216,8 @@ def load(path: str | Path, device: str | None = None) -> Dictionary:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise VitatlasError(f"{path / 'config.json'} is not a vitatlas dictionary config (missing format={FORMAT!r})")
     if meta.get("version", 0) > FORMAT_VERSION:
-        raise VitatlasError(f"{path} was saved by a newer vitatlas (format version {meta['version']}); upgrade vitatlas")
+        raise VitatlasError(f"{path} was saved by a newer vitatlas (format version {meta['version']}); "
+                            "upgrade vitatlas")
     tensors = load_safetensors(path / "dictionary.safetensors", what="dictionary weights")
     cls = learner_class(meta.get("learner", "?"))
     try:

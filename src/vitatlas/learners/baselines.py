@@ -47,7 +47,7 @@ from ..data.batches import iter_batches, n_rows_and_width, rows_of
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from .coders import code, to_dense
-from .options import Device, DType, Int, Options, OptionError, Real, option, resolve_dtype
+from .options import Device, DType, Int, OptionError, Options, Real, option, resolve_dtype
 
 # ---- options ---------------------------------------------------------------------------------------
 
@@ -189,7 +189,7 @@ class PCABaseline(_Baseline):
     def k(self) -> int:
         return self.config.k
 
-    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "PCABaseline":
+    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> PCABaseline:
         n, d = n_rows_and_width(X)
         if self.k > d:
             raise VitatlasError(f"PCA with k={self.k} components needs k <= d={d}: lower k")
@@ -250,7 +250,7 @@ class KMeansBaseline(_Baseline):
             dist.append(m.clamp_min(0))
         return torch.cat(idx), torch.cat(dist)
 
-    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "KMeansBaseline":
+    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> KMeansBaseline:
         rows = torch.from_numpy(fit_rows(X, self.config.max_rows, self.seed)).to(self.device, self.dtype)
         n, d = rows.shape
         if self.n_atoms > n:
@@ -328,7 +328,7 @@ class RandomDictionary(_OMPCoded):
     learner = "random"
     options = RandomConfig
 
-    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "RandomDictionary":
+    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> RandomDictionary:
         n, d = n_rows_and_width(X)
         if n == 0:
             raise VitatlasError("X is empty (0 rows): pass at least one sample")
@@ -353,7 +353,7 @@ class SklearnDictionaryLearning(_OMPCoded):
     learner = "sklearn-dl"
     options = SklearnDLConfig
 
-    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> "SklearnDictionaryLearning":
+    def fit(self, X: ArrayLike, *, progress: bool = False, **_) -> SklearnDictionaryLearning:
         import warnings
 
         from sklearn.decomposition import MiniBatchDictionaryLearning
@@ -373,7 +373,8 @@ class SklearnDictionaryLearning(_OMPCoded):
         init /= np.linalg.norm(init, axis=1, keepdims=True)
         learner = MiniBatchDictionaryLearning(
             n_components=self.n_atoms, alpha=self.config.alpha, max_iter=self.config.max_iter,
-            batch_size=self.config.batch_size, fit_algorithm="cd", dict_init=init, transform_algorithm="omp", transform_n_nonzero_coefs=self.k,
+            batch_size=self.config.batch_size, fit_algorithm="cd", dict_init=init, transform_algorithm="omp",
+            transform_n_nonzero_coefs=self.k,
             transform_max_iter=self.config.cd_max_iter, random_state=self.seed, verbose=bool(progress))
         # one BLAS thread: sklearn's per-atom update loop is a chain of small mat-vecs that run many
         # times slower with several threads (20x measured on a busy 2-core machine)

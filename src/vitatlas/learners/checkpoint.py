@@ -18,14 +18,15 @@ removed after the commit.
     >>> ck.load({"seed": 1})
     Traceback (most recent call last):
     ...
-    vitatlas.errors.VitatlasError: demo checkpoint in ... was made with other options or other data: use the same ones to resume, or delete ... to start over
+    vitatlas.errors.VitatlasError: demo checkpoint in ... was made with other options or other data: ...
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -57,7 +58,8 @@ class Checkpoint:
             if old.name != name:
                 old.unlink(missing_ok=True)
 
-    def load(self, identity: Any, *, mismatch: Callable[[Any], str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    def load(self, identity: Any, *,
+             mismatch: Callable[[Any], str] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
         """(meta, tensors) of the committed checkpoint; refuses one whose ``identity`` differs.
 
         mismatch(saved_identity) -> message, to say what differs (default: other options or other data).
@@ -66,7 +68,8 @@ class Checkpoint:
         if not isinstance(meta, dict) or meta.get("format") != self.kind or "weights" not in meta:
             raise VitatlasError(f"{self.dir / STATE} is not a {self.what}; delete {self.dir} to start over")
         if meta.get("identity") != _jsonable(identity):
-            raise VitatlasError(mismatch(meta.get("identity")) if mismatch else f"{self.what} in {self.dir} was made with other options or other data: "
-                                f"use the same ones to resume, or delete {self.dir} to start over")
+            default = (f"{self.what} in {self.dir} was made with other options or other data: use the same ones to "
+                       f"resume, or delete {self.dir} to start over")
+            raise VitatlasError(mismatch(meta.get("identity")) if mismatch else default)
         tensors = load_safetensors(self.dir / str(meta["weights"]), what=f"{self.what} weights")
         return meta, tensors

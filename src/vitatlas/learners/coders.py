@@ -93,7 +93,8 @@ def _stop_energy(ysq: torch.Tensor, tol: float) -> torch.Tensor:
 
 def _check(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int) -> None:
     if C.ndim != 2 or G.shape != (C.shape[1], C.shape[1]) or ysq.shape != (C.shape[0],):
-        raise VitatlasError(f"coder got inconsistent shapes C={tuple(C.shape)} G={tuple(G.shape)} ysq={tuple(ysq.shape)}")
+        raise VitatlasError(f"coder got inconsistent shapes C={tuple(C.shape)} G={tuple(G.shape)} "
+                            f"ysq={tuple(ysq.shape)}")
     if k <= 0:
         raise VitatlasError(f"k must be a positive number of atoms per sample, got {k}")
 

@@ -40,9 +40,10 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -54,8 +55,21 @@ from ..errors import VitatlasError
 from .checkpoint import Checkpoint
 from .coders import CODERS, code_signals, residual, to_dense
 from .ksvd_update import ksvd_update
-from .options import (Choice, Device, DType, Either, Flag, Int, Ints, Options, Real, option, require_enough_atoms,
-                      require_prefix_sizes, resolve_dtype)
+from .options import (
+    Choice,
+    Device,
+    DType,
+    Either,
+    Flag,
+    Int,
+    Ints,
+    Options,
+    Real,
+    option,
+    require_enough_atoms,
+    require_prefix_sizes,
+    resolve_dtype,
+)
 
 CHECKPOINT_FORMAT = "vitatlas-dbksvd-checkpoint"
 OLD_CHECKPOINT = "dbksvd-checkpoint.safetensors"  # single-file checkpoints written before state.json
@@ -107,7 +121,7 @@ class DBKSVD(Dictionary):
         self._setup(DBKSVDConfig.from_dict({"n_atoms": n_atoms, "k": k, **options}))
 
     @classmethod
-    def from_config(cls, config: DBKSVDConfig) -> "DBKSVD":
+    def from_config(cls, config: DBKSVDConfig) -> DBKSVD:
         obj = cls.__new__(cls)
         obj._setup(config)
         return obj
@@ -212,7 +226,8 @@ class DBKSVD(Dictionary):
         idx, val = self._code(Y, D, G, self._fit_candidates(hi))
         R = residual(Y, idx, val, D)
         trainable = torch.arange(lo, hi, device=D.device)
-        ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable, n_power=self.config.n_power,
+        ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable,
+                    n_power=self.config.n_power,
                     approx=self.config.approx, generator=self._gen, G=G, redraw=redraw)
         self._D[lo:hi] = D[lo:hi]
         self._G = None
@@ -250,11 +265,11 @@ class DBKSVD(Dictionary):
         self._init_from_rows(R[perm], lo, hi, Y.shape[1])
 
     def _batches(self, X: ArrayLike, epoch_seed: int):
-        return iter_batches(X, self._sample_batch(), shuffle=True, seed=epoch_seed, device=self.device, dtype=self.dtype,
-                            d=self.d)
+        return iter_batches(X, self._sample_batch(), shuffle=True, seed=epoch_seed, device=self.device,
+                            dtype=self.dtype, d=self.d)
 
     def fit(self, X: ArrayLike, *, checkpoint_dir: str | Path | None = None, progress: bool = True,
-            callback: Callable[[int, float], None] | None = None) -> "DBKSVD":
+            callback: Callable[[int, float], None] | None = None) -> DBKSVD:
         """Learn the dictionary from X (array, tensor or ActivationStore), streaming sample batches.
 
         With ``checkpoint_dir`` a checkpoint is written atomically every ``checkpoint_every`` iterations
@@ -316,7 +331,7 @@ class DBKSVD(Dictionary):
             self._save_checkpoint(ckpt, fingerprint)
         return self
 
-    def partial_fit(self, X: ArrayLike) -> "DBKSVD":
+    def partial_fit(self, X: ArrayLike) -> DBKSVD:
         """One iteration per ``sample_batch`` rows of X, warm-started from the current atoms."""
         if self.config.groups:
             raise VitatlasError("partial_fit does not support groups (Matryoshka stages need fit); use fit(X)")

@@ -328,5 +328,6 @@ def require_prefix_sizes(groups: tuple[int, ...] | None, total: int, total_name:
         return
     increasing = all(b > a for a, b in zip(groups, groups[1:]))
     if not increasing or groups[0] < first_at_least or groups[-1] != total:
+        example = f"[{max(first_at_least, total // 4)}, {total}]"
         raise OptionError(f"groups must be increasing prefix sizes from at least {first_at_least} ending at "
-                          f"{total_name}={total}, e.g. [{max(first_at_least, total // 4)}, {total}]; got {list(groups)}")
+                          f"{total_name}={total}, e.g. {example}; got {list(groups)}")

@@ -59,14 +59,24 @@ logging and sweeps.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..dictionary import ArrayLike, Dictionary
 from .options import resolve_dtype
-from .sae_config import (DEFAULT_L1, KINDS, SPARSE_KINDS, OptimConfig, SAEConfig,  # noqa: F401  (public names)
-                         TrainConfig, flat_options, sae_options, upgrade_saved_options)
+from .sae_config import (  # noqa: F401  (public names)
+    DEFAULT_L1,
+    KINDS,
+    SPARSE_KINDS,
+    OptimConfig,
+    SAEConfig,
+    TrainConfig,
+    flat_options,
+    sae_options,
+    upgrade_saved_options,
+)
 from .sae_model import SAEModule
 from .sae_train import SAESweep, fit_many  # noqa: F401  (SAESweep is part of this module's API)
 
@@ -93,7 +103,7 @@ class SAE(Dictionary):
 
     @classmethod
     def from_configs(cls, config: SAEConfig, optim: OptimConfig | None = None,
-                     train: TrainConfig | None = None) -> "SAE":
+                     train: TrainConfig | None = None) -> SAE:
         obj = cls.__new__(cls)
         obj._setup(config, optim or OptimConfig(), train or TrainConfig())
         return obj
@@ -184,7 +194,7 @@ class SAE(Dictionary):
 
     # ---- training ----------------------------------------------------------------------------------
     def fit(self, X: ArrayLike, *, checkpoint_dir: str | None = None, progress: bool = True,
-            log_dir: str | None = None, callback: Callable[[int, dict], Any] | None = None) -> "SAE":
+            log_dir: str | None = None, callback: Callable[[int, dict], Any] | None = None) -> SAE:
         """Train on X (array, tensor or ActivationStore) from a fresh initialisation; returns self.
 
         checkpoint_dir: write a checkpoint there every ``checkpoint_every`` steps and at the end, and

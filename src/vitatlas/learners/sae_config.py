@@ -29,8 +29,19 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import OptionError
-from .options import (Choice, Device, DType, Flag, Int, Ints, Options, Real, option, require_k_below,
-                      require_prefix_sizes)
+from .options import (
+    Choice,
+    Device,
+    DType,
+    Flag,
+    Int,
+    Ints,
+    Options,
+    Real,
+    option,
+    require_k_below,
+    require_prefix_sizes,
+)
 
 SPARSE_KINDS = ("topk", "batchtopk", "matryoshka")  # sparsity from k (sparse decoding kernels)
 L1_KINDS = ("relu", "jumprelu")  # sparsity from a penalty coefficient
@@ -179,7 +190,8 @@ def sae_options(kind: str, n_latents: int, k: int | None = None, l1: float | Non
         if k is None:
             raise OptionError(f"a {kind} SAE needs k (the active latents per sample, e.g. k=32)")
         if l1 is not None:
-            raise OptionError(f"l1 is not used by a {kind} SAE (its sparsity is k); drop l1 or use kind='relu'/'jumprelu'")
+            raise OptionError(f"l1 is not used by a {kind} SAE (its sparsity is k); drop l1 or use "
+                              "kind='relu'/'jumprelu'")
         act["k"] = k
     else:
         if k is not None:

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     with warnings.catch_warnings():  # torch warns once that CSR support is "beta"; it is used as a kernel
         warnings.simplefilter("ignore", UserWarning)
@@ -52,7 +51,7 @@ class SparsePattern:
     _t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
-    def from_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> "SparsePattern":
+    def from_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> SparsePattern:
         """From sorted flat indices row * n_cols + col (unique)."""
         rows = torch.div(flat, n_cols, rounding_mode="floor")
         cols = flat - rows * n_cols
@@ -62,7 +61,7 @@ class SparsePattern:
         return SparsePattern(rows, cols, crow, n_rows, n_cols)
 
     @staticmethod
-    def from_topk(indices: torch.Tensor, n_cols: int) -> "SparsePattern":
+    def from_topk(indices: torch.Tensor, n_cols: int) -> SparsePattern:
         """From (B, k) column indices (k per row, any order)."""
         b, k = indices.shape
         cols = indices.sort(dim=1).values.reshape(-1)
@@ -88,7 +87,7 @@ class SparsePattern:
             self._t = (ccol, self.rows[order], order)
         return self._t
 
-    def select(self, keep: torch.Tensor) -> "SparsePattern":
+    def select(self, keep: torch.Tensor) -> SparsePattern:
         """The sub-pattern of entries where ``keep`` (M,) is True (still sorted)."""
         rows, cols = self.rows[keep], self.cols[keep]
         counts = torch.bincount(rows, minlength=self.n_rows)

@@ -41,7 +41,7 @@ class SAEModule(nn.Module):
     @classmethod
     @torch.no_grad()
     def initial(cls, config: SAEConfig, d: int, mean: torch.Tensor, scale: float, *, seed: int, device: str,
-                dtype: torch.dtype) -> "SAEModule":
+                dtype: torch.dtype) -> SAEModule:
         """Fresh parameters: unit-norm random decoder rows, encoder = decoder, b_dec = ``mean`` (the data
         mean in normalised units), BatchTopK threshold -1 (not estimated yet)."""
         m = cls(config, d, device=device, dtype=dtype)
@@ -61,7 +61,7 @@ class SAEModule(nn.Module):
 
     @classmethod
     def from_tensors(cls, config: SAEConfig, d: int, tensors: dict[str, torch.Tensor], *, device: str,
-                     dtype: torch.dtype) -> "SAEModule":
+                     dtype: torch.dtype) -> SAEModule:
         """Restore from saved tensors; a missing name raises KeyError (the loader reports it), a wrong
         shape a VitatlasError."""
         m = cls(config, d, device=device, dtype=dtype)

@@ -9,8 +9,8 @@ since mean ‖x‖² = d after normalisation); the penalties are described in th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

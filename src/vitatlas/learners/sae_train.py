@@ -15,7 +15,8 @@ member's input scale and b_dec.
 Checkpoints (``checkpoint_dir``, through the shared ``checkpoint.Checkpoint``): ``state-<step>.safetensors``
 (parameters, Adam moments, dead-latent counters, epoch accumulators of every member) and ``state.json``
 (step, epoch and batch position in the data stream, options, data fingerprint), written atomically in
-that order, the JSON being the commit point. There is no other random state: batch order derives from the seed and the epoch, so a run killed
+that order, the JSON being the commit point. There is no other random state: batch order derives from
+the seed and the epoch, so a run killed
 at any moment and re-run resumes from the last checkpoint and ends bit-identical on CPU. A checkpoint
 made with other options or other data is refused.
 
@@ -29,8 +30,9 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -82,7 +84,8 @@ class _Member:
         self.epochs = resolve_epochs(sae.train_config.epochs, steps_per_epoch)
         self.total_steps = self.epochs * steps_per_epoch
         self.base_lr = optim.lr if optim.lr is not None else default_lr(sae.config.n_latents)
-        self.warmup = optim.warmup_steps if optim.warmup_steps is not None else min(1000, max(1, self.total_steps // 20))
+        auto_warmup = min(1000, max(1, self.total_steps // 20))
+        self.warmup = optim.warmup_steps if optim.warmup_steps is not None else auto_warmup
         self.dead_window = optim.dead_tokens if optim.dead_tokens is not None else min(10_000_000, n_rows)
         self.objective = OBJECTIVES[sae.config.family]
         self.opt: torch.optim.Adam | None = None
@@ -351,8 +354,10 @@ class SAESweep:
     def _resume(ckpt: Checkpoint, members, d: int, identity: dict) -> tuple[int, int, int]:
         def mismatch(saved) -> str:
             if not isinstance(saved, dict) or saved.get("d") != d or saved.get("data") != identity["data"]:
-                return f"checkpoint in {ckpt.dir} was made on different data; use another checkpoint directory or delete it"
-            return f"checkpoint in {ckpt.dir} was made with different SAE options; re-run with the same options or delete it"
+                return (f"checkpoint in {ckpt.dir} was made on different data; use another checkpoint directory or "
+                        "delete it")
+            return (f"checkpoint in {ckpt.dir} was made with different SAE options; re-run with the same options or "
+                    "delete it")
 
         meta, tensors = ckpt.load(identity, mismatch=mismatch)
         try:
@@ -360,7 +365,8 @@ class SAESweep:
                 m.load_state(tensors, f"m{i}.", d)
                 m.history = dict(meta.get("history", [{}] * len(members))[i])
         except KeyError as exc:
-            raise VitatlasError(f"SAE checkpoint in {ckpt.dir} is incomplete (missing {exc}); delete it to start over") from None
+            raise VitatlasError(f"SAE checkpoint in {ckpt.dir} is incomplete (missing {exc}); delete it to start "
+                                "over") from None
         return int(meta["step"]), int(meta["epoch"]), int(meta["batch"])
 
 
