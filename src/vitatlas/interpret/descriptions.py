@@ -202,9 +202,9 @@ def _evaluation_set(dictionary: Dictionary, store: ActivationStore, n_atoms: int
     for s in tqdm(range(0, rows.size, chunk), desc="describe: held-out codes", disable=not progress, unit="chunk"):
         x = store.rows(rows[s:s + chunk])
         codes = torch.as_tensor(dictionary.encode(x)[:, :n_atoms], dtype=torch.float32)
-        at = torch.as_tensor(slot[s:s + chunk])
-        hi.index_reduce_(0, at, codes, "amax")
-        lo.index_reduce_(0, at, codes, "amin")
+        at = torch.as_tensor(slot[s:s + chunk])[:, None].expand_as(codes)
+        hi.scatter_reduce_(0, at, codes, "amax")  # an image's activation: max (min) over its rows
+        lo.scatter_reduce_(0, at, codes, "amin")
         if embed is not None:
             embed[slot[s:s + chunk]] = x
     if embed is not None:
