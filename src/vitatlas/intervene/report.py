@@ -1,0 +1,175 @@
+"""Write a protocol's results: ``intervene.json``, ``report.md`` and plots (matplotlib, Agg backend).
+
+    OUT/intervene.json        conditions keyed by run name and by noop / random_atom / random_direction
+                              (each with target_change_rate, other_change_rate, per-class values, std),
+                              plus "setup" (model, layer, data, image counts, strength, probe metrics)
+    OUT/report.md             the table, per-class values, how to read it
+    OUT/change_rates.png      target vs other change rate per learner and control
+    OUT/segmentation_maps.png before/after probe maps for a few held-out images (segmentation)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..data.sources import ImageSource
+from ..io import atomic_write_bytes, atomic_write_json
+from ..models.base import VisionModel
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _pm(m, s) -> str:
+    return "–" if m is None else f"{m:.3f} ± {s:.3f}"
+
+
+def condition_rows(result: dict) -> list[tuple[str, dict]]:
+    """(key, condition) in table order: runs first, then controls."""
+    conds = [(k, v) for k, v in result.items() if k != "setup" and isinstance(v, dict) and "target_change_rate" in v]
+    return sorted(conds, key=lambda kv: (kv[1].get("kind") != "atom", kv[1].get("kind") == "noop", kv[0]))
+
+
+def headline(result: dict) -> str:
+    """One line per run and control: target / other change rate (pooled)."""
+    lines = []
+    for key, c in condition_rows(result):
+        if "@" in key:
+            continue
+        lines.append(f"{key:28s} target {_fmt(c['target_change_rate'])}  other {_fmt(c['other_change_rate'])}")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    s = result["setup"]
+    seg = s["task"] == "segmentation"
+    out = [f"# Interventions: {s['task']} protocol", "",
+           f"Model `{s['model']}` (revision {s.get('model_revision')}), edits at layer {s['layer']}; data "
+           f"`{s['data']}`: {s['n_calibration_images']} calibration and {s['n_held_out_images']} held-out images.", ""]
+    if seg:
+        out += [f"For each class c, the atom (and sign) whose activation best predicts \"patch is c\" on the "
+                f"calibration images (best F1 over thresholds {s['thresholds']} × its max) is set to "
+                f"−{s['strength']:g}× its max observed activation at the patches labelled c of every held-out image, "
+                "with the dictionary's error term added back. **target change rate**: changed probe predictions "
+                "among patches the unedited model predicted as c; **other change rate**: among all other patches. "
+                "Controls on the same patches: `random_atom` (a random atom at −strength× its max), "
+                "`random_direction` (the same per-token change ‖Δ‖ along a random unit direction), `noop` (an edit "
+                "that changes no code; must be 0).", "",
+                f"Probe: held-out patch accuracy {_fmt(s['probe_metrics'].get('accuracy'))}, mIoU "
+                f"{_fmt(s['probe_metrics'].get('miou'))} (from `probe train`); on this protocol's held-out images "
+                f"{_fmt(s.get('probe_held_out_patch_accuracy'))}.", ""]
+    else:
+        out += ["For each class c the atoms most enriched for c on the calibration images are ablated on all tokens "
+                "of the held-out images (top 1, 5, 20). target = images of class c, other = the rest; change rate = "
+                "fraction whose probe prediction changed; drops are before − after.", "",
+                f"Probe: held-out accuracy {_fmt(s['probe_metrics'].get('accuracy'))}.", ""]
+    head = "| condition | target change rate | other change rate | target (mean ± std over classes) | other (mean ± std) |"
+    extra = " P(c) drop target | P(c) drop other | acc drop target | acc drop other |" if not seg else ""
+    out += [head + extra, "|---|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if not seg else "")]
+    for key, c in condition_rows(result):
+        row = (f"| {key} | {_fmt(c['target_change_rate'])} | {_fmt(c['other_change_rate'])} | "
+               f"{_pm(c['target_change_rate_mean'], c['target_change_rate_std'])} | "
+               f"{_pm(c['other_change_rate_mean'], c['other_change_rate_std'])} |")
+        if not seg:
+            row += (f" {_fmt(c['p_drop_target'])} | {_fmt(c['p_drop_other'])} | {_fmt(c['accuracy_drop_target'])} | "
+                    f"{_fmt(c['accuracy_drop_other'])} |")
+        out.append(row)
+    out += ["", "## Per class", ""]
+    runs = [k for k, c in condition_rows(result) if c.get("kind") == "atom" and "@" not in k]
+    for key in runs + [k for k in ("random_atom", "random_direction") if k in result]:
+        out += [f"### {key}", "", "| class | target | other | n target | n other | atom | F1 |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for cls, v in result[key]["per_class"].items():
+            atom = v.get("atom", "–") if "atom" in v else ",".join(map(str, v.get("atoms", []))) or "–"
+            if "sign" in v and v.get("sign", 1) < 0:
+                atom = f"{atom} (−)"
+            out.append(f"| {cls} | {_fmt(v['target_change_rate'])} | {_fmt(v['other_change_rate'])} | "
+                       f"{v['n_target']} | {v['n_other']} | {atom} | {_fmt(v.get('f1'))} |")
+        out.append("")
+    if seg and s.get("examples"):
+        out += ["![before/after segmentation maps](segmentation_maps.png)", ""]
+    out += ["![target vs other change rate](change_rates.png)", ""]
+    return "\n".join(out)
+
+
+def plot_rates(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(k, c) for k, c in condition_rows(result) if "@" not in k]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 3.6))
+    x = np.arange(len(rows))
+    t = [c["target_change_rate"] or 0 for _, c in rows]
+    o = [c["other_change_rate"] or 0 for _, c in rows]
+    ts = [c["target_change_rate_std"] or 0 for _, c in rows]
+    os_ = [c["other_change_rate_std"] or 0 for _, c in rows]
+    ax.bar(x - 0.2, t, 0.4, yerr=ts, label="target", color="#c0392b", capsize=3)
+    ax.bar(x + 0.2, o, 0.4, yerr=os_, label="other", color="#7f8c8d", capsize=3)
+    ax.set_xticks(x, [k for k, _ in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("change rate (pooled; bars ± std over classes)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(f"{result['setup']['task']}: target vs other change rate")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_maps(result: dict, examples: list, model: VisionModel, source: ImageSource, path: Path) -> None:
+    """One row per example: the image, the patch labels, the probe before, and after each run's edit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not examples:
+        return
+    runs = [k for k, c in condition_rows(result) if c.get("kind") == "atom"]
+    cols = ["image", "labels", "before"] + [f"after {r}" for r in runs] + ["after random_direction"]
+    n_classes = len(result["setup"]["class_names"])
+    g = int(round(np.sqrt(len(examples[0].labels))))
+    cmap = plt.get_cmap("tab20", max(n_classes, 2))
+    fig, axes = plt.subplots(len(examples), len(cols), figsize=(1.7 * len(cols), 1.8 * len(examples)), squeeze=False)
+    transform = getattr(model, "transform", None)
+    for row, e in zip(axes, examples):
+        image = source.load(e.image_id)
+        row[0].imshow(transform.resize(image) if transform is not None else image)
+        maps = [e.labels, e.before] + [e.after.get(r) for r in runs] + [e.after.get("random_direction")]
+        for ax, m in zip(row[1:], maps):
+            if m is not None:
+                ax.imshow(np.where(m < 0, np.nan, m).reshape(g, g), cmap=cmap, vmin=0, vmax=max(n_classes - 1, 1),
+                          interpolation="nearest")
+        row[0].set_ylabel(f"#{e.image_id}\nedit {result['setup']['class_names'][e.cls]}", fontsize=7)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, title in zip(axes[0], cols):
+        ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_report(out: str | Path, protocol_output: dict, model: VisionModel, source: ImageSource) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = protocol_output["json"]
+    atomic_write_json(out / "intervene.json", result)
+    plot_rates(result, out / "change_rates.png")
+    if protocol_output.get("examples"):
+        plot_maps(result, protocol_output["examples"], model, source, out / "segmentation_maps.png")
+    atomic_write_bytes(out / "report.md", markdown(result).encode())
+    return out
