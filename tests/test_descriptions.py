@@ -45,8 +45,8 @@ def red_or_blue_images(n: int, seed: int = 0) -> list[tuple[Image.Image, str]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def folder_store(tmp_path_factory):
+@pytest.fixture(scope="module", params=["cls", "patches"])
+def folder_store(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("captions")
     images = root / "images"
     images.mkdir()
@@ -56,7 +56,7 @@ def folder_store(tmp_path_factory):
         lines.append(json.dumps({"file": f"{i:03d}.png", "caption": caption}))
     (images / "captions.jsonl").write_text("\n".join(lines) + "\n")
     model = save_tiny_dinov2(root / "dino", layers=2)
-    extract(f"hf:{model}", str(images), [1], "cls", root / "acts", progress=False)
+    extract(f"hf:{model}", str(images), [1], request.param, root / "acts", progress=False)
     store = vitatlas.ActivationStore(root / "acts")
     dictionary = vitatlas.DBKSVD(4, 1, epochs=2).fit(store, progress=False)
     return store, dictionary
@@ -207,8 +207,9 @@ def image_activations(dictionary, store) -> tuple[np.ndarray, np.ndarray]:
     return uniq, np.stack([codes[ids == i].max(0) for i in uniq])
 
 
-def test_caption_descriptions(folder_store):
+def test_caption_descriptions(folder_store, monkeypatch):
     store, dictionary = folder_store
+    monkeypatch.setattr("vitatlas.interpret.descriptions.CHUNK_ROWS", 40)  # several chunks, 2 patch images each
     src = open_source(store.manifest["source"]["spec"])
     red = [i for i in range(24) if i % 2 == 0]
     blue = [i for i in range(24) if i % 2 == 1]
@@ -220,6 +221,7 @@ def test_caption_descriptions(folder_store):
     assert len(described) == 4 and described[2] == [] and described[3] == []
 
     ids, acts = image_activations(dictionary, store)
+    assert any(d["faithfulness"] is not None for a in (0, 1) for d in described[a])  # not None == None only
     all_terms = {i: Counter(t for c in src.captions(i) for t in caption_terms(c)) for i in range(24)}
     for a, group in ((0, red[:8]), (1, blue[:8])):
         terms = [d for d in described[a] if d["evidence"]["method"] == "log-odds"]

@@ -36,10 +36,11 @@ above every image it does not, 0.5 = chance. s_D per kind:
 - caption terms: the number of the description's terms found in the image's captions;
 - centroid caption: the cosine between the description caption's embedding and the image's caption
   embedding (the normalised mean of its captions' embeddings).
-Held-out images: a seeded random sample of at most ``max_eval_images`` of the store's images (fewer for
-patch stores, at most ``max_eval_rows`` rows), minus the atom's own top images (from which caption
-descriptions are chosen; text descriptions are chosen from the atom direction alone, and are evaluated
-on the same images for comparability). Caption scores use only images that have captions.
+Evaluation images: a seeded random sample of the store's images — at most ``max_eval_images``, at most
+``max_eval_rows`` rows (patch stores), and at most ``EVAL_BYTES`` of (image, atom) flags. Caption
+descriptions are chosen from the atom's top images, so they are scored on the *held-out* part: the
+sample minus the atom's own top images, and only images that have captions. Text descriptions are
+chosen from the atom direction alone (no image was looked at), so they are scored on the whole sample.
 ``faithfulness`` is null when those images hold no positive or no negative target.
 
 **Specificity** = 1 / m, where m is the number of described atoms (this one included) whose
@@ -67,6 +68,8 @@ from .vocabulary import PROMPT, load_vocabulary, prompts
 EMBEDDING = "embedding"
 Z_MIN = 1.96  # log-odds z threshold for a caption term (two-sided 5% level)
 MIN_TERM_IMAGES = 2  # a caption term must appear in the captions of this many top images
+CHUNK_ROWS = 4096  # rows encoded at a time
+EVAL_BYTES = 128 << 20  # the (images, atoms) fire flags of the evaluation sample, both sides
 PRIOR_STRENGTH = 10.0  # α₀ of the Dirichlet prior, in pseudo-counts (small next to a top group's hundreds of terms)
 
 
@@ -83,7 +86,7 @@ class EvalSet:
 def describe_atoms(dictionary: Dictionary, store: ActivationStore, top_image_ids: np.ndarray, *,
                    vocab: str | os.PathLike | None = None, device: str = "cpu", progress: bool = True,
                    caption_column: str | None = None, model=None, n_phrases: int = 5, n_terms: int = 3,
-                   max_eval_images: int = 1000, max_eval_rows: int = 200_000, seed: int = 0) -> list[list[dict]]:
+                   max_eval_images: int = 5000, max_eval_rows: int = 200_000, seed: int = 0) -> list[list[dict]]:
     """Text and caption descriptions of atoms 0..A−1 (A = ``len(top_image_ids)``); see the module docstring.
 
     top_image_ids: (A, N) int64 store image ids of each atom's top images, −1 padding.
@@ -191,25 +194,33 @@ def _evaluation_set(dictionary: Dictionary, store: ActivationStore, n_atoms: int
     image_of_row = store.index[:, 0].astype(np.int64)
     all_ids = np.unique(image_of_row)
     rows_per_image = max(1, math.ceil(store.n_rows / max(all_ids.size, 1)))
-    n_eval = int(min(all_ids.size, max_images, max(1, max_rows // rows_per_image)))
+    n_eval = int(min(all_ids.size, max_images, max(1, max_rows // rows_per_image),
+                     max(1, EVAL_BYTES // (2 * n_atoms))))
     ids = np.sort(np.random.default_rng(seed).choice(all_ids, size=n_eval, replace=False))
     rows = np.nonzero(np.isin(image_of_row, ids))[0]
     slot = np.searchsorted(ids, image_of_row[rows])
-    hi = torch.full((n_eval, n_atoms), -torch.inf)
-    lo = torch.full((n_eval, n_atoms), torch.inf)
+    order = np.argsort(slot, kind="stable")  # an image's rows together, so chunks can end at image boundaries
+    rows, slot = rows[order], slot[order]
+    pos = np.zeros((n_eval, n_atoms), bool)
+    neg = np.zeros((n_eval, n_atoms), bool)
     embed = np.zeros((n_eval, store.d), np.float32) if store.tokens == EMBEDDING else None
-    chunk = 4096
-    for s in tqdm(range(0, rows.size, chunk), desc="describe: held-out codes", disable=not progress, unit="chunk"):
-        x = store.rows(rows[s:s + chunk])
+    starts = np.searchsorted(slot, np.arange(n_eval + 1))  # rows of image j: starts[j]:starts[j+1]
+    per_chunk = max(1, CHUNK_ROWS // rows_per_image)
+    for j0 in tqdm(range(0, n_eval, per_chunk), desc="describe: codes of evaluation images", disable=not progress,
+                   unit="chunk"):
+        j1 = min(j0 + per_chunk, n_eval)
+        x = store.rows(rows[starts[j0]:starts[j1]])
         codes = torch.as_tensor(dictionary.encode(x)[:, :n_atoms], dtype=torch.float32)
-        at = torch.as_tensor(slot[s:s + chunk])[:, None].expand_as(codes)
-        hi.scatter_reduce_(0, at, codes, "amax")  # an image's activation: max (min) over its rows
-        lo.scatter_reduce_(0, at, codes, "amin")
+        at = torch.as_tensor(slot[starts[j0]:starts[j1]] - j0)[:, None].expand_as(codes)
+        # an image's activation: the max (negative side: min) of the code over the image's rows
+        hi = torch.full((j1 - j0, n_atoms), -torch.inf).scatter_reduce_(0, at, codes, "amax")
+        lo = torch.full((j1 - j0, n_atoms), torch.inf).scatter_reduce_(0, at, codes, "amin")
+        pos[j0:j1], neg[j0:j1] = (hi > 0).numpy(), (lo < 0).numpy()
         if embed is not None:
-            embed[slot[s:s + chunk]] = x
+            embed[slot[starts[j0]:starts[j1]]] = x
     if embed is not None:
         embed /= np.maximum(np.linalg.norm(embed, axis=1, keepdims=True), 1e-12)
-    return EvalSet(ids, (hi > 0).numpy(), (lo < 0).numpy(), embed)
+    return EvalSet(ids, pos, neg, embed)
 
 
 def _faithfulness(scores: np.ndarray, fires: np.ndarray, keep: np.ndarray) -> float | None:
@@ -241,7 +252,7 @@ def _text_descriptions(out, dictionary, top, ev: EvalSet, model, phrases, text, 
                 if side == "negative" and not fires.any():
                     continue  # the atom is never used with a negative sign: no negative side to describe
                 p = int(best[j, 0])
-                keep = _held_out(ev, top[a])
+                keep = np.ones(ev.image_ids.size, bool)  # chosen without looking at images: all are held out
                 out[a].append({
                     "kind": "text", "text": phrases[p], "score": float(signed[j, p]),
                     "faithfulness": _faithfulness(image_scores[:, p], fires, keep), "specificity": None,
