@@ -252,3 +252,14 @@ def test_fit_cli_reports_option_errors_in_one_line(tmp_path):
                                  standalone_mode=False)
         assert isinstance(res.exception, OptionError), res.output
         assert match in str(res.exception) and "\n" not in str(res.exception)
+
+
+def test_docs_list_every_option_as_declared():
+    from pathlib import Path
+
+    from vitatlas.learners.options_doc import all_tables
+
+    text = (Path(__file__).parents[1] / "docs" / "learners.md").read_text()
+    embedded = text.split("<!-- options:begin -->\n", 1)[1].split("<!-- options:end -->", 1)[0]
+    assert embedded.strip() == all_tables().strip(), \
+        "docs/learners.md is out of date: paste the output of python -m vitatlas.learners.options_doc"

@@ -20,9 +20,9 @@ Handling of edge cases: zero rows get zero codes; NaN/Inf rows are refused (Vita
 row); ``k >= d`` is refused (the codes would not be sparse: every sample is fitted exactly);
 ``n_atoms < k`` is refused.
 
-Options are the frozen dataclass ``DBKSVDConfig`` (each field declares its constraint; ``DBKSVD(...)``
-is a thin wrapper over it). Checkpoints go through the shared ``checkpoint.Checkpoint`` (state.json as
-the commit point, atoms and the generator state in safetensors).
+Options are the frozen dataclass ``DBKSVDConfig`` (``dbksvd_config``; each field declares its
+constraint; ``DBKSVD(...)`` is a thin wrapper over it). Checkpoints go through the shared
+``checkpoint.Checkpoint`` (state.json as the commit point, atoms and the generator state in safetensors).
 
     >>> import numpy as np
     >>> X = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
@@ -41,9 +41,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -53,59 +51,13 @@ from ..data.batches import data_fingerprint, iter_batches, n_rows_and_width, row
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from .checkpoint import Checkpoint
-from .coders import CODERS, code_signals, residual, to_dense
+from .coders import code_signals, residual, to_dense
+from .dbksvd_config import DBKSVDConfig
 from .ksvd_update import ksvd_update
-from .options import (
-    Choice,
-    Device,
-    DType,
-    Either,
-    Flag,
-    Int,
-    Ints,
-    Options,
-    Real,
-    option,
-    require_enough_atoms,
-    require_prefix_sizes,
-    resolve_dtype,
-)
+from .options import resolve_dtype
 
 CHECKPOINT_FORMAT = "vitatlas-dbksvd-checkpoint"
 OLD_CHECKPOINT = "dbksvd-checkpoint.safetensors"  # single-file checkpoints written before state.json
-
-
-@dataclass(frozen=True)
-class DBKSVDConfig(Options):
-    """DBK-SVD's options (all JSON-able; ``DBKSVD._config()`` returns these fields)."""
-
-    what: ClassVar[str] = "DBK-SVD"
-    n_atoms: int = option(rule=Int(min=1), doc="number of atoms")
-    k: int = option(rule=Int(min=1), doc="atoms per sample")
-    coder: str = option("omp", Choice(tuple(CODERS), what="coder"),
-                        "'omp' (Batch-OMP) or 'mp' (matching pursuit, up to mp_steps = 4k steps)")
-    epochs: int | None = option(None, Int(min=1, optional=True), "passes over the data (None: >= 40 iterations)")
-    sample_batch: int | None = option(None, Int(min=1, optional=True),
-                                      "samples per iteration (None: 8·n_atoms in [4096, 2²⁸/n_atoms])")
-    atom_batch: int | None = option(None, Int(min=1, optional=True),
-                                    "atoms updated in parallel against one snapshot (None: n_atoms / 8)")
-    n_power: int = option(2, Int(min=1), "power-iteration steps of the rank-1 update")
-    approx: bool = option(False, Flag(), "AK-SVD (one step from the codes)")
-    refit: bool = option(True, Flag(), "least-squares refit after matching pursuit")
-    tol: float = option(0.0, Real(min=0, max=1, max_open=True), "stop coding a sample at this relative residual")
-    mp_steps: int | None = option(None, Int(min=1, optional=True), "matching-pursuit steps (None: 4k)")
-    candidates: int | str | None = option("auto", Either((Choice(("auto",)), Int(min=1)), optional=True,
-                                                         none_means="exact coding"),
-                                          "screening width while fitting ('auto': max(4k, 32))")
-    groups: tuple[int, ...] | None = option(None, Ints(min=1, optional=True), "Matryoshka prefix sizes")
-    device: str = option("cpu", Device(), "'cpu' or 'cuda[:N]'")
-    dtype: str = option("float32", DType(), "'float32' or 'float64'")
-    seed: int = option(0, Int(min=0), "initial atoms, shuffling and re-drawn atoms")
-    checkpoint_every: int = option(20, Int(min=1), "iterations between checkpoints")
-
-    def check_rules(self) -> None:
-        require_enough_atoms(self.k, self.n_atoms)
-        require_prefix_sizes(self.groups, self.n_atoms, "n_atoms", first_at_least=self.k)
 
 
 class DBKSVD(Dictionary):

@@ -100,10 +100,6 @@ class Matryoshka(BatchTopK):
     groups: tuple[int, ...] | None = option(None, Ints(min=1, optional=True),
                                             "prefix sizes (None: n/16, n/8, n/4, n/2, n)")
 
-    @property
-    def uses_batch_threshold(self) -> bool:
-        return self.base == "batchtopk"
-
 
 ACTIVATIONS: dict[str, type[Options]] = {c.family: c for c in (ReLU, TopK, BatchTopK, JumpReLU, Matryoshka)}
 KINDS = tuple(ACTIVATIONS)
