@@ -162,6 +162,10 @@ def test_values_are_normalised_and_configs_compare_by_value():
         d.n = 4
     with pytest.raises(OptionError, match="unknown option 'm' for Demo"):
         Demo.from_dict({"m": 1})
+    cfg = DBKSVD(8, 2, coder=np.str_("mp"), device=np.str_("cpu"), dtype=np.str_("float64")).config
+    assert [type(v) for v in (cfg.coder, cfg.device, cfg.dtype)] == [str, str, str]  # numpy strings are strings
+    with pytest.raises(OptionError, match="mode must be one of"):
+        Demo(mode=1)
 
 
 def test_option_error_is_a_vitatlas_error_and_a_value_error():

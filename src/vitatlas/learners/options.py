@@ -160,7 +160,12 @@ class Choice(Rule):
         return "one of " + ", ".join(repr(c) for c in self.choices)
 
     def accepts(self, value: Any) -> bool:
-        return any(type(value) is type(c) and value == c for c in self.choices)
+        def same_kind(c):  # str subclasses (numpy.str_) are strings; True is not the choice 1
+            return isinstance(value, str) if isinstance(c, str) else type(value) is type(c)
+        return any(same_kind(c) and value == c for c in self.choices)
+
+    def normalise(self, value: Any) -> Any:
+        return str(value) if isinstance(value, str) else value
 
     def check(self, name: str, value: Any) -> Any:
         if self.what and not (value is None and self.optional) and not self.accepts(value):
@@ -215,7 +220,7 @@ class Device(Rule):
         return isinstance(value, str)
 
     def normalise(self, value: str) -> str:
-        return resolve_device(value)
+        return resolve_device(str(value))
 
 
 @dataclass(frozen=True)
@@ -229,8 +234,8 @@ class DType(Rule):
         return isinstance(value, str)
 
     def normalise(self, value: str) -> str:
-        resolve_dtype(value)
-        return value
+        resolve_dtype(str(value))
+        return str(value)
 
 
 def option(default: Any = dataclasses.MISSING, rule: Rule | None = None, doc: str = "") -> Any:

@@ -179,7 +179,7 @@ def _owner_of(name: str) -> list[str]:
 def sae_options(kind: str, n_latents: int, k: int | None = None, l1: float | None = None,
                 **options) -> tuple[SAEConfig, OptimConfig, TrainConfig]:
     """Route ``SAE(kind, n_latents, k, l1, **options)`` to the three configs, with one-line errors."""
-    Choice(tuple(KINDS), what="SAE kind").check("kind", kind)
+    kind = Choice(tuple(KINDS), what="SAE kind").check("kind", kind)
     act_cls = ACTIVATIONS[kind]
     act: dict = {}
     if kind in SPARSE_KINDS:
