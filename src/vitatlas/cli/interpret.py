@@ -10,10 +10,11 @@ import click
 from ..errors import VitatlasError
 
 
-def _request(run: Path, store, top: int, rank: str, max_atoms, images: bool, vocab) -> dict:
+def _request(run: Path, store, top: int, rank: str, max_atoms, images: bool, vocab, caption_column) -> dict:
     """What must match for a re-run to continue (or skip) the cards already in --out."""
     return {"run": str(run.resolve()), "store": str(store.path.resolve()), "top": top, "rank": rank,
-            "max_atoms": max_atoms, "images": images, "vocab": str(Path(vocab).resolve()) if vocab else None}
+            "max_atoms": max_atoms, "images": images, "vocab": str(Path(vocab).resolve()) if vocab else None,
+            "caption_column": caption_column}
 
 
 @click.command("interpret")
@@ -24,12 +25,13 @@ def _request(run: Path, store, top: int, rank: str, max_atoms, images: bool, voc
 @click.option("--rank", type=click.Choice(["max", "mean"]), default="max", show_default=True,
               help="Rank an image by the atom's max or mean over its patches.")
 @click.option("--vocab", type=click.Path(), default=None, help="Phrase list (one per line) for text descriptions.")
+@click.option("--caption-column", default=None, help="Text column of the image source for caption descriptions.")
 @click.option("--max-atoms", type=int, default=None, help="Only the first N atoms.")
 @click.option("--layer", type=int, default=None, help="Layer to open when --acts holds several.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-images", is_flag=True, help="Do not re-open the image source: statistics and labels only.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def interpret(run, acts, out, top, rank, vocab, max_atoms, layer, device, no_images, progress):
+def interpret(run, acts, out, top, rank, vocab, caption_column, max_atoms, layer, device, no_images, progress):
     """Make atom cards for RUN over the store ACTS: OUT/atoms.jsonl, cards/*.png, index.html.
 
     Resumable: re-run the same command after an interruption.
@@ -48,7 +50,7 @@ def interpret(run, acts, out, top, rank, vocab, max_atoms, layer, device, no_ima
     out = Path(out)
     store = ActivationStore(acts, layer=layer)
     dictionary = load(run, device=device)
-    request = _request(Path(run), store, top, rank, max_atoms, not no_images, vocab)
+    request = _request(Path(run), store, top, rank, max_atoms, not no_images, vocab, caption_column)
     reuse = False
     if (out / "cards.json").is_file():
         old = read_json(out / "cards.json", "atom cards")
@@ -60,7 +62,8 @@ def interpret(run, acts, out, top, rank, vocab, max_atoms, layer, device, no_ima
             return
         reuse = True
     cards = make_cards(dictionary, store, top=top, rank=rank, vocab=vocab, max_atoms=max_atoms, device=device,
-                       images=not no_images, progress=progress, checkpoint_dir=out / "checkpoint", run_path=run)
+                       images=not no_images, progress=progress, checkpoint_dir=out / "checkpoint", run_path=run,
+                       caption_column=caption_column)
     cards.meta["request"] = request
     cards.save(out, progress=progress, reuse_images=reuse)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)

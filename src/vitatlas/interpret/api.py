@@ -12,6 +12,7 @@ from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from .build import atom_records
 from .cards import FORMAT, FORMAT_VERSION, AtomCards
+from .descriptions import describe_atoms
 from .images import NO_SOURCE_NOTE, has_image_source
 from .top_examples import RANKS, SIDES, PassSettings, rows_per_image, top_examples_pass
 
@@ -64,29 +65,18 @@ def _settings(dictionary: Dictionary, store: ActivationStore, top: int, rank: st
                         chunk_rows=chunk, faith_images=images)
 
 
-def _describe(dictionary, store, top_ids: np.ndarray, vocab, device: str, progress: bool):
-    """Text / caption descriptions from ``descriptions.describe_atoms`` when that module is installed."""
-    try:
-        from .descriptions import describe_atoms
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.descriptions":
-            raise
-        if vocab is not None:
-            raise VitatlasError("--vocab needs text descriptions, which this vitatlas build does not include") from None
-        return None
-    return describe_atoms(dictionary, store, top_ids, vocab=vocab, device=device, progress=progress)
-
-
 def interpret(dictionary: Dictionary, store: ActivationStore | str | os.PathLike, *, top: int = 16, rank: str = "max",
               vocab: str | os.PathLike | None = None, max_atoms: int | None = None, device: str = "cpu",
               images: bool = True, progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
-              run_path: str | os.PathLike | None = None, seed: int = 0) -> AtomCards:
+              run_path: str | os.PathLike | None = None, caption_column: str | None = None,
+              seed: int = 0) -> AtomCards:
     """Atom cards: per atom its top ``top`` images of ``store`` with per-patch codes, statistics, class
     labels, descriptions and nearest atoms. One streamed pass; see ``top_examples`` and ``build``.
 
     rank: ``"max"`` or ``"mean"`` over an image's rows. max_atoms: only atoms 0..max_atoms−1.
     images: re-open the store's image source (``False``: statistics only). checkpoint_dir: save the
     running state there every minute and resume from it. run_path: recorded in cards.json.
+    vocab / caption_column: passed to ``descriptions.describe_atoms`` (text and caption descriptions).
     """
     if not isinstance(dictionary, Dictionary):
         raise VitatlasError(f"interpret needs a fitted vitatlas Dictionary, got {type(dictionary).__name__}")
@@ -115,10 +105,10 @@ def interpret(dictionary: Dictionary, store: ActivationStore | str | os.PathLike
         s.signed = False
     grid, cells = patch_layout(store)
     records, tensors = atom_records(dictionary, store, state, s, np.asarray(cells) if cells else None)
-    described = _describe(dictionary, store, tensors["image_ids"].numpy(), vocab, device, progress)
-    if described is not None:
-        for rec, extra in zip(records, described):
-            rec["descriptions"].extend(extra)
+    described = describe_atoms(dictionary, store, tensors["image_ids"].numpy(), vocab=vocab, device=device,
+                               progress=progress, caption_column=caption_column)
+    for rec, extra in zip(records, described):
+        rec["descriptions"].extend(extra)
 
     note = None
     if not has_image_source(store):

@@ -26,7 +26,8 @@ N_NEAREST = 5
 N_TOP_PATCHES = 16
 
 
-def nearest_atoms(atoms: torch.Tensor, n_keep: int, k: int = N_NEAREST, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def nearest_atoms(atoms: torch.Tensor, n_keep: int, k: int = N_NEAREST, chunk: int = 1024
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """For the first ``n_keep`` atoms, the ``k`` other atoms with the largest decoder cosine."""
     D = torch.nn.functional.normalize(atoms.detach().float(), dim=1)
     k = min(k, D.shape[0] - 1)
@@ -68,7 +69,7 @@ def side_arrays(state: dict, side: str) -> dict[str, np.ndarray]:
     out = {"values": state[f"{side}.values"].T.cpu().numpy(), "image_ids": state[f"{side}.image_ids"].T.cpu().numpy()}
     out["values"] = np.where(out["image_ids"] >= 0, out["values"], 0).astype(np.float32)
     if f"{side}.patch_values" in state:
-        out["patch_values"] = state[f"{side}.patch_values"].transpose(0, 1).cpu().numpy()
+        out["patch_values"] = state[f"{side}.patch_values"].cpu().numpy()
     for k in ("count", "total", "peak", "hist"):
         out[k] = state[f"{side}.{k}"].cpu().numpy()
     return out

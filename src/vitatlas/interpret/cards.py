@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import VitatlasError
-from ..io import atomic_write_bytes, atomic_write_json, atomic_save_safetensors, load_safetensors, read_json
+from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, load_safetensors, read_json
 
 FORMAT = "vitatlas-atom-cards"
 FORMAT_VERSION = 1
@@ -90,7 +90,7 @@ class AtomCards:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "AtomCards":
+    def load(cls, path: str | Path) -> AtomCards:
         path = Path(path)
         meta = read_json(path / "cards.json", what="atom cards")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:

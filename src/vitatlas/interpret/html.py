@@ -42,7 +42,8 @@ def write_index(cards, out: Path) -> Path:
     rows = []
     for rec in cards.atoms:
         a = rec["id"]
-        near = ", ".join(f'<a href="#atom-{n["atom"]}">{n["atom"]}</a> ({n["cosine"]:.2f})' for n in rec["nearest_atoms"])
+        near = ", ".join(f'<a href="#atom-{n["atom"]}">{n["atom"]}</a> ({n["cosine"]:.2f})'
+                         for n in rec["nearest_atoms"])
         desc = "; ".join(escape(f"{d['kind']}: {d['text']}") for d in rec["descriptions"] if d["kind"] != "class")
         cells = [f'<td id="atom-{a}">{a}</td>', f"<td>{_label(rec)}{'<br>' + desc if desc else ''}</td>",
                  f'<td class="num">{_fmt(rec["frequency"], ".2e")}</td>',

@@ -8,7 +8,7 @@ made with ``store from-npy`` record no source: they have no images.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from PIL import Image
 

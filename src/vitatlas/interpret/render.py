@@ -8,8 +8,12 @@ numpy and PIL only; images are drawn at ``THUMB`` pixels.
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -145,12 +149,23 @@ def patch_card(crops: dict[int, Image.Image], patches: list[tuple[int, int, floa
     return img
 
 
-def save_png(image: Image.Image, path) -> None:
-    """PNG written atomically; fast compression (cards are many and small)."""
-    import io as _io
+def save_png(image: Image.Image, path: str | os.PathLike) -> None:
+    """PNG written under a temporary name and renamed into place, fast compression.
 
-    from ..io import atomic_write_bytes
-
-    buf = _io.BytesIO()
+    No fsync (unlike ``vitatlas.io``): cards are thousands of small files that can be re-rendered,
+    and fsync per file cost more than the rendering itself; a killed run still never leaves a
+    half-written PNG under its real name, and cards.json is only marked complete after all of them.
+    """
+    buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
-    atomic_write_bytes(path, buf.getvalue())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -96,4 +96,5 @@ def render_all(cards, out: Path, *, progress: bool = True, reuse: bool = False) 
                 top = top_patch_list(pv, ids[:n], cells, 16)
                 crops = {int(ids[slot]): loaded[slot][0] for slot, _, _ in top}
                 listed = [(int(ids[slot]), cell, v) for slot, cell, v in top]
-                save_png(patch_card(crops, listed, grid, title + "  top patches"), patch_path)
+                save_png(patch_card(crops, listed, grid, f"atom {a}{' (negative)' if negative else ''}: top patches"),
+                         patch_path)

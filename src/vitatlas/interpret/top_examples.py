@@ -79,7 +79,7 @@ def new_state(s: PassSettings, P: int, device: str) -> dict[str, torch.Tensor]:
         state[f"{side}.values"] = torch.full((N, A), -torch.inf, device=device)
         state[f"{side}.image_ids"] = torch.full((N, A), -1, dtype=torch.int64, device=device)
         if s.patches:
-            state[f"{side}.patch_values"] = torch.zeros((N, A, P), dtype=torch.float16, device=device)
+            state[f"{side}.patch_values"] = torch.zeros((A, N, P), dtype=torch.float16, device=device)
         state[f"{side}.count"] = torch.zeros(A, dtype=torch.int64, device=device)
         state[f"{side}.total"] = torch.zeros(A, dtype=torch.float64, device=device)
         state[f"{side}.peak"] = torch.zeros(A, device=device)
@@ -88,39 +88,62 @@ def new_state(s: PassSettings, P: int, device: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _update_stats(state: dict, side: str, codes: torch.Tensor) -> None:
-    """Frequency, sum, max and histogram of the positive part of ``codes`` (rows, A)."""
-    fires = codes > 0
-    state[f"{side}.count"] += fires.sum(0)
-    state[f"{side}.total"] += torch.where(fires, codes, 0).sum(0, dtype=torch.float64)
-    state[f"{side}.peak"] = torch.maximum(state[f"{side}.peak"], codes.amax(0).clamp(min=0))
-    rows, atoms = fires.nonzero(as_tuple=True)
-    if atoms.numel():
-        v = codes[rows, atoms]
-        b = ((torch.log10(v) - HIST_LOG_LO) * HIST_PER_DECADE).floor().long().clamp_(0, N_BINS - 1)
-        state[f"{side}.hist"].view(-1).index_add_(0, atoms * N_BINS + b, torch.ones_like(b))
+def _update_stats(state: dict, side: str, atoms: torch.Tensor, values: torch.Tensor) -> None:
+    """Frequency, sum, max and histogram from the non-zero codes (atom, value) of one chunk."""
+    fires = values > 0
+    atoms, values = atoms[fires], values[fires]
+    if not atoms.numel():
+        return
+    A = state[f"{side}.count"].shape[0]
+    state[f"{side}.count"] += torch.bincount(atoms, minlength=A)
+    state[f"{side}.total"].index_add_(0, atoms, values.double())
+    state[f"{side}.peak"].scatter_reduce_(0, atoms, values, reduce="amax")
+    b = ((torch.log10(values) - HIST_LOG_LO) * HIST_PER_DECADE).floor().long().clamp_(0, N_BINS - 1)
+    state[f"{side}.hist"].view(-1).index_add_(0, atoms * N_BINS + b, torch.ones_like(b))
 
 
-def _update_top(state: dict, side: str, per_image: torch.Tensor, image_ids: torch.Tensor, rank: str) -> torch.Tensor:
-    """Merge images (n_img, P, A) of codes into the running top-N of ``side``; returns image maxima."""
-    peak = per_image.amax(1)                                       # (n_img, A)
-    score = peak if rank == "max" else per_image.mean(1)
+def _update_top(state: dict, side: str, per_image: torch.Tensor, sign: float, peak: torch.Tensor,
+                score: torch.Tensor, image_ids: torch.Tensor) -> None:
+    """Merge the chunk's images into the running top-N of ``side``.
+
+    per_image: (n_img, P, A) codes; the side's codes are ``sign * per_image``, its image maxima
+    ``peak`` and ranking scores ``score`` (n_img, A). The N kept entries of an atom are unordered
+    *slots* (sorted once at the end): a new image that makes the top N takes the slot of the entry
+    it pushes out, so only the new entries' patch codes are written — not the whole (A, N, P) block.
+    """
     score = score.masked_fill(peak <= 0, -torch.inf)               # only images where the side fires
     kept = state[f"{side}.values"]
-    N = kept.shape[0]
-    values, pick = torch.topk(torch.cat([kept, score]), k=N, dim=0)  # (N, A), sorted descending
-    is_new = pick >= N
-    old_pick, new_pick = pick.clamp(max=N - 1), (pick - N).clamp(min=0)
-    ids = torch.where(is_new, image_ids[new_pick], state[f"{side}.image_ids"].gather(0, old_pick))
-    state[f"{side}.image_ids"] = ids.masked_fill(torch.isinf(values), -1)
-    state[f"{side}.values"] = values
+    N, A = kept.shape
+    if not bool((score.amax(0) > kept.amin(0)).any()):
+        return                                                     # nothing enters any top list
+    _, pick = torch.topk(torch.cat([kept, score]), k=N, dim=0)
+    chosen = torch.zeros((N + score.shape[0], A), dtype=torch.bool, device=kept.device)
+    chosen.scatter_(0, pick, True)
+    # per atom, as many slots are freed as new images enter; nonzero() lists both atom-major, so the
+    # k-th freed slot of an atom pairs with the k-th new image of the same atom
+    slot_atoms, slots = (~chosen[:N]).T.nonzero(as_tuple=True)
+    new_atoms, new_imgs = chosen[N:].T.nonzero(as_tuple=True)
+    kept[slots, slot_atoms] = score[new_imgs, new_atoms]
+    state[f"{side}.image_ids"][slots, slot_atoms] = image_ids[new_imgs]
     key = f"{side}.patch_values"
-    if key in state and bool(is_new.any()):
-        P = per_image.shape[1]
-        old = state[key].gather(0, old_pick.unsqueeze(-1).expand(-1, -1, P))
-        new = per_image.transpose(1, 2).gather(0, new_pick.unsqueeze(-1).expand(-1, -1, P)).to(torch.float16)
-        state[key] = torch.where(is_new.unsqueeze(-1), new, old)
-    return peak
+    if key in state:
+        state[key][slot_atoms, slots] = (sign * per_image[new_imgs, :, new_atoms]).to(torch.float16)
+
+
+def sorted_state(state: dict) -> dict:
+    """The state with every atom's slots sorted by value, descending, and −1 ids where a list is short."""
+    out = dict(state)
+    for side in SIDES:
+        if f"{side}.values" not in state:
+            continue
+        values, order = torch.sort(state[f"{side}.values"], dim=0, descending=True, stable=True)
+        ids = state[f"{side}.image_ids"].gather(0, order)
+        out[f"{side}.values"], out[f"{side}.image_ids"] = values, ids.masked_fill(torch.isinf(values), -1)
+        key = f"{side}.patch_values"
+        if key in state:
+            pv = state[key]
+            out[key] = pv.gather(1, order.T.unsqueeze(-1).expand(-1, -1, pv.shape[2]))
+    return out
 
 
 def _absorb(state: dict, s: PassSettings, codes: torch.Tensor, ids: np.ndarray, P: int) -> None:
@@ -135,15 +158,22 @@ def _absorb(state: dict, s: PassSettings, codes: torch.Tensor, ids: np.ndarray, 
     per_image = codes.reshape(n_img, P, -1)
     faith_sel = np.isin(img_ids_np, s.faith_images)
     faith_pos = np.searchsorted(s.faith_images, img_ids_np)
-    for side in SIDES if s.signed else SIDES[:1]:
-        c = codes if side == "pos" else -codes
-        _update_stats(state, side, c)
-        peak = _update_top(state, side, per_image if side == "pos" else -per_image, img_ids, s.rank)
-        if side == "pos" and faith_sel.any():
-            # image activation for AUROC: the atom's largest |code| on the image, as evaluate uses
-            mag = per_image.abs().amax(1) if s.signed else peak
-            sel = torch.from_numpy(faith_sel).to(codes.device)
-            state["faith.scores"][torch.from_numpy(faith_pos[faith_sel]).to(codes.device)] = mag[sel]
+    rows, atoms = codes.nonzero(as_tuple=True)
+    nz = codes[rows, atoms]
+    high = per_image.amax(1)                                       # (n_img, A)
+    mean = per_image.mean(1) if s.rank == "mean" else None
+    _update_stats(state, "pos", atoms, nz)
+    _update_top(state, "pos", per_image, 1.0, high, high if mean is None else mean, img_ids)
+    mag = high
+    if s.signed:
+        low = -per_image.amin(1)                                   # the negative side's image maxima
+        _update_stats(state, "neg", atoms, -nz)
+        _update_top(state, "neg", per_image, -1.0, low, low if mean is None else -mean, img_ids)
+        mag = torch.maximum(high, low)
+    if faith_sel.any():
+        # image activation for AUROC: the atom's largest |code| on the image, as evaluate uses
+        sel = torch.from_numpy(faith_sel).to(codes.device)
+        state["faith.scores"][torch.from_numpy(faith_pos[faith_sel]).to(codes.device)] = mag[sel]
 
 
 CHECKPOINT_NAME = "top-state.safetensors"
@@ -179,7 +209,12 @@ def _save_checkpoint(checkpoint_dir: Path, state: dict, identity: dict, rows_don
 def top_examples_pass(dictionary: Dictionary, store: ActivationStore, s: PassSettings, *, device: str = "cpu",
                       progress: bool = True, checkpoint_dir: str | Path | None = None,
                       checkpoint_seconds: float = 60.0) -> dict[str, torch.Tensor]:
-    """Run the pass (resuming from ``checkpoint_dir`` when it holds a matching state); returns the state."""
+    """Run the pass (resuming from ``checkpoint_dir`` when it holds a matching state).
+
+    Returns the state with sorted top lists: ``{side}.values`` / ``{side}.image_ids`` (N, A),
+    ``{side}.patch_values`` (A, N, P), ``{side}.count/total/peak`` (A,), ``{side}.hist`` (A, bins),
+    ``faith.scores`` (len(faith_images), A); side is ``pos`` and, for signed codes, ``neg``.
+    """
     from tqdm.auto import tqdm
 
     P = rows_per_image(store)
@@ -220,7 +255,7 @@ def top_examples_pass(dictionary: Dictionary, store: ActivationStore, s: PassSet
         raise VitatlasError("internal error: rows left over after the last chunk")
     if ckpt is not None:
         _save_checkpoint(ckpt, state, identity, store.n_rows)
-    return state
+    return sorted_state(state)
 
 
 def _last_run_start(ids: np.ndarray) -> int:
