@@ -109,10 +109,11 @@ def bench_table(tmp: Path, n_atoms: int, repeats: int) -> None:
             assert r.status_code == 200, (path, r.text[:200])
         return r.json()
 
-    for name, query in (("by id", "sort=id"), ("by kappa, descending", "sort=-kappa"),
-                        ("search 'sandal'", "q=sandal&sort=-frequency"), ("filter label + kappa", "label=Bag&min_kappa=0.5")):
+    queries = (("by id", "sort=id"), ("by kappa, descending", "sort=-kappa"),
+               ("search 'sandal'", "q=sandal&sort=-frequency"), ("filter label + kappa", "label=Bag&min_kappa=0.5"))
+    for name, query in queries:
         page_load(query)  # warm-up
-        seconds, page, cpu = median_time(lambda: page_load(query), repeats)
+        seconds, page, cpu = median_time(lambda q=query: page_load(q), repeats)
         print(f"table page (server side), {name:24s}: {1000 * seconds:7.1f} ms wall, {1000 * cpu:7.1f} ms CPU "
               f"({page['total']} atoms match)")
     browser_page_load(explorer, repeats)
@@ -144,7 +145,8 @@ def browser_page_load(explorer, repeats: int) -> None:
         time.sleep(0.05)
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000"):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
     try:

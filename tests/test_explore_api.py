@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 from starlette.testclient import TestClient
-
 from test_explore_fixtures import N_ATOMS, first_image, tiny_world
+
 from vitatlas import VitatlasError
 from vitatlas.explore import Explorer, create_app
 
@@ -214,7 +214,8 @@ def test_intervene_bad_bodies(client, body, status):
 
 
 def test_intervene_bad_transport(client):
-    one_line_error(client.post("/api/intervene", content=b"{not json", headers={"content-type": "application/json"}), 400)
+    json_header = {"content-type": "application/json"}
+    one_line_error(client.post("/api/intervene", content=b"{not json", headers=json_header), 400)
     one_line_error(client.post("/api/intervene", content=b'{"image": NaN}'), 400)
     one_line_error(client.post("/api/intervene", content=b" " * (64 * 1024 + 1)), 413)
     assert client.get("/api/intervene").status_code == 405
@@ -252,7 +253,8 @@ def test_intervene_with_a_model_but_no_probe_shows_token_and_code_change(world):
                              progress=False)
     client = TestClient(create_app(explorer), raise_server_exceptions=False)
     image = first_image(explorer)
-    out = client.post("/api/intervene", json={"image": image, "edits": [{"atom": 2, "value": -5}], "patches": [0, 5]}).json()
+    body = {"image": image, "edits": [{"atom": 2, "value": -5}], "patches": [0, 5]}
+    out = client.post("/api/intervene", json=body).json()
     assert "prediction" not in out
     assert out["code_change"]["edited_tokens"] == 2
     changed = [p for p, v in enumerate(out["code_change"]["patches"]) if v > 0]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _tiny import save_tiny_dinov2
 
 N_IMAGES = 24
@@ -53,7 +52,8 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
     X = store.to_numpy()
     runs, cards = [], []
     for name, dictionary in (("ksvd", vitatlas.DBKSVD(n_atoms=N_ATOMS, k=3, epochs=2, seed=0)),
-                             ("sae", vitatlas.SAE(kind="topk", n_latents=N_ATOMS, k=3, epochs=2, batch_size=64, seed=0))):
+                             ("sae", vitatlas.SAE(kind="topk", n_latents=N_ATOMS, k=3, epochs=2, batch_size=64,
+                                                  seed=0))):
         dictionary.fit(store, progress=False) if _takes_progress(dictionary.fit) else dictionary.fit(store)
         run_dir = dictionary.save(root / "runs" / name)
         runs.append(run_dir)

@@ -32,7 +32,8 @@ def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 8765, *, log_
     """Run the app with uvicorn until Ctrl-C."""
     import uvicorn
 
-    from .server import create_app as _create_app, local_hosts
+    from .server import create_app as _create_app
+    from .server import local_hosts
 
     uvicorn.run(_create_app(explorer, allowed_hosts=local_hosts(host, port)), host=host, port=port,
                 log_level=log_level)

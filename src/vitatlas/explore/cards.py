@@ -39,7 +39,8 @@ class CardSet:
         self.n_atoms = len(self.atoms)
         for i, atom in enumerate(self.atoms):
             if atom.get("id") != i:
-                raise VitatlasError(f"{self.path / 'atoms.jsonl'} line {i + 1} is atom {atom.get('id')!r}, expected {i}: "
+                raise VitatlasError(f"{self.path / 'atoms.jsonl'} line {i + 1} is atom {atom.get('id')!r}, "
+                                    f"expected {i}: "
                                     "the file is damaged; re-run `vitatlas interpret`")
         # kept as torch tensors (float16 patch values stay float16: 16,384 atoms x 16 images x 256 patches
         # is 134 MB); one atom's rows are converted when its page is asked for

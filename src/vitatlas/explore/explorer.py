@@ -78,7 +78,7 @@ class Explorer:
     @classmethod
     def open(cls, run_dirs: list[str | Path], acts: str | Path, *, cards: list[str | Path] | None = None,
              model: str | None = None, probe: str | Path | None = None, cards_cache: str | Path | None = None,
-             device: str = "cpu", progress: bool = True) -> "Explorer":
+             device: str = "cpu", progress: bool = True) -> Explorer:
         """Load runs, the store and the cards (made with ``vitatlas.interpret`` when not given)."""
         store = ActivationStore(acts)
         paths = [Path(p) for p in run_dirs]

@@ -55,7 +55,8 @@ def export_site(explorer: Explorer, out: str | Path, *, max_images: int = DEFAUL
     bar = tqdm(total=total, desc="export atoms", unit="atom", disable=not progress)
     for name in explorer.run_names:
         run = explorer.runs[name]
-        _data_file(out, f"table-{name}", {"run": name, "rows": run.table.query(Query(limit=len(run.table) or 1))["rows"]})
+        rows = run.table.query(Query(limit=len(run.table) or 1))["rows"]
+        _data_file(out, f"table-{name}", {"run": name, "rows": rows})
         for a in range(run.n_atoms):
             atom = explorer.atom(name, a)
             _data_file(out, f"atom-{name}-{a}", atom)

@@ -44,8 +44,9 @@ PAGES = ("index.html", "atom.html", "image.html", "compare.html")
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
                     "Referrer-Policy": "no-referrer",
-                    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-                                               "script-src 'self'; connect-src 'self'"}
+                    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                                               "style-src 'self' 'unsafe-inline'; script-src 'self'; "
+                                               "connect-src 'self'"}
 
 
 def asset(name: str) -> bytes:
@@ -141,7 +142,8 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
 
     async def intervene(request: Request) -> Response:
         if explorer.live is None:
-            raise v.ApiError(409, "live intervention is off: start the explorer with --model (and --probe for predictions)")
+            raise v.ApiError(409, "live intervention is off: start the explorer with --model "
+                                  "(and --probe for predictions)")
         raw = await request.body()
         if len(raw) > v.MAX_BODY:
             raise v.ApiError(413, f"request body too large ({len(raw)} bytes; at most {v.MAX_BODY})")
@@ -205,7 +207,8 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
     ]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
     return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={HTTPException: http_error, v.ApiError: api_error, VitatlasError: vitatlas_error,
+                     exception_handlers={HTTPException: http_error, v.ApiError: api_error,
+                                         VitatlasError: vitatlas_error,
                                          Exception: internal_error})
 
 

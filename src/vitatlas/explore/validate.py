@@ -7,7 +7,8 @@ what is allowed; the server turns it into ``{"error": message}`` with that statu
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .table import MAX_LIMIT, NUMERIC_FILTERS, SORT_KEYS, Query
 
@@ -94,7 +95,8 @@ def atoms_query(params: Mapping[str, str]) -> Query:
     query.descending = sort.startswith("-")
     query.sort = sort[1:] if query.descending else sort
     if query.sort not in SORT_KEYS:
-        raise ApiError(400, f"unknown sort key {query.sort!r}: use one of {', '.join(SORT_KEYS)} (prefix - for descending)")
+        raise ApiError(400, f"unknown sort key {query.sort!r}: use one of {', '.join(SORT_KEYS)} "
+                            "(prefix - for descending)")
     query.q = text(params.get("q", ""), "q")
     query.label = text(params["label"], "label") if params.get("label") else None
     query.offset = integer(params.get("offset", "0"), "offset", lo=0, hi=10**9)
@@ -148,7 +150,8 @@ def intervention(body: Any, runs: list[str], n_atoms_of, known_images, n_patches
             clean.append({"atom": atom, "op": "ablate"})
             continue
         if "value" not in e:
-            raise ApiError(400, f"edit {i} needs a 'value' (-{MAX_SLIDER:g}..{MAX_SLIDER:g} x the atom's max activation)")
+            raise ApiError(400, f"edit {i} needs a 'value' (-{MAX_SLIDER:g}..{MAX_SLIDER:g} x the atom's "
+                                "max activation)")
         value = number(e["value"], f"edit {i} value", lo=-MAX_SLIDER, hi=MAX_SLIDER)
         clean.append({"atom": atom, "op": "clamp", "value": value})
     patches = body.get("patches")
