@@ -151,6 +151,13 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
     ``seed``), whose size is reported as ``settings.rows_for_auroc`` (peak memory is about twice the
     budget, while ranks for AUROC are computed 256 atoms at a time). The downstream probe uses at most
     ``max_probe_images`` images (a fixed random subset when there are more).
+
+    >>> import numpy as np
+    >>> from vitatlas.learners.baselines import PCABaseline
+    >>> X = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    >>> r = evaluate(PCABaseline(8).fit(X), X)   # all 8 directions: a perfect reconstruction
+    >>> round(r["explained_variance"], 5), r["l0"], r["dead_fraction"]
+    (1.0, 8.0, 0.0)
     """
     if activation not in ACTIVATIONS:
         raise VitatlasError(f"unknown activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")

@@ -22,6 +22,13 @@ made with other options or other data is refused.
 
 Logs: a tqdm bar (postfix: explained_variance, l0, dead_fraction) and, with ``log_dir``, one JSON line
 per SAE every ``log_every`` steps and at each epoch end in ``log_dir/log.jsonl``.
+
+    >>> import numpy as np
+    >>> from vitatlas.learners.sae import SAE
+    >>> X = np.random.default_rng(0).standard_normal((512, 16)).astype(np.float32)
+    >>> sweep = SAESweep([SAE(kind="topk", n_latents=32, k=k, epochs=1, batch_size=128) for k in (2, 4)])
+    >>> [s.name for s in sweep.fit(X, progress=False)]
+    ['topk-k2-n32', 'topk-k4-n32']
 """
 
 from __future__ import annotations
