@@ -268,3 +268,27 @@ def test_bad_arguments(tiny_store, ksvd):
         vitatlas.interpret(ksvd, store, rank="median", progress=False)
     with pytest.raises(VitatlasError, match="max_atoms"):
         vitatlas.interpret(ksvd, store, max_atoms=0, progress=False)
+
+
+def test_heatmap_alpha_is_value_over_the_atoms_maximum():
+    from vitatlas.interpret.render import MAX_ALPHA, THUMB, _lut, heatmap_card, overlay
+
+    thumbs = np.full((2, 8, 8, 3), 100, np.uint8)
+    heat = np.zeros((2, 2, 2))
+    heat[0, 0, 1] = 1.0
+    heat[1, 1, 0] = 0.5
+    got = overlay(thumbs, heat).astype(np.float64)
+    lut = _lut().astype(np.float64)
+    np.testing.assert_allclose(got[0, :4, 4:], np.broadcast_to(100 * (1 - MAX_ALPHA) + lut[255] * MAX_ALPHA, (4, 4, 3)),
+                               atol=1)
+    a = MAX_ALPHA * 0.5
+    np.testing.assert_allclose(got[1, 4:, :4], np.broadcast_to(100 * (1 - a) + lut[127] * a, (4, 4, 3)), atol=1)
+    np.testing.assert_array_equal(got[0, 4:], 100)  # zero activation: the image is untouched
+    # on a card the scale is the maximum over all its images: the weaker image gets alpha 0.8 * 1/2
+    pv = np.array([[0, 2.0, 0, 0], [1.0, 0, 0, 0]], np.float32)
+    card = np.asarray(heatmap_card([np.full((THUMB, THUMB, 3), 100, np.uint8)] * 2, np.array([2.0, 1.0]),
+                                   np.array([5, 9]), pv, np.arange(4), (2, 2), "t"))
+    from vitatlas.interpret.render import HEADER_H
+    half = THUMB // 2
+    np.testing.assert_allclose(card[HEADER_H + 1, THUMB + 1], 100 * (1 - a) + lut[127] * a, atol=1)
+    np.testing.assert_allclose(card[HEADER_H + 1, half + 1], 100 * (1 - MAX_ALPHA) + lut[255] * MAX_ALPHA, atol=1)

@@ -107,8 +107,7 @@ def interpret(dictionary: Dictionary, store: ActivationStore | str | os.PathLike
     records, tensors = atom_records(dictionary, store, state, s, np.asarray(cells) if cells else None)
     described = describe_atoms(dictionary, store, tensors["image_ids"].numpy(), vocab=vocab, device=device,
                                progress=progress, caption_column=caption_column)
-    for rec, extra in zip(records, described):
-        rec["descriptions"].extend(extra)
+    records.extra = described
 
     note = None
     if not has_image_source(store):

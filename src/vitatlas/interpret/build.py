@@ -13,6 +13,8 @@ of M labelled ones share label l). Both are null on the negative side (no per-im
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -125,7 +127,7 @@ def _class_description(label: dict) -> dict:
 
 
 def atom_records(dictionary: Dictionary, store: ActivationStore, state: dict, s: PassSettings,
-                 cells: np.ndarray | None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+                 cells: np.ndarray | None) -> tuple[AtomRecords, dict[str, torch.Tensor]]:
     """atoms.jsonl records (descriptions: the class label only) and the top.safetensors tensors."""
     n_rows = store.n_rows
     edges = hist_edges()
@@ -142,20 +144,45 @@ def atom_records(dictionary: Dictionary, store: ActivationStore, state: dict, s:
         if "patch_values" in arr:
             tensors[prefix + "patch_values"] = torch.from_numpy(np.ascontiguousarray(arr["patch_values"]))
 
-    def side_record(side: str, a: int) -> dict:
-        arr = sides[side]
+    return AtomRecords(n_rows, edges, sides, labels, near_ids, near_cos, cells, s.signed), tensors
+
+
+class AtomRecords(Sequence):
+    """The atoms.jsonl records, built on access from the pass's arrays.
+
+    Holding 16,384 records as Python dicts costs hundreds of MB (each lists 2 × 16 top images and
+    patches); the arrays behind them are the top.safetensors tensors already in memory. ``extra``
+    holds further descriptions per atom (text, caption) appended after the class label.
+    """
+
+    def __init__(self, n_rows, edges, sides, labels, near_ids, near_cos, cells, signed):
+        self.n_rows, self.edges, self.sides, self.labels = n_rows, edges, sides, labels
+        self.near_ids, self.near_cos, self.cells, self.signed = near_ids, near_cos, cells, signed
+        self.extra: list[list[dict]] | None = None
+
+    def __len__(self) -> int:
+        return self.near_ids.shape[0]
+
+    def _side(self, side: str, a: int) -> dict:
+        arr = self.sides[side]
         count = int(arr["count"][a])
-        return {"frequency": count / n_rows,
+        return {"frequency": count / self.n_rows,
                 "mean_activation": float(arr["total"][a] / count) if count else None,
                 "max_activation": float(arr["peak"][a]) if count else None,
-                "top_images": _top_images(arr, a), "top_patches": _top_patches(arr, a, cells),
-                "histogram": _histogram(arr["hist"][a], edges), "labels": labels[side][a]}
+                "top_images": _top_images(arr, a), "top_patches": _top_patches(arr, a, self.cells),
+                "histogram": _histogram(arr["hist"][a], self.edges), "labels": self.labels[side][a]}
 
-    records = []
-    for a in range(s.n_atoms):
-        rec = {"id": a, **side_record("pos", a)}
-        rec["negative"] = side_record("neg", a) if s.signed else None
-        rec["descriptions"] = [_class_description(lab) for lab in rec["labels"]]
-        rec["nearest_atoms"] = [{"atom": int(i), "cosine": float(c)} for i, c in zip(near_ids[a], near_cos[a])]
-        records.append(rec)
-    return records, tensors
+    def __getitem__(self, a):
+        if isinstance(a, slice):
+            return [self[i] for i in range(*a.indices(len(self)))]
+        a = int(a)
+        if a < 0:
+            a += len(self)
+        if not 0 <= a < len(self):
+            raise IndexError(a)
+        rec = {"id": a, **self._side("pos", a)}
+        rec["negative"] = self._side("neg", a) if self.signed else None
+        rec["descriptions"] = [_class_description(lab) for lab in rec["labels"]] + (self.extra[a] if self.extra else [])
+        rec["nearest_atoms"] = [{"atom": int(i), "cosine": float(c)}
+                                for i, c in zip(self.near_ids[a], self.near_cos[a])]
+        return rec

@@ -17,6 +17,8 @@ magnitudes (−code > 0), sorted descending like the positive side.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,18 +26,26 @@ import numpy as np
 import torch
 
 from ..errors import VitatlasError
-from ..io import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, load_safetensors, read_json
+from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
 FORMAT = "vitatlas-atom-cards"
 FORMAT_VERSION = 1
 
 
-def card_name(atom: int, suffix: str = "") -> str:
-    return f"cards/atom-{atom:05d}{suffix}.png"
-
-
-def image_name(image_id: int) -> str:
-    return f"images/image-{image_id:07d}.png"
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object per line, streamed to a temporary file renamed into place (no whole-file string)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @dataclass
@@ -73,8 +83,10 @@ class AtomCards:
         return np.array([a["max_activation"] or 0.0 for a in self.atoms], np.float32)
 
     # ---- files -----------------------------------------------------------------------------------
-    def save(self, path: str | Path, *, progress: bool = True, reuse_images: bool = False) -> Path:
-        """Write the directory layout above. ``reuse_images`` keeps PNGs already there (a resumed run)."""
+    def save(self, path: str | Path, *, progress: bool = True, reuse_images: bool = False, render: bool = True
+             ) -> Path:
+        """Write the directory layout above. ``reuse_images`` keeps PNGs already there (a resumed run);
+        ``render=False`` writes no PNGs (statistics, top lists and index.html only)."""
         from .html import write_index
         from .render_cards import render_all
 
@@ -82,8 +94,9 @@ class AtomCards:
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path / "cards.json", self.meta | {"complete": False})
         atomic_save_safetensors(path / "top.safetensors", self.tensors)
-        atomic_write_bytes(path / "atoms.jsonl", "".join(json.dumps(a) + "\n" for a in self.atoms).encode())
-        render_all(self, path, progress=progress, reuse=reuse_images)
+        _write_jsonl(path / "atoms.jsonl", self.atoms)
+        if render:
+            render_all(self, path, progress=progress, reuse=reuse_images)
         write_index(self, path)
         self.meta["complete"] = True
         atomic_write_json(path / "cards.json", self.meta)

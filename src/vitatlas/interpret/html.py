@@ -10,7 +10,7 @@ from html import escape
 from pathlib import Path
 
 from ..io import atomic_write_bytes
-from .cards import card_name
+from .layout import card_name
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse}td,th{padding:4px 8px;border-bottom:1px solid #ddd;vertical-align:top;text-align:left}

@@ -51,21 +51,22 @@ def thumbnail(image: Image.Image | None, side: int = THUMB) -> np.ndarray:
 
 
 def patch_grid_values(values: np.ndarray, cells: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """(P,) values of an image's rows -> (h, w) grid; rows that are not patches (CLS) are dropped."""
-    out = np.zeros(grid[0] * grid[1], np.float32)
+    """(n, P) codes of images' rows -> (n, h, w) patch grids; rows that are not patches (CLS) are dropped."""
+    values = np.atleast_2d(values)
+    out = np.zeros((values.shape[0], grid[0] * grid[1]), np.float32)
     ok = cells >= 0
-    out[cells[ok]] = values[ok]
-    return out.reshape(grid)
+    out[:, cells[ok]] = values[:, ok]
+    return out.reshape(-1, *grid)
 
 
-def overlay(thumb: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """Colour ``thumb`` (S, S, 3) with ``heat`` (h, w) in [0, 1] at alpha = MAX_ALPHA·heat."""
-    side = thumb.shape[0]
-    h, w = heat.shape
-    up = heat[(np.arange(side) * h) // side][:, (np.arange(side) * w) // side]  # nearest upsampling
-    color = _lut()[(np.clip(up, 0, 1) * 255).astype(np.int64)]
-    alpha = (MAX_ALPHA * np.clip(up, 0, 1))[..., None]
-    return (thumb * (1 - alpha) + color * alpha).astype(np.uint8)
+def overlay(thumbs: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """Colour thumbnails (n, S, S, 3) with heatmaps (n, h, w) in [0, 1] at alpha = MAX_ALPHA·heat."""
+    side = thumbs.shape[1]
+    h, w = heat.shape[1:]
+    up = np.clip(heat, 0, 1)[:, (np.arange(side) * h) // side][:, :, (np.arange(side) * w) // side]  # nearest
+    color = _lut()[(up * 255).astype(np.int64)]
+    alpha = (MAX_ALPHA * up)[..., None]
+    return (thumbs * (1 - alpha) + color * alpha).astype(np.uint8)
 
 
 def _fmt(v: float) -> str:
@@ -86,13 +87,13 @@ def heatmap_card(thumbs: list[np.ndarray], values: np.ndarray, image_ids: np.nda
     cell_h = THUMB + TEXT_H
     canvas = np.full((HEADER_H + rows * cell_h, cols * THUMB, 3), BACKGROUND, np.uint8)
     scale = float(patch_values.max()) if patch_values is not None and patch_values.size else 0.0
+    tiles = np.stack(thumbs) if n else np.zeros((0, THUMB, THUMB, 3), np.uint8)
+    if patch_values is not None and grid is not None and scale > 0:
+        tiles = overlay(tiles, patch_grid_values(patch_values, cells, grid) / scale)
     for j in range(n):
         r, c = divmod(j, cols)
-        tile = thumbs[j]
-        if patch_values is not None and grid is not None and scale > 0:
-            tile = overlay(tile, patch_grid_values(patch_values[j], cells, grid) / scale)
         y = HEADER_H + r * cell_h
-        canvas[y:y + THUMB, c * THUMB:(c + 1) * THUMB] = tile
+        canvas[y:y + THUMB, c * THUMB:(c + 1) * THUMB] = tiles[j]
     img = Image.fromarray(canvas)
     draw = ImageDraw.Draw(img)
     font = _font()

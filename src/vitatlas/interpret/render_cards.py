@@ -8,15 +8,19 @@ cards on grey tiles; CLS stores without images get no card files.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .cards import card_name, image_name
+from .layout import card_name, image_name
 from .render import heatmap_card, patch_card, save_png, thumbnail, top_patch_list
 
 CACHE_IMAGES = 1024
+RENDER_THREADS = 2
 
 
 class ImageCache:
@@ -27,6 +31,7 @@ class ImageCache:
         self.crops: OrderedDict[int, tuple] = OrderedDict()
         self.store = store
         self.source = None
+        self.lock = threading.Lock()  # cards render in threads
         if enabled:
             from .images import open_store_source
 
@@ -36,6 +41,10 @@ class ImageCache:
         """(crop PIL image or None, thumbnail array)."""
         if not self.enabled:
             return None, thumbnail(None)
+        with self.lock:
+            return self._get(image_id)
+
+    def _get(self, image_id: int):
         if image_id in self.crops:
             self.crops.move_to_end(image_id)
             return self.crops[image_id]
@@ -76,7 +85,7 @@ def render_all(cards, out: Path, *, progress: bool = True, reuse: bool = False) 
     sides = [("", False)] + ([("neg_", True)] if meta.get("signed") else [])
     arrays = {prefix: {k: cards.tensors[prefix + k].numpy() for k in ("image_ids", "values", "patch_values")
                        if prefix + k in cards.tensors} for prefix, _ in sides}
-    for a in tqdm(range(cards.n_atoms), desc="cards", unit="atom", disable=not progress):
+    def render_atom(a: int) -> None:
         for prefix, negative in sides:
             arr = arrays[prefix]
             ids = arr["image_ids"][a]
@@ -98,3 +107,9 @@ def render_all(cards, out: Path, *, progress: bool = True, reuse: bool = False) 
                 listed = [(int(ids[slot]), cell, v) for slot, cell, v in top]
                 save_png(patch_card(crops, listed, grid, f"atom {a}{' (negative)' if negative else ''}: top patches"),
                          patch_path)
+
+    # PNG encoding and numpy release the GIL: two threads use both cores of a small machine
+    with ThreadPoolExecutor(max_workers=max(1, min(RENDER_THREADS, os.cpu_count() or 1))) as pool:
+        for _ in tqdm(pool.map(render_atom, range(cards.n_atoms)), total=cards.n_atoms, desc="cards", unit="atom",
+                      disable=not progress):
+            pass

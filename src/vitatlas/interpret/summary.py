@@ -10,7 +10,8 @@ import os
 from html import escape
 from pathlib import Path
 
-from .cards import AtomCards, card_name
+from .cards import AtomCards
+from .layout import card_name
 
 
 def most_specific_atoms(cards: AtomCards | str | os.PathLike, n: int = 12) -> list[dict]:

@@ -130,20 +130,25 @@ def _update_top(state: dict, side: str, per_image: torch.Tensor, sign: float, pe
         state[key][slot_atoms, slots] = (sign * per_image[new_imgs, :, new_atoms]).to(torch.float16)
 
 
-def sorted_state(state: dict) -> dict:
-    """The state with every atom's slots sorted by value, descending, and −1 ids where a list is short."""
-    out = dict(state)
+def sorted_state(state: dict, chunk: int = 1024) -> dict:
+    """Sort every atom's slots by value, descending (−1 ids where a list is short), in place.
+
+    Patch codes are permuted ``chunk`` atoms at a time so that sorting adds no second copy of the
+    largest tensor (A, N, P).
+    """
     for side in SIDES:
         if f"{side}.values" not in state:
             continue
         values, order = torch.sort(state[f"{side}.values"], dim=0, descending=True, stable=True)
         ids = state[f"{side}.image_ids"].gather(0, order)
-        out[f"{side}.values"], out[f"{side}.image_ids"] = values, ids.masked_fill(torch.isinf(values), -1)
+        state[f"{side}.values"], state[f"{side}.image_ids"] = values, ids.masked_fill(torch.isinf(values), -1)
         key = f"{side}.patch_values"
         if key in state:
             pv = state[key]
-            out[key] = pv.gather(1, order.T.unsqueeze(-1).expand(-1, -1, pv.shape[2]))
-    return out
+            for a in range(0, pv.shape[0], chunk):
+                o = order[:, a:a + chunk].T.unsqueeze(-1).expand(-1, -1, pv.shape[2])
+                pv[a:a + chunk] = pv[a:a + chunk].gather(1, o)
+    return state
 
 
 def _absorb(state: dict, s: PassSettings, codes: torch.Tensor, ids: np.ndarray, P: int) -> None:
