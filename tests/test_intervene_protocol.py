@@ -70,6 +70,13 @@ def _f1(truth: np.ndarray, pred: np.ndarray) -> float:
     return 2 * tp / (truth.sum() + pred.sum()) if truth.sum() + pred.sum() else 0.0
 
 
+@pytest.fixture(scope="module")
+def seg_probe(world):
+    """A segmentation probe on the shapes folder, trained once for the tests below."""
+    source, masks = open_data_with_masks(str(world["data"]))
+    return train_probe(world["model"], source, "segmentation", masks=masks, progress=False)
+
+
 def test_f1_choice_matches_a_slow_reference():
     from sklearn.metrics import f1_score
 
@@ -123,10 +130,9 @@ def test_fashion_mnist_masks_are_found():
     assert set(np.unique(label_map)) <= {10, source.label(0)}
 
 
-def test_probe_trains_saves_and_loads(world, tmp_path):
+def test_probe_trains_saves_and_loads(world, seg_probe, tmp_path):
     model = world["model"]
-    source, masks = open_data_with_masks(str(world["data"]))
-    probe = train_probe(model, source, "segmentation", masks=masks, progress=False)
+    probe = seg_probe
     assert probe.class_names == ["background", "square", "disc"]
     assert probe.metrics["accuracy"] > 0.5 and 0 < probe.metrics["miou"] <= 1
     probe.save(tmp_path / "p")
@@ -182,11 +188,11 @@ def test_segmentation_protocol_end_to_end(world, tmp_path):
     assert "noop" in r.output and "target" in r.output
 
 
-def test_a_strong_targeted_edit_changes_its_target(world):
+def test_a_strong_targeted_edit_changes_its_target(world, seg_probe):
     """Strength 50 on the chosen atom at a class's patches changes more target than other predictions."""
     model = world["model"]
     source, masks = open_data_with_masks(str(world["data"]))
-    probe = train_probe(model, source, "segmentation", masks=masks, progress=False)
+    probe = seg_probe
     runs = {"ksvd": vitatlas.load(world["runs"]["ksvd"])}
     out = segmentation_protocol(model, runs, probe, source, masks, strength=50.0, calibration=0.5,
                                 classes=["square", "disc"], progress=False)["json"]
@@ -218,10 +224,8 @@ def test_mask_source_with_another_image_count(world, tmp_path):
         open_data_with_masks(str(world["data"] / "images"), str(masks_dir))
 
 
-def test_cli_bad_inputs_are_one_line_errors(world, tmp_path):
-    model = world["model"]
-    source, masks = open_data_with_masks(str(world["data"]))
-    probe = train_probe(model, source, "segmentation", masks=masks, progress=False)
+def test_cli_bad_inputs_are_one_line_errors(world, seg_probe, tmp_path):
+    probe = seg_probe
     probe.save(tmp_path / "probe")
     other = save_tiny_dinov2(tmp_path / "other", seed=3)
     LinearProbe.fit(torch.randn(10, 32), torch.arange(10) % 3, task="segmentation", class_names=probe.class_names,

@@ -92,7 +92,10 @@ class FileMasks(MaskSource):
     def __init__(self, spec: str, files: list[Path], class_names: list[str] | None, limit: int | None):
         self.spec, self.files = spec, files
         if class_names is None:  # ids seen in the masks that will be used
-            top = max((int(_read_mask(f)[_read_mask(f) != IGNORE].max(initial=0)) for f in files[:limit]), default=0)
+            top = 0
+            for f in files[:limit]:
+                arr = _read_mask(f)
+                top = max(top, int(arr[arr != IGNORE].max(initial=0)))
             class_names = [f"class {i}" for i in range(top + 1)]
         self.class_names = class_names
 
