@@ -34,6 +34,9 @@ def explore(runs, acts, cards, model, probe, host, port, open_browser, export_di
     """
     from ..explore import Explorer
 
+    if export_dir is not None and (model or probe):
+        click.echo("note: --model/--probe are not used by --export (a static site has no live intervention)")
+        model = probe = None
     explorer = Explorer.open(list(runs), acts, cards=list(cards) or None, model=model, probe=probe,
                              device=device, progress=not no_progress)
     if export_dir is not None:

@@ -64,6 +64,7 @@ class Explorer:
         self.image_cache = ImageCache(store)
         self.live = live
         self._metrics: dict | None = None
+        self._compared: dict[tuple[str, str, int], dict] = {}
         for r in runs:
             check_compatible(r, store)
         if len(runs) >= 2:
@@ -80,11 +81,13 @@ class Explorer:
              model: str | None = None, probe: str | Path | None = None, cards_cache: str | Path | None = None,
              device: str = "cpu", progress: bool = True) -> Explorer:
         """Load runs, the store and the cards (made with ``vitatlas.interpret`` when not given)."""
-        store = ActivationStore(acts)
         paths = [Path(p) for p in run_dirs]
         if cards is not None and len(cards) not in (0, len(paths)):
             raise VitatlasError(f"got {len(cards)} --cards directories for {len(paths)} runs: give one per run, "
                                 "in the same order, or none")
+        if probe is not None and model is None:
+            raise VitatlasError("--probe needs --model: the probe reads the model's final tokens")
+        store = ActivationStore(acts)
         names = _run_names(paths)
         runs = []
         for i, (name, path) in enumerate(zip(names, paths)):
@@ -96,8 +99,6 @@ class Explorer:
                                     f"{dictionary.n_atoms}: pass the cards made for this run")
             runs.append(Run(name, path, dictionary, card_set))
         live = None
-        if probe is not None and model is None:
-            raise VitatlasError("--probe needs --model: the probe reads the model's final tokens")
         if model is not None:
             from ..models import load as load_model
             from .live import LiveIntervention
@@ -176,6 +177,12 @@ class Explorer:
         rb = self.runs[b] if b else self.runs[ra.other]
         if ra.name == rb.name:
             raise VitatlasError("compare two different runs")
+        key = (ra.name, rb.name, limit)
+        if key not in self._compared:  # two A x B cosine passes: worth keeping for the next visit
+            self._compared[key] = self._compare(ra, rb, limit)
+        return self._compared[key]
+
+    def _compare(self, ra: Run, rb: Run, limit: int) -> dict:
         idx_ab, cos_ab = best_matches(ra.dictionary.atoms, rb.dictionary.atoms)
         idx_ba, _ = best_matches(rb.dictionary.atoms, ra.dictionary.atoms)
         pairs = matched_pairs(idx_ab, cos_ab, idx_ba, limit)
@@ -186,7 +193,7 @@ class Explorer:
                 p[f"{side}_description"] = (best_description(card) or {}).get("text")
         metrics = self.metrics()
         return {"a": ra.name, "b": rb.name, "metrics": {n: metrics[n] for n in (ra.name, rb.name)},
-                "mutual_matches": int(sum(idx_ba[idx_ab[i]] == i for i in range(len(idx_ab)))),
+                "mutual_matches": int((idx_ba[idx_ab] == np.arange(idx_ab.size)).sum()),
                 "cosine_histogram": _hist(np.abs(cos_ab)), "pairs": pairs}
 
     def metrics(self) -> dict:
@@ -261,7 +268,7 @@ def make_cards(dictionary: Dictionary, store: ActivationStore, run_dir: Path, ca
             pass
     if progress:
         print(f"making atom cards for {run_dir} into {out} (once; pass --cards to use your own)")
-    interpret(dictionary, store, progress=progress).save(out)
+    interpret(dictionary, store, progress=progress, run_path=run_dir).save(out, progress=progress)
     return out
 
 
