@@ -292,3 +292,21 @@ def test_heatmap_alpha_is_value_over_the_atoms_maximum():
     half = THUMB // 2
     np.testing.assert_allclose(card[HEADER_H + 1, THUMB + 1], 100 * (1 - a) + lut[127] * a, atol=1)
     np.testing.assert_allclose(card[HEADER_H + 1, half + 1], 100 * (1 - MAX_ALPHA) + lut[255] * MAX_ALPHA, atol=1)
+
+
+def test_streamed_safetensors_read_back_by_the_reference_reader(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from vitatlas.interpret.tensorfile import save_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"patch_values": torch.randn(3, 4, 5, generator=g).half(), "image_ids": torch.arange(12).reshape(3, 4),
+               "values": torch.randn(7, generator=g), "empty": torch.zeros(0, 2), "t": torch.randn(4, 3).T}
+    save_safetensors(tmp_path / "x.safetensors", tensors, metadata={"rows_done": "17"})
+    back = load_file(tmp_path / "x.safetensors")
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"rows_done": "17"}

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import VitatlasError
-from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from ..io import atomic_write_json, load_safetensors, read_json
+from .tensorfile import save_safetensors
 
 FORMAT = "vitatlas-atom-cards"
 FORMAT_VERSION = 1
@@ -93,7 +94,7 @@ class AtomCards:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path / "cards.json", self.meta | {"complete": False})
-        atomic_save_safetensors(path / "top.safetensors", self.tensors)
+        save_safetensors(path / "top.safetensors", self.tensors)
         _write_jsonl(path / "atoms.jsonl", self.atoms)
         if render:
             render_all(self, path, progress=progress, reuse=reuse_images)

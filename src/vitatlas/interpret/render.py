@@ -158,7 +158,7 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> None:
     half-written PNG under its real name, and cards.json is only marked complete after all of them.
     """
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
+    image.save(buf, format="PNG", compress_level=3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -19,7 +19,7 @@ import numpy as np
 from .layout import card_name, image_name
 from .render import heatmap_card, patch_card, save_png, thumbnail, top_patch_list
 
-CACHE_IMAGES = 1024
+CACHE_IMAGES = 256  # crops (3·224² bytes each) + thumbnails kept for reuse across atoms
 RENDER_THREADS = 2
 
 

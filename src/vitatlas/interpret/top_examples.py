@@ -37,7 +37,7 @@ import torch
 from ..data.store import ActivationStore
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
-from ..io import atomic_save_safetensors
+from .tensorfile import save_safetensors
 
 RANKS = ("max", "mean")
 HIST_LOG_LO, HIST_LOG_HI, HIST_PER_DECADE = -6, 6, 4
@@ -206,7 +206,7 @@ def _load_checkpoint(checkpoint_dir: Path | None, identity: dict, device: str) -
 
 
 def _save_checkpoint(checkpoint_dir: Path, state: dict, identity: dict, rows_done: int) -> None:
-    atomic_save_safetensors(checkpoint_dir / CHECKPOINT_NAME, state,
+    save_safetensors(checkpoint_dir / CHECKPOINT_NAME, state,
                             metadata={"identity": json.dumps(identity), "rows_done": str(rows_done)})
 
 
@@ -234,7 +234,9 @@ def top_examples_pass(dictionary: Dictionary, store: ActivationStore, s: PassSet
     last_save = time.perf_counter()
     bar = tqdm(total=store.n_rows, initial=rows_done, unit="row", desc=f"interpret {dictionary.kind}",
                disable=not progress)
-    for start, batch in store.iter_batches(s.chunk_rows, shuffle=False, with_offsets=True):
+    # a small read buffer: the store then holds about one shard (as float32) at a time, not 256 MB
+    buffer = s.chunk_rows * store.d * 4
+    for start, batch in store.iter_batches(s.chunk_rows, shuffle=False, with_offsets=True, buffer_bytes=buffer):
         end = start + batch.shape[0]
         if end <= rows_done:
             continue
