@@ -207,7 +207,12 @@ class Explorer:
             self._metrics = {}
             for name in self.run_names:
                 r = self.runs[name]
-                m = {k: _clean(v) for k, v in reconstruction_metrics(r.dictionary, X).items()}
+                # firing statistics of a row sample are not the run's (a rare atom looks dead in 8k rows):
+                # those come from the cards, which saw the whole store
+                m = {k: _clean(v) for k, v in reconstruction_metrics(r.dictionary, X).items()
+                     if k not in ("dead_fraction", "dense_fraction")}
+                freq = np.array([_f(a.get("frequency")) for a in r.cards.atoms])
+                m["dead_fraction"] = _clean(np.mean(np.nan_to_num(freq) == 0))
                 kappas = np.array([_f((best_label(a) or {}).get("kappa")) for a in r.cards.atoms])
                 faith = np.array([_f((best_label(a) or {}).get("faithfulness")) for a in r.cards.atoms])
                 m.update({"rows_evaluated": int(n), "learner": r.dictionary.kind, "n_atoms": r.n_atoms,

@@ -149,7 +149,7 @@ function drawHeat(canvas, values, grid, scale, rgb) {
   const top = scale || Math.max(1e-12, ...values.map(Math.abs));
   const [r, g, b] = rgb || [255, 60, 0];
   values.forEach((v, p) => {
-    const a = Math.min(1, Math.abs(v) / top) * 0.75;
+    const a = Math.min(1, Math.abs(v) / top) * 0.6;
     if (a <= 0.01) return;
     ctx.fillStyle = `rgba(${r},${g},${b},${a})`;
     ctx.fillRect((p % gw) * cw, Math.floor(p / gw) * ch, cw, ch);
@@ -435,7 +435,7 @@ async function pageImage() {
   const editsBox = el("div", { id: "edits" });
   const prediction = el("div", { id: "prediction", class: "muted" }, CONFIG.live && !STATIC ? "move a slider to edit the model" : "");
   const details = el("div", { id: "intervention-details" });
-  const onlySel = el("input", { type: "checkbox", id: "only-selected" });
+  const onlySel = el("input", { type: "checkbox", id: "only-selected", checked: true });
   const heatChoice = el("select", { id: "heat-choice" }, el("option", { value: "token" }, "final-token change (cosine distance)"),
                         el("option", { value: "code" }, "code change at the layer"), el("option", { value: "none" }, "no overlay"));
   let lastResult = null;
@@ -522,16 +522,16 @@ async function pageImage() {
   onlySel.addEventListener("change", scheduleEdit);
   const byId = el("input", { type: "number", min: 0, id: "add-atom-id", placeholder: "atom id", style: "width:7em" });
   const live = CONFIG.live && !STATIC;
-  const right = el("div", { style: "flex: 1 1 420px" },
-    el("div", { class: "panel" }, listTitle, list),
+  const right = el("div", { style: "flex: 1 1 480px" },
     el("div", { class: "panel", id: "intervention" }, el("h2", {}, "Intervention"),
       live ? [el("div", { class: "controls" }, byId, el("button", { id: "add-atom", onclick: () => { const a = Number(byId.value); if (byId.value !== "" && Number.isInteger(a)) addEdit(a); } }, "add atom"),
-                el("label", {}, onlySel, " only the selected patches"), el("label", {}, "overlay ", heatChoice)),
+                el("label", {}, onlySel, " edit only the selected patches (all tokens when none is)"), el("label", {}, "overlay ", heatChoice)),
               el("p", { class: "legend" }, "Each slider clamps an atom to −10…+10 × its max observed activation at the edited tokens; the error term is kept."),
               editsBox, prediction, details]
            : el("p", { class: "muted" }, STATIC ? "This is a static export: live intervention needs the running explorer (vitatlas explore ... --model M)."
                                                 : "Start the explorer with --model (and --probe) to edit atoms live.")));
-  main.append(el("h1", {}, `Image ${id} `, el("span", { class: "muted" }, data.label ? "· " + data.label : "")), el("div", { class: "row" }, left, right));
+  main.append(el("h1", {}, `Image ${id} `, el("span", { class: "muted" }, data.label ? "· " + data.label : "")),
+              el("div", { class: "row" }, el("div", { style: "flex: 0 1 480px" }, left, el("div", { class: "panel" }, listTitle, list)), right));
   drawSelection();
   renderList();
 }
@@ -549,12 +549,12 @@ async function pageCompare() {
     el("tbody", {}, keys.map((k) => el("tr", {}, el("td", {}, k), el("td", { class: "num" }, fmt(data.metrics[data.a][k], 4)), el("td", { class: "num" }, fmt(data.metrics[data.b][k], 4))))));
   const pairs = el("table", { id: "pairs" }, el("thead", {}, el("tr", {}, ["cosine", data.a, "label / description", data.b, "label / description", "mutual"].map((h) => el("th", {}, h)))),
     el("tbody", {}, data.pairs.map((p) => el("tr", {}, el("td", { class: "num" }, fmt(p.cosine)),
-      el("td", {}, el("a", { href: url("atom.html", { run: data.a, id: p.a }) }, "#" + p.a)), el("td", {}, [p.a_label, p.a_description].filter(Boolean).join(" · ")),
-      el("td", {}, el("a", { href: url("atom.html", { run: data.b, id: p.b }) }, "#" + p.b)), el("td", {}, [p.b_label, p.b_description].filter(Boolean).join(" · ")),
+      el("td", {}, el("a", { href: url("atom.html", { run: data.a, id: p.a }) }, "#" + p.a)), el("td", {}, [...new Set([p.a_label, p.a_description].filter(Boolean))].join(" · ")),
+      el("td", {}, el("a", { href: url("atom.html", { run: data.b, id: p.b }) }, "#" + p.b)), el("td", {}, [...new Set([p.b_label, p.b_description].filter(Boolean))].join(" · ")),
       el("td", {}, p.mutual ? "yes" : "")))));
   main.append(el("h1", {}, `Compare ${data.a} and ${data.b}`),
     el("div", { class: "row" }, el("div", { class: "panel", style: "flex:1 1 420px" }, el("h2", {}, "Metrics"), metrics,
-        el("p", { class: "legend" }, `Reconstruction metrics on a fixed sample of store rows; label statistics from the atom cards. ${data.mutual_matches} atoms of ${data.a} are mutual best matches.`)),
+        el("p", { class: "legend" }, `Reconstruction metrics on a fixed sample of store rows; dead fraction and label statistics from the atom cards (whole store). ${data.mutual_matches} atoms of ${data.a} are mutual best matches.`)),
       el("div", { class: "panel hist", style: "flex:1 1 320px" }, el("h2", {}, `|cosine| of each ${data.a} atom's best ${data.b} match`), histogramSVG(data.cosine_histogram, 300, 90))),
     el("div", { class: "panel" }, el("h2", {}, "Matched atoms (most similar first)"), pairs));
 }
