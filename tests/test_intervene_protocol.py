@@ -130,6 +130,19 @@ def test_fashion_mnist_masks_are_found():
     assert set(np.unique(label_map)) <= {10, source.label(0)}
 
 
+def test_hf_dataset_mask_column(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(2)
+    pairs = [_shape_image(rng, 1 + i % 2) for i in range(4)]
+    ds = datasets.Dataset.from_dict({"image": [Image.fromarray(p[0]) for p in pairs],
+                                     "annotation": [Image.fromarray(p[1]) for p in pairs]})
+    ds = ds.cast_column("image", datasets.Image()).cast_column("annotation", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "ds"))
+    source, masks = open_data_with_masks(f"hf-disk:{tmp_path / 'ds'}")
+    assert len(masks) == len(source) == 4 and masks.class_names == ["class 0", "class 1", "class 2"]
+    assert np.array_equal(masks.label_map(1), pairs[1][1])
+
+
 def test_probe_trains_saves_and_loads(world, seg_probe, tmp_path):
     model = world["model"]
     probe = seg_probe

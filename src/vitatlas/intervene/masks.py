@@ -9,6 +9,7 @@ Sources:
     Fashion-MNIST (``embedded:fashion-mnist[...]``): exact labels — a pixel is background when it
         is 0, else the image's garment class; so a patch is background when most of its pixels are 0.
         11 classes: the 10 garments (same ids as the image labels) then ``background`` (10).
+        ``embedded:digits`` gets the same pixel masks (10 digits, then background).
     an image folder ``DIR`` laid out as ``DIR/images/...`` and a ``DIR/masks/...`` twin: the mask of
         ``images/a/b.jpg`` is ``masks/a/b.png`` (any image suffix), pixel value = class id; class names
         from ``DIR/masks/classes.txt`` (one per line, line i = id i) or ``class 0``, ``class 1``, ...
@@ -48,11 +49,14 @@ class MaskSource:
 
 
 class FashionMNISTMasks(MaskSource):
-    """Background where the pixel is 0, else the image's garment class (class id 10 = background)."""
+    """Background where the pixel is 0, else the image's class (the last class id is background).
+
+    Made for Fashion-MNIST (garment classes, id 10 = background); scikit-learn's digits (black
+    background too) get the same treatment."""
 
     def __init__(self, source: ArraySource):
         self.source, self.spec = source, source.spec + " (pixel masks)"
-        self.class_names = list(FASHION_MNIST_CLASSES) + ["background"]
+        self.class_names = list(source.class_names or FASHION_MNIST_CLASSES) + ["background"]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -61,7 +65,7 @@ class FashionMNISTMasks(MaskSource):
         pixels = np.asarray(self.source.images[i])
         if pixels.ndim == 3:
             pixels = pixels.max(axis=2)
-        return np.where(pixels == 0, len(FASHION_MNIST_CLASSES), self.source.label(i)).astype(np.uint8)
+        return np.where(pixels == 0, len(self.class_names) - 1, self.source.label(i)).astype(np.uint8)
 
 
 def _read_mask(path: Path) -> np.ndarray:
@@ -113,7 +117,7 @@ class FileMasks(MaskSource):
 class HFMasks(MaskSource):
     """The mask column of a saved Hugging Face dataset (ADE20K style: pixel value = class id)."""
 
-    def __init__(self, source: HFDiskSource, n_classes: int):
+    def __init__(self, source: HFDiskSource, limit: int | None = None):
         import datasets
 
         cols = [c for c, f in source.ds.features.items() if isinstance(f, datasets.Image) and c != source.image_col]
@@ -122,7 +126,11 @@ class HFMasks(MaskSource):
             raise VitatlasError(f"{source.spec} has no mask column (a second image column named like "
                                 f"{'/'.join(MASK_COLUMN_HINTS)}); columns: {', '.join(source.ds.features)}")
         self.source, self.column, self.spec = source, named[0], f"{source.spec}#{named[0]}"
-        self.class_names = [f"class {i}" for i in range(n_classes)]
+        top = 0  # ids seen in the masks that will be used
+        for i in range(min(len(source), limit) if limit else len(source)):
+            arr = self.label_map(i)
+            top = max(top, int(arr[arr != IGNORE].max(initial=0)))
+        self.class_names = [f"class {i}" for i in range(top + 1)]
 
     def __len__(self) -> int:
         return len(self.source)
@@ -174,10 +182,10 @@ def open_data_with_masks(data: str, masks: str | None = None, *, limit: int | No
                                 f"has {len(source)} images: give every image one mask, in the same sorted order")
         names = _class_names_file(root, 0) if (root / "classes.txt").is_file() else None
         return source, FileMasks(str(root), files, names, limit)
-    if isinstance(source, ArraySource) and source.spec.startswith("embedded:fashion-mnist"):
+    if isinstance(source, ArraySource) and source.spec.startswith(("embedded:fashion-mnist", "embedded:digits")):
         return source, FashionMNISTMasks(source)
     if isinstance(source, HFDiskSource):
-        return source, HFMasks(source, n_classes=IGNORE)
+        return source, HFMasks(source, limit)
     raise VitatlasError(f"{data} has no patch labels: use embedded:fashion-mnist, a folder with images/ and masks/ "
                         "sub-folders, a saved Hugging Face dataset with a mask column, or pass --masks DIR")
 

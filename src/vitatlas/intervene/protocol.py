@@ -268,6 +268,7 @@ def segmentation_protocol(model: VisionModel, runs: dict[str, Dictionary], probe
             h = hidden[torch.from_numpy(sub)]
             mask = torch.zeros(h.shape[0], h.shape[1], dtype=torch.bool)
             mask[:, prefix:] = torch.from_numpy(plabels[sub] == c)
+            mask = mask.to(h.device)
             # "before" on exactly this sub-batch, so an edit that changes nothing changes no prediction
             pred_before = probe.predict(model.forward_from(layer, h)).cpu().numpy()
             labelled = plabels[sub] == c
@@ -442,7 +443,7 @@ def classification_protocol(model: VisionModel, runs: dict[str, Dictionary], pro
     # 2. held out: ablate on all tokens, read the CLS probe
     for batch in image_batches(model, source, held_ids, batch_size=batch_size):
         hidden = model.residual_streams(batch.pixels, [layer])[layer]
-        mask = torch.ones(hidden.shape[:2], dtype=torch.bool)
+        mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         p_before = probe.predict_proba(model.forward_from(layer, hidden)).cpu().numpy()
         pred_before = p_before.argmax(1)
         codes = {name: d._encode(hidden[mask].to(d.device, d.dtype)) for name, d in runs.items()}
