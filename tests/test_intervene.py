@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _tiny import save_tiny_dinov2
 from PIL import Image
 
 import vitatlas
-from _tiny import save_tiny_dinov2
 from vitatlas.errors import VitatlasError
 from vitatlas.intervene import Edit, intervene, intervention
 from vitatlas.intervene.core import edit_hidden, token_mask
@@ -215,7 +215,8 @@ def test_atom_out_of_range(tiny, dictionaries):
     with pytest.raises(VitatlasError, match="atom 24 is out of range"):
         intervene(model, dictionaries["dbksvd"], _images(1), edits=[Edit(24, "ablate")])
     with pytest.raises(VitatlasError, match="out of range"):
-        intervene(model, dictionaries["dbksvd"], _images(1), edits=[{"atom": -1, "value": 0}], max_activations=np.ones(24))
+        intervene(model, dictionaries["dbksvd"], _images(1), edits=[{"atom": -1, "value": 0}],
+                  max_activations=np.ones(24))
 
 
 def test_layer_the_dictionary_was_not_fitted_on(tiny, dictionaries):

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from _tiny import save_tiny_dinov2
 from click.testing import CliRunner
 from PIL import Image
 
 import vitatlas
-from _tiny import save_tiny_dinov2
 from vitatlas.arrays import SparseCodes
 from vitatlas.cli import main
 from vitatlas.data.sources import ArraySource, fashion_mnist_available, open_source
@@ -19,7 +19,7 @@ from vitatlas.errors import VitatlasError
 from vitatlas.intervene.heads import LinearProbe, model_identity
 from vitatlas.intervene.masks import FashionMNISTMasks, open_data_with_masks, patch_labels
 from vitatlas.intervene.probes import train_probe
-from vitatlas.intervene.protocol import (best_features, classification_protocol, segmentation_protocol)
+from vitatlas.intervene.protocol import best_features, classification_protocol, segmentation_protocol
 from vitatlas.models import load
 
 LAYER = 1
@@ -57,7 +57,9 @@ def world(tmp_path_factory):
     pixels = model.preprocess([source.load(i) for i in range(len(source))])
     X = model.residual_streams(pixels, [LAYER])[LAYER][:, 1:].reshape(-1, model.width).numpy()
     runs = {}
-    for name, d in (("ksvd", vitatlas.DBKSVD(n_atoms=24, k=3)), ("sae", vitatlas.SAE(kind="topk", n_latents=24, k=3, epochs=2, batch_size=128))):
+    learners = (("ksvd", vitatlas.DBKSVD(n_atoms=24, k=3)),
+                ("sae", vitatlas.SAE(kind="topk", n_latents=24, k=3, epochs=2, batch_size=128)))
+    for name, d in learners:
         d.fit(X, progress=False)
         d.fit_info = {"source": "store", "model": model.name, "layer": LAYER}
         d.save(root / name)
@@ -85,7 +87,7 @@ def test_f1_choice_matches_a_slow_reference():
     dense = np.where(rng.random((n, n_atoms)) < 0.2, rng.normal(size=(n, n_atoms)), 0.0).astype(np.float32)
     labels = rng.integers(-1, n_classes, size=n)
     dense[labels == 2, 5] = np.abs(dense[labels == 2, 5]) + 1.0  # atom 5 (+) marks class 2
-    codes = [SparseCodes.from_dense(torch.from_numpy(dense[:200])), SparseCodes.from_dense(torch.from_numpy(dense[200:]))]
+    codes = [SparseCodes.from_dense(torch.from_numpy(part)) for part in (dense[:200], dense[200:])]
     max_pos, max_neg = np.maximum(dense.max(0), 0), np.maximum(-dense.min(0), 0)
     got = best_features(codes, labels, max_pos, max_neg, n_classes)
     for c in range(n_classes):
@@ -262,4 +264,5 @@ def test_cli_bad_inputs_are_one_line_errors(world, seg_probe, tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", "vitatlas", *base, "--probe", str(tmp_path / "probe"),
                            "--strength", "nan"], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -19,7 +19,8 @@ def probe() -> None:
 @click.option("--masks", default=None, type=click.Path(), help="Mask folder matched to the images in sorted order.")
 @click.option("--limit", type=int, default=None, help="Use the first N images (train + held out).")
 @click.option("--held-out", type=float, default=0.2, show_default=True, help="Fraction of images held out for scoring.")
-@click.option("--max-rows", type=int, default=200_000, show_default=True, help="Patch rows used for the fit (subsampled).")
+@click.option("--max-rows", type=int, default=200_000, show_default=True,
+              help="Patch rows used for the fit (subsampled).")
 @click.option("--l2", type=float, default=1e-4, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)

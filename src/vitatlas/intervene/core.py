@@ -14,9 +14,10 @@ an earlier layer, the wrapped transformers module itself) is edited.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,7 +149,8 @@ def _dense_codes(mask: torch.Tensor, rows: torch.Tensor, n_atoms: int) -> torch.
 
 def _check_dictionary(dictionary: Any) -> None:
     if not isinstance(dictionary, Dictionary):
-        raise VitatlasError(f"dictionary must be a vitatlas Dictionary (vitatlas.load(run_dir)), got {type(dictionary).__name__}")
+        raise VitatlasError("dictionary must be a vitatlas Dictionary (vitatlas.load(run_dir)), "
+                            f"got {type(dictionary).__name__}")
     dictionary._check_fitted()
 
 

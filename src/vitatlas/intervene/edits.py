@@ -19,8 +19,9 @@ Operations on atom a (value v; ``relative=True`` multiplies v by the atom's max 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,8 @@ def as_edits(edits: Edit | dict | Iterable[Edit | dict]) -> list[Edit]:
                 raise VitatlasError(f"an edit dict needs 'atom' and may have 'op', 'value', 'relative'; got {e}")
             out.append(Edit(**e))
         else:
-            raise VitatlasError(f"an edit must be an Edit or a dict like {{'atom': 3, 'value': 0}}, got {type(e).__name__}")
+            raise VitatlasError("an edit must be an Edit or a dict like {'atom': 3, 'value': 0}, "
+                                f"got {type(e).__name__}")
     return out
 
 
@@ -83,7 +85,8 @@ def check_edits(edits: Sequence[Edit], n_atoms: int, max_activations: torch.Tens
     """One-line errors for atoms out of range and relative edits without max activations."""
     for e in edits:
         if not 0 <= e.atom < n_atoms:
-            raise VitatlasError(f"atom {e.atom} is out of range: this dictionary has {n_atoms} atoms (0..{n_atoms - 1})")
+            raise VitatlasError(f"atom {e.atom} is out of range: this dictionary has {n_atoms} atoms "
+                                f"(0..{n_atoms - 1})")
     if max_activations is None and any(e.needs_max for e in edits):
         raise VitatlasError("relative edit values need each atom's max observed activation: pass max_activations "
                             "(from AtomCards, or vitatlas.intervene.maxact.max_activations(dictionary, store)) "

@@ -68,7 +68,7 @@ class LinearProbe:
     # ---- fitting ---------------------------------------------------------------------------------
     @classmethod
     def fit(cls, X: torch.Tensor, y: torch.Tensor, *, task: str, class_names: list[str], model: dict,
-            l2: float = 1e-4, max_iter: int = 200) -> "LinearProbe":
+            l2: float = 1e-4, max_iter: int = 200) -> LinearProbe:
         """Fit on features X (n, d) and labels y (n,) in 0..C-1 (negative labels are ignored)."""
         check_task(task)
         X = torch.as_tensor(X, dtype=torch.float32)
@@ -146,7 +146,7 @@ class LinearProbe:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "LinearProbe":
+    def load(cls, path: str | Path) -> LinearProbe:
         path = Path(path)
         if path.is_file():
             path = path.parent

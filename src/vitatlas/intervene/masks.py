@@ -26,8 +26,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.sources import (FASHION_MNIST_CLASSES, IMAGE_SUFFIXES, ArraySource, FolderSource, HFDiskSource,
-                            ImageSource, UnreadableImage, open_source)
+from ..data.sources import (
+    FASHION_MNIST_CLASSES,
+    IMAGE_SUFFIXES,
+    ArraySource,
+    HFDiskSource,
+    ImageSource,
+    UnreadableImage,
+    open_source,
+)
 from ..errors import VitatlasError
 from ..models.base import VisionModel
 

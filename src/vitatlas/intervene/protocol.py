@@ -30,8 +30,8 @@ changed. Controls: as many random atoms ablated, the ablation's Δ along a rando
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -46,8 +46,8 @@ from .collect import image_batches, split_ids
 from .core import edit_hidden, resolve_layer
 from .edits import Edit
 from .heads import LinearProbe
-from .maxact import RunningExtremes
 from .masks import MaskSource, check_same_length
+from .maxact import RunningExtremes
 
 CONTROLS = ("noop", "random_atom", "random_direction")
 RESERVED = ("setup",) + CONTROLS

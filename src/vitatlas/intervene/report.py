@@ -66,7 +66,8 @@ def markdown(result: dict) -> str:
                 "of the held-out images (top 1, 5, 20). target = images of class c, other = the rest; change rate = "
                 "fraction whose probe prediction changed; drops are before − after.", "",
                 f"Probe: held-out accuracy {_fmt(s['probe_metrics'].get('accuracy'))}.", ""]
-    head = "| condition | target change rate | other change rate | target (mean ± std over classes) | other (mean ± std) |"
+    head = ("| condition | target change rate | other change rate | target (mean ± std over classes) "
+            "| other (mean ± std) |")
     extra = " P(c) drop target | P(c) drop other | acc drop target | acc drop other |" if not seg else ""
     out += [head + extra, "|---|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if not seg else "")]
     for key, c in condition_rows(result):
@@ -80,7 +81,8 @@ def markdown(result: dict) -> str:
     out += ["", "## Per class", ""]
     runs = [k for k, c in condition_rows(result) if c.get("kind") == "atom" and "@" not in k]
     for key in runs + [k for k in ("random_atom", "random_direction") if k in result]:
-        out += [f"### {key}", "", "| class | target | other | n target | n other | atom | F1 |", "|---|---:|---:|---:|---:|---:|---:|"]
+        out += [f"### {key}", "", "| class | target | other | n target | n other | atom | F1 |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
         for cls, v in result[key]["per_class"].items():
             atom = v.get("atom", "–") if "atom" in v else ",".join(map(str, v.get("atoms", []))) or "–"
             if "sign" in v and v.get("sign", 1) < 0:
