@@ -170,10 +170,14 @@ def test_most_specific_atoms(fitted, tmp_path):
     assert res.exception is None, res.output
     cards = AtomCards.load(tmp_path / "c")
     best = most_specific_atoms(tmp_path / "c", n=4)
-    scored = [(a["labels"][0]["specificity"], a["id"]) for a in cards.atoms
-              if a["labels"] and a["labels"][0]["specificity"] is not None]
-    want = [i for _, i in sorted(scored, key=lambda t: (-t[0], t[1]))[:4]]
-    assert [b["atom"] for b in best] == want
+    scored = [(a["labels"][0]["specificity"], a["labels"][0]["faithfulness"] or 0.0, a["id"], a["labels"][0]["label"])
+              for a in cards.atoms if a["labels"] and a["labels"][0]["specificity"] is not None]
+    ranked = sorted(scored, key=lambda t: (-t[0], -t[1], t[2]))
+    assert [b["atom"] for b in best] == [t[2] for t in ranked[:4]]
+    one_each = most_specific_atoms(tmp_path / "c", n=12, per_label=1)
+    labels = [b["label"] for b in one_each]
+    assert len(labels) == len(set(labels)) == len({t[3] for t in ranked})
+    assert [b["atom"] for b in one_each][0] == ranked[0][2]
     assert all(b["card"].startswith("cards/atom-") for b in best)
     md = specific_atoms_markdown(tmp_path / "c", n=4, link_prefix="../c/")
-    assert md.count("\n|") >= len(want) and "../c/cards/atom-" in md
+    assert md.count("\n|") >= len(best) and "../c/cards/atom-" in md
