@@ -103,6 +103,8 @@ def plot_rates(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [(k, c) for k, c in condition_rows(result) if "@" not in k]
+    keys = {k for k, _ in rows}  # with several runs the plain control keys repeat the first run's
+    rows = [(k, c) for k, c in rows if not any(f"{r}/{k}" in keys for r in result["setup"].get("runs", {}))]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 3.6))
     x = np.arange(len(rows))
     t = [c["target_change_rate"] or 0 for _, c in rows]
@@ -112,7 +114,7 @@ def plot_rates(result: dict, path: Path) -> None:
     ax.bar(x - 0.2, t, 0.4, yerr=ts, label="target", color="#c0392b", capsize=3)
     ax.bar(x + 0.2, o, 0.4, yerr=os_, label="other", color="#7f8c8d", capsize=3)
     ax.set_xticks(x, [k for k, _ in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("change rate (pooled; bars ± std over classes)")
+    ax.set_ylabel("change rate (pooled, ± std\nover classes)")
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title(f"{result['setup']['task']}: target vs other change rate")
