@@ -85,6 +85,7 @@ def render_all(cards, out: Path, *, progress: bool = True, reuse: bool = False) 
     sides = [("", False)] + ([("neg_", True)] if meta.get("signed") else [])
     arrays = {prefix: {k: cards.tensors[prefix + k].numpy() for k in ("image_ids", "values", "patch_values")
                        if prefix + k in cards.tensors} for prefix, _ in sides}
+
     def render_atom(a: int) -> None:
         for prefix, negative in sides:
             arr = arrays[prefix]
