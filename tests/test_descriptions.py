@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _tiny import save_tiny_dinov2
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -25,8 +26,6 @@ from vitatlas.errors import VitatlasError
 from vitatlas.interpret.descriptions import MIN_TERM_IMAGES, PRIOR_STRENGTH, describe_atoms
 from vitatlas.interpret.text import CaptionCorpus, caption_terms, log_odds_z, sentence_model_dir
 from vitatlas.interpret.vocabulary import DEFAULT_VOCABULARY, PROMPT, load_vocabulary, prompts
-
-from _tiny import save_tiny_dinov2
 
 HAS_MINILM = sentence_model_dir() is not None
 FILLERS = ["today", "outside", "again", "maybe", "later", "somewhere"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from _tiny import save_tiny_dinov2
 from click.testing import CliRunner
 from PIL import Image
 from sklearn.metrics import roc_auc_score
@@ -25,8 +26,6 @@ from vitatlas.errors import VitatlasError
 from vitatlas.interpret.descriptions import describe_atoms
 from vitatlas.interpret.vocabulary import prompts
 from vitatlas.models import load
-
-from _tiny import save_tiny_dinov2
 
 VISION = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, image_size=28,
               patch_size=14)
@@ -196,7 +195,7 @@ def test_text_descriptions_are_the_nearest_phrases(saved, described):
     assert any(d["evidence"]["side"] == "negative" for d in checked)  # OMP codes are signed
     # specificity: one over the number of atoms that got the same text
     texts = [{d["text"] for d in descs if d["kind"] == "text"} for descs in result]
-    for a, descs in enumerate(result):
+    for descs in result:
         for d in (d for d in descs if d["kind"] == "text"):
             assert d["specificity"] == pytest.approx(1 / sum(d["text"] in t for t in texts))
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -187,7 +187,8 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Seq
                         index = np.concatenate([p[1] for p in parts])
                         labels = np.concatenate([p[2] for p in parts])
                     else:  # every image of the shard was unreadable
-                        acts, index, labels = (np.zeros((0, int(writer.manifest["d"])), np.float32), np.zeros((0, 2), np.int32),
+                        d_store = int(writer.manifest["d"])
+                        acts, index, labels = (np.zeros((0, d_store), np.float32), np.zeros((0, 2), np.int32),
                                                np.zeros(0, np.int64))
                     writer.manifest["n_skipped"] = n_skipped
                     writer.write_shard(acts, index, labels if source.has_labels else None, n_images=shard_images)

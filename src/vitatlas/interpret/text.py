@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp

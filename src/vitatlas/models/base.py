@@ -18,7 +18,7 @@ one-line error rather than pass off a CLS vector as a joint-space embedding.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
