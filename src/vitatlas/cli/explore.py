@@ -20,7 +20,7 @@ import click
 @click.option("--open", "open_browser", is_flag=True, help="Open the explorer in the default browser.")
 @click.option("--export", "export_dir", default=None, type=click.Path(),
               help="Write a static site (everything but the live intervention) to this folder and exit.")
-@click.option("--export-images", default=2000, show_default=True, type=click.IntRange(0),
+@click.option("--export-images", default=500, show_default=True, type=click.IntRange(0),
               help="Static export: image pages for at most this many images (those in the most top lists).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")

@@ -18,7 +18,7 @@ from ..data.store import ActivationStore
 from ..dictionary import Dictionary, load
 from ..errors import VitatlasError
 from .cards import CardSet, best_description, best_label
-from .image_view import ImageIndex, image_atoms
+from .image_view import ImageIndex, image_atoms, iter_image_atoms
 from .images import ImageCache
 from .matching import best_matches, matched_pairs
 from .table import AtomTable, Query
@@ -150,7 +150,15 @@ class Explorer:
     def image(self, run: str | None, image_id: int) -> dict:
         """The image page: patch grid and the atoms active on each token, for one run."""
         r = self.run(run)
-        data = image_atoms(self.images, r.dictionary, image_id)
+        return self._image_page(r, image_id, image_atoms(self.images, r.dictionary, image_id))
+
+    def image_pages(self, run: str | None, image_ids):
+        """(image id, ``image`` page) for many images, encoded in batches (the static export)."""
+        r = self.run(run)
+        for image_id, data in iter_image_atoms(self.images, r.dictionary, image_ids):
+            yield image_id, self._image_page(r, image_id, data)
+
+    def _image_page(self, r: Run, image_id: int, data: dict) -> dict:
         labels = {}
         for a, _ in data["top_atoms"]:
             lab = best_label(r.cards.atoms[a])

@@ -12,7 +12,6 @@ Files are written atomically; re-exporting into the same folder replaces them.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +23,21 @@ from .explorer import Explorer
 from .server import PAGES, STATIC, asset, config_js, json_safe
 from .table import Query
 
-DEFAULT_MAX_IMAGES = 2000
+DEFAULT_MAX_IMAGES = 500
+MAX_PNGS = 20_000
+
+
+def _compact_atom(atom: dict) -> dict:
+    """The atom page's data, smaller: heatmaps as integer percent of their maximum (the page only draws
+    them as alpha), and no card PNG names (the exported pages draw the same heatmaps themselves)."""
+    out = {**atom, "files": {}}
+    for key in ("heatmaps", "negative_heatmaps"):
+        maps = atom.get(key)
+        if maps:
+            scale = max((abs(v) for m in maps for v in m), default=0.0) or 1.0
+            out[key] = [[int(round(100 * v / scale)) for v in m] for m in maps]
+            out[key + "_scale"] = scale
+    return out
 
 
 def _data_file(out: Path, key: str, obj) -> None:
@@ -36,7 +49,11 @@ def _data_file(out: Path, key: str, obj) -> None:
 
 def export_site(explorer: Explorer, out: str | Path, *, max_images: int = DEFAULT_MAX_IMAGES,
                 progress: bool = True) -> Path:
-    """Write the static site for ``explorer`` into ``out``; returns the path of its index.html."""
+    """Write the static site for ``explorer`` into ``out``; returns the path of its index.html.
+
+    Every atom page is exported, with the PNGs of the images in the atoms' top lists (the first
+    20,000 by how often they appear); image pages for the ``max_images`` most frequent of those.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VitatlasError(f"--export {out} is a file: pass a directory")
@@ -59,27 +76,24 @@ def export_site(explorer: Explorer, out: str | Path, *, max_images: int = DEFAUL
         _data_file(out, f"table-{name}", {"run": name, "rows": rows})
         for a in range(run.n_atoms):
             atom = explorer.atom(name, a)
-            _data_file(out, f"atom-{name}-{a}", atom)
+            _data_file(out, f"atom-{name}-{a}", _compact_atom(atom))
             for t in atom["card"].get("top_images") or []:
                 counts[int(t["image"])] += 1
             bar.update(1)
-        cards_dir = out / "cards" / name
-        for a in range(run.n_atoms):
-            for fname in run.cards.card_files(a).values():
-                src = run.cards.file("cards", fname)
-                if src is not None:
-                    cards_dir.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, cards_dir / fname)
     bar.close()
     if len(explorer.run_names) >= 2:
         _data_file(out, "compare", explorer.compare())
 
-    images = [i for i, _ in counts.most_common() if i in explorer.images][:max_images]
+    images = [i for i, _ in counts.most_common() if i in explorer.images][:MAX_PNGS]
     for image_id in tqdm(images, desc="export images", unit="image", disable=not progress):
         try:
             atomic_write_bytes(out / "images" / f"{image_id}.png", explorer.image_png(image_id))
         except VitatlasError:
-            continue  # the source moved: the pages show the statistics without the picture
-        for name in explorer.run_names:
-            _data_file(out, f"image-{name}-{image_id}", explorer.image(name, image_id))
+            pass  # the source moved: the pages show the statistics without the picture
+    images = images[:max_images]
+    for name in explorer.run_names:
+        pages = explorer.image_pages(name, images)
+        for image_id, page in tqdm(pages, total=len(images), desc=f"export image pages ({name})", unit="image",
+                                   disable=not progress):
+            _data_file(out, f"image-{name}-{image_id}", page)
     return out / "index.html"

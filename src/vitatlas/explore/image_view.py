@@ -71,7 +71,6 @@ class ImageIndex:
         return names[lab] if names and lab < len(names) else str(lab)
 
 
-@torch.no_grad()
 def image_atoms(index: ImageIndex, dictionary: Dictionary, image_id: int, *, per_token: int = 16,
                 top_image: int = 32) -> dict:
     """The image page's data for one run: per token its active atoms, and the image's top atoms.
@@ -80,14 +79,37 @@ def image_atoms(index: ImageIndex, dictionary: Dictionary, image_id: int, *, per
     "top_atoms": [[atom, max value over the image's tokens], ...]}; values are the dictionary's codes
     for the stored activations (by |value|, largest first).
     """
-    rows, positions = index.rows_of(image_id)
-    codes = dictionary.encode(index.store.rows(rows))  # (T, A) float32, numpy
-    codes = np.asarray(codes, dtype=np.float32)
+    return next(iter_image_atoms(index, dictionary, [image_id], per_token=per_token, top_image=top_image))[1]
+
+
+@torch.no_grad()
+def iter_image_atoms(index: ImageIndex, dictionary: Dictionary, image_ids, *, per_token: int = 16,
+                     top_image: int = 32, rows_per_call: int = 16384):
+    """(image id, ``image_atoms`` dict) for many images, encoding about ``rows_per_call`` rows at a time
+    (one dictionary call per batch of images instead of one per image: the static export's hot loop)."""
+    image_ids = list(image_ids)
+    start = 0
+    while start < len(image_ids):
+        batch, rows, positions = [], [], []
+        while start < len(image_ids) and (not batch or sum(r.size for r in rows) < rows_per_call):
+            r, p = index.rows_of(int(image_ids[start]))
+            batch.append(int(image_ids[start]))
+            rows.append(r)
+            positions.append(p)
+            start += 1
+        codes = np.asarray(dictionary.encode(index.store.rows(np.concatenate(rows))), dtype=np.float32)
+        offset = 0
+        for image_id, r, p in zip(batch, rows, positions):
+            yield image_id, _summarise(codes[offset:offset + r.size], p, index.n_prefix, per_token, top_image)
+            offset += r.size
+
+
+def _summarise(codes: np.ndarray, positions: np.ndarray, n_prefix: int, per_token: int, top_image: int) -> dict:
     tokens = []
     for t, pos in enumerate(positions):
         nz = np.flatnonzero(codes[t])
         order = nz[np.argsort(-np.abs(codes[t, nz]), kind="stable")][:per_token]
-        patch = int(pos - index.n_prefix) if pos >= index.n_prefix else None
+        patch = int(pos - n_prefix) if pos >= n_prefix else None
         tokens.append({"position": int(pos), "patch": patch,
                        "atoms": [[int(a), round(float(codes[t, a]), 4)] for a in order]})
     peak = np.abs(codes).max(axis=0)

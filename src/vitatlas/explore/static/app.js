@@ -288,7 +288,10 @@ async function pageAtom() {
   const grid = data.patch_grid;
   const heatToggle = el("input", { type: "checkbox", id: "heat-toggle", checked: true });
   const tiles = el("div", { class: "tiles", id: "top-images" });
-  const heats = data.heatmaps || [];
+  // a static export stores heatmaps as integer percent of heatmaps_scale
+  const unpack = (maps, scale) => (maps && scale ? maps.map((m) => m.map((q) => (q * scale) / 100)) : maps);
+  const heats = unpack(data.heatmaps, data.heatmaps_scale) || [];
+  const negHeats = unpack(data.negative_heatmaps, data.negative_heatmaps_scale);
   const scale = Math.max(1e-12, ...heats.flat().map(Math.abs));
   (card.top_images || []).forEach((t, j) => {
     const tl = tile(run, t.image, t.value, heats[j], grid, true);
@@ -331,7 +334,7 @@ async function pageAtom() {
     el("div", { class: "panel" }, el("h2", {}, "Top images ", el("label", { class: "small muted" }, heatToggle, " heatmaps")), tiles,
        el("p", { class: "legend" }, "Overlay: the atom's activation on each patch, as a fraction of its largest value over these images. Click an image to open it.")),
     data.negative_heatmaps && card.negative ? el("div", { class: "panel" }, el("h2", {}, "Negative side (most negative codes)"),
-      el("div", { class: "tiles" }, (card.negative.top_images || []).map((t, j) => tile(run, t.image, t.value, data.negative_heatmaps[j], grid, true)))) : "",
+      el("div", { class: "tiles" }, (card.negative.top_images || []).map((t, j) => tile(run, t.image, t.value, negHeats[j], grid, true)))) : "",
     el("div", { class: "panel" }, el("h2", {}, "Top patches"), crops.children.length ? crops : el("p", { class: "muted" }, "no patch data (a CLS or embedding store)")),
     (data.files && data.files.card) ? el("div", { class: "panel" }, el("h2", {}, "Card"), el("img", { src: `cards/${run}/${data.files.card}`, alt: "atom card", style: "max-width:100%" }),
       data.files.patches ? el("img", { src: `cards/${run}/${data.files.patches}`, alt: "patch card", style: "max-width:100%" }) : "") : "");
