@@ -300,3 +300,29 @@ def test_open_refuses_mismatched_inputs(world, tmp_path):
         Explorer.open(world.runs[:1], world.store_path, cards=world.cards[:1], probe=world.probe, progress=False)
     with pytest.raises(VitatlasError, match="no atom cards"):
         Explorer.open(world.runs[:1], world.store_path, cards=[tmp_path / "missing"], progress=False)
+
+
+def test_intervene_with_a_segmentation_probe_answers_patch_maps(world, tmp_path):
+    import torch
+
+    from vitatlas.intervene.heads import LinearProbe, model_identity
+
+    model = world.model
+    explorer = Explorer.open(world.runs[:1], world.store_path, cards=world.cards[:1], model=world.model_spec,
+                             progress=False)
+    images = [explorer.image_cache.pil(int(i)) for i in explorer.images.image_ids[:8]]
+    with torch.no_grad():
+        final = model.forward_from(1, model.residual_streams(model.preprocess(images), [1])[1])
+    feats = final[:, 1:].reshape(-1, final.shape[-1])
+    labels = (feats[:, 0] > feats[:, 0].median()).long()  # any two-class patch labelling will do
+    probe = LinearProbe.fit(feats, labels, task="segmentation", class_names=["low", "high"],
+                            model=model_identity(model)).save(tmp_path / "seg")
+    explorer = Explorer.open(world.runs[:1], world.store_path, cards=world.cards[:1], model=world.model_spec,
+                             probe=probe, progress=False)
+    client = TestClient(create_app(explorer), raise_server_exceptions=False)
+    out = client.post("/api/intervene", json={"image": first_image(explorer), "edits": [{"atom": 0, "value": 10}]})
+    assert out.status_code == 200, out.text[:300]
+    pred = out.json()["prediction"]
+    assert pred["task"] == "segmentation" and len(pred["before_map"]) == len(pred["after_map"]) == 16
+    changed = sum(b != a for b, a in zip(pred["before_map"], pred["after_map"]))
+    assert pred["changed_patches"] == changed and set(pred["before_map"]) <= {0, 1}

@@ -74,6 +74,14 @@ def test_export_writes_a_static_site(world, tmp_path, monkeypatch, capsys):
         assert (site / name).is_file(), name
     assert '"mode": "static"' in (site / "static/config.js").read_text()
     assert list((site / "images").glob("*.png")) and list((site / "data").glob("image-ksvd-*.js"))
+    # heatmaps are stored as integer percent of their maximum: within half a percent of the live values
+    text = (site / "data/atom-ksvd-3.js").read_text()
+    exported = json.loads(text[text.index(",") + 1:text.rindex(")")])
+    live = Explorer.open(world.runs, world.store_path, cards=world.cards, progress=False).atom("ksvd", 3)["heatmaps"]
+    scale = exported["heatmaps_scale"]
+    for q_row, row in zip(exported["heatmaps"], live, strict=True):
+        for q, v in zip(q_row, row, strict=True):
+            assert abs(q * scale / 100 - v) <= scale / 200 + 1e-9
 
 
 @pytest.mark.parametrize("extra,message", [
