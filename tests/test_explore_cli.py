@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from _tiny import save_tiny_dinov2
 from test_explore_fixtures import tiny_world
 
 from vitatlas.explore import Explorer
@@ -89,10 +90,14 @@ def test_export_writes_a_static_site(world, tmp_path, monkeypatch, capsys):
     (["--cards", "CARDS0"], "one per run"),
     (["--acts", "/no/such/store"], "no activation store"),
     (["--model", "nonsense:model", "--cards", "CARDS0", "--cards", "CARDS1"], "unknown model"),
+    (["--model", "OTHER_MODEL", "--cards", "CARDS0", "--cards", "CARDS1"], "is not the model of store"),
 ])
-def test_bad_arguments_are_one_error_line(world, extra, message, monkeypatch, capsys):
-    extra = [{"PROBE": str(world.probe), "CARDS0": str(world.cards[0]), "CARDS1": str(world.cards[1])}.get(e, e)
-             for e in extra]
+def test_bad_arguments_are_one_error_line(world, extra, message, monkeypatch, capsys, tmp_path):
+    names = {"PROBE": str(world.probe), "CARDS0": str(world.cards[0]), "CARDS1": str(world.cards[1])}
+    if "OTHER_MODEL" in extra:  # a second random ViT: same shapes, another model
+        names["OTHER_MODEL"] = f"hf:{save_tiny_dinov2(tmp_path / 'other', seed=1)}"
+        capsys.readouterr()  # transformers' "Writing model shards" bar is not the command's output
+    extra = [names.get(e, e) for e in extra]
     acts = [] if "--acts" in extra else ["--acts", str(world.store_path)]
     code, _, err = vitatlas_cli(monkeypatch, capsys, "explore", *world.runs, *acts, *extra, "--no-progress")
     assert code == 2, (code, err[-2000:])

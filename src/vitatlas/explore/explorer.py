@@ -108,7 +108,12 @@ class Explorer:
                 from ..intervene.heads import LinearProbe
 
                 head = LinearProbe.load(probe)
-            live = LiveIntervention(load_model(model, device=device), head)
+            vision_model = load_model(model, device=device)
+            stored = (store.model or {}).get("name")
+            if stored and stored != vision_model.name:
+                raise VitatlasError(f"--model {model} is not the model of store {store.path} ({stored}): pass "
+                                    f"--model {stored}")
+            live = LiveIntervention(vision_model, head)
         return cls(runs, store, live=live)
 
     # ---- pages ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Files are written atomically; re-exporting into the same folder replaces them.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def _data_file(out: Path, key: str, obj) -> None:
     payload = json.dumps(json_safe(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     # "</" cannot end a script element inside a JSON string once escaped
     payload = payload.replace("</", "<\\/")
-    atomic_write_bytes(out / "data" / f"{key}.js", f"vitatlasData({json.dumps(key)}, {payload});\n".encode())
+    # the file name is the key with the characters the page's loader also replaces (app.js loadStatic)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+    atomic_write_bytes(out / "data" / f"{name}.js", f"vitatlasData({json.dumps(key)}, {payload});\n".encode())
 
 
 def export_site(explorer: Explorer, out: str | Path, *, max_images: int = DEFAULT_MAX_IMAGES,
