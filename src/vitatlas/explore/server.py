@@ -144,9 +144,11 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
         if explorer.live is None:
             raise v.ApiError(409, "live intervention is off: start the explorer with --model "
                                   "(and --probe for predictions)")
-        raw = await request.body()
-        if len(raw) > v.MAX_BODY:
-            raise v.ApiError(413, f"request body too large ({len(raw)} bytes; at most {v.MAX_BODY})")
+        raw = b""
+        async for chunk in request.stream():  # read at most MAX_BODY bytes, whatever Content-Length claims
+            raw += chunk
+            if len(raw) > v.MAX_BODY:
+                raise v.ApiError(413, f"request body too large (more than {v.MAX_BODY} bytes)")
         try:
             body = json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
