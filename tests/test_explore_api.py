@@ -171,6 +171,7 @@ def test_intervene_moves_the_prediction(client, explorer):
     out = big.json()
     assert out["prediction"]["task"] == "classification" and len(out["token_change"]["patches"]) == 16
     assert out["token_change"]["max"] > 0 and out["code_change"]["atoms"][0]["atom"] == 0
+    assert out["code_change"]["edited_tokens"] == 16  # a patch store's dictionary edits the 16 patch tokens
     before = [c["before"] for c in out["prediction"]["classes"]]
     after = [c["after"] for c in out["prediction"]["classes"]]
     assert before != after
@@ -179,7 +180,7 @@ def test_intervene_moves_the_prediction(client, explorer):
 
     run = explorer.runs["ksvd"]
     direct = intervene(explorer.live.model, run.dictionary, [explorer.image_cache.pil(image)],
-                       edits=[{"atom": 0, "value": 10.0}], max_activations=run.cards.max_activations,
+                       edits=[{"atom": 0, "value": 10.0}], tokens="patches", max_activations=run.cards.max_activations,
                        head=explorer.live.probe)
     probs = direct.after_probs[0].numpy()
     for c in out["prediction"]["classes"]:

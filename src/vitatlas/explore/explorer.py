@@ -180,7 +180,12 @@ class Explorer:
         r = self.run(run)
         image = self.image_cache.pil(image_id)
         return {"run": r.name, "image": image_id, "edits": edits,
-                **self.live.run(r.dictionary, image, edits, r.cards.max_activations, patches)}
+                **self.live.run(r.dictionary, image, edits, r.cards.max_activations, patches, tokens=self.edit_tokens)}
+
+    @property
+    def edit_tokens(self) -> str:
+        """The tokens a live edit changes when no patch is selected: those the store (and so the runs) hold."""
+        return self.store.tokens if self.store.tokens in ("cls", "patches", "all") else "all"
 
     def compare(self, a: str | None = None, b: str | None = None, limit: int = 200) -> dict:
         """Two runs side by side: metrics on a fixed row sample, card statistics, matched atoms."""

@@ -40,8 +40,12 @@ class LiveIntervention:
 
     @torch.no_grad()
     def run(self, dictionary: Dictionary, image, edits: list[dict], max_activations: np.ndarray,
-            patches: list[int] | None = None) -> dict:
-        """Apply ``edits`` to one PIL ``image`` and describe the effect (see the module docstring)."""
+            patches: list[int] | None = None, tokens: str = "all") -> dict:
+        """Apply ``edits`` to one PIL ``image`` and describe the effect (see the module docstring).
+
+        ``tokens`` are the tokens edited when no ``patches`` are given: the kind the dictionary was
+        fitted on (a CLS dictionary edits the CLS token, a patch dictionary the patch tokens).
+        """
         from ..intervene.core import intervene
 
         prefix = int(self.model.n_prefix_tokens)
@@ -54,7 +58,7 @@ class LiveIntervention:
             patch_mask[patches] = True
         start = time.perf_counter()
         with self._lock:
-            result = intervene(self.model, dictionary, [image], edits=edits, patch_mask=patch_mask,
+            result = intervene(self.model, dictionary, [image], edits=edits, tokens=tokens, patch_mask=patch_mask,
                                max_activations=max_activations, head=self.probe)
         seconds = time.perf_counter() - start
         before, after = result.before[0].float(), result.after[0].float()

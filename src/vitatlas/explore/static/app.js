@@ -528,7 +528,7 @@ async function pageImage() {
   const right = el("div", { style: "flex: 1 1 480px" },
     el("div", { class: "panel", id: "intervention" }, el("h2", {}, "Intervention"),
       live ? [el("div", { class: "controls" }, byId, el("button", { id: "add-atom", onclick: () => { const a = Number(byId.value); if (byId.value !== "" && Number.isInteger(a)) addEdit(a); } }, "add atom"),
-                el("label", {}, onlySel, " edit only the selected patches (all tokens when none is)"), el("label", {}, "overlay ", heatChoice)),
+                el("label", {}, onlySel, " edit only the selected patches (else every token of the store's kind)"), el("label", {}, "overlay ", heatChoice)),
               el("p", { class: "legend" }, "Each slider clamps an atom to −10…+10 × its max observed activation at the edited tokens; the error term is kept."),
               editsBox, prediction, details]
            : el("p", { class: "muted" }, STATIC ? "This is a static export: live intervention needs the running explorer (vitatlas explore ... --model M)."
