@@ -299,6 +299,15 @@ def test_open_refuses_mismatched_inputs(world, tmp_path):
         Explorer.open([run], world.store_path, cards=world.cards[:1], progress=False)
     with pytest.raises(VitatlasError, match="--probe needs --model"):
         Explorer.open(world.runs[:1], world.store_path, cards=world.cards[:1], probe=world.probe, progress=False)
+    import shutil
+
+    other_store = tmp_path / "cards-other-store"
+    shutil.copytree(world.cards[0], other_store)
+    meta = json.loads((other_store / "cards.json").read_text())
+    meta["store"]["n_rows"] += 1
+    (other_store / "cards.json").write_text(json.dumps(meta))
+    with pytest.raises(VitatlasError, match="made on a store with n_rows"):
+        Explorer.open(world.runs[:1], world.store_path, cards=[other_store], progress=False)
     with pytest.raises(VitatlasError, match="no atom cards"):
         Explorer.open(world.runs[:1], world.store_path, cards=[tmp_path / "missing"], progress=False)
 

@@ -97,6 +97,7 @@ class Explorer:
             if card_set.n_atoms != dictionary.n_atoms:
                 raise VitatlasError(f"the cards in {card_dir} describe {card_set.n_atoms} atoms but run {path} has "
                                     f"{dictionary.n_atoms}: pass the cards made for this run")
+            check_cards_store(card_set, store)
             runs.append(Run(name, path, dictionary, card_set))
         live = None
         if model is not None:
@@ -265,6 +266,17 @@ def check_compatible(run: Run, store: ActivationStore) -> None:
         if a is not None and b is not None and a != b:
             raise VitatlasError(f"run {run.path} was fitted on {key}={a!r} but store {store.path} has {key}={b!r}: "
                                 "pass the store the run was fitted on")
+
+
+def check_cards_store(cards: CardSet, store: ActivationStore) -> None:
+    """Refuse cards made on another store: their image ids would point at the wrong images."""
+    made_on = cards.meta.get("store") or {}
+    here = store.describe()
+    for key in ("n_rows", "d", "model", "layer", "tokens", "data"):
+        a, b = made_on.get(key), here.get(key)
+        if a is not None and b is not None and a != b:
+            raise VitatlasError(f"the cards in {cards.path} were made on a store with {key}={a!r}, but {store.path} "
+                                f"has {key}={b!r}: pass the store the cards were made on, or make new cards")
 
 
 def make_cards(dictionary: Dictionary, store: ActivationStore, run_dir: Path, cache: str | Path | None,
