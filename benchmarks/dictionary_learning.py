@@ -35,7 +35,6 @@ import torch
 from vitatlas.learners.coders import batch_omp, sparse_decode
 from vitatlas.learners.dbksvd import DBKSVD
 
-
 # ---- data and scoring ----------------------------------------------------------------------------
 
 def planted(d: int, n_atoms: int, k: int, N: int, noise: float = 0.01, seed: int = 0):
@@ -159,7 +158,7 @@ def time_iteration(B: int, threads: int, d=768, n_atoms=3072, k=10, seed=0):
     model._init_from_rows(Y[torch.from_numpy(rng.choice(B, n_atoms, replace=False))], 0, n_atoms, d)
     D = model.atoms.clone()
     prod, it = [], []
-    for rep in range(2):
+    for _rep in range(2):
         t0 = time.perf_counter()
         C = Y @ D.T
         prod.append(time.perf_counter() - t0)

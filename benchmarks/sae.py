@@ -42,7 +42,6 @@ from vitatlas.evaluation.metrics import reconstruction_metrics
 from vitatlas.learners.sae import SAE
 from vitatlas.learners.sae_train import SAESweep, _Member, epoch_seed
 
-
 # ---- the peer ---------------------------------------------------------------------------------------
 
 def import_peer():

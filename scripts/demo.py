@@ -1,7 +1,10 @@
-"""The main job on the embedded default: extract -> fit DBK-SVD and a TopK SAE -> evaluate -> report.
+"""The main job on the embedded default: extract -> fit DBK-SVD and a TopK SAE -> evaluate -> report ->
+atom cards -> the segmentation intervention test -> the command that opens the explorer.
 
 Runs the same `vitatlas` commands a user would type (see README). Re-running resumes: a finished
-extraction or fit is not redone. Environment knobs: DEMO_IMAGES (default 1500), DEMO_OUT (demo-out).
+extraction, fit, card set or probe is not redone. Environment knobs: DEMO_IMAGES (default 1500),
+DEMO_OUT (demo-out), DEMO_TOP (top images per atom card, default 9), DEMO_PROBE_IMAGES (500),
+DEMO_INTERVENE_IMAGES (200).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from vitatlas.data.sources import fashion_mnist_available
 
 ATOMS, K = 1536, 8
+RUNS = ("dbksvd", "sae-topk")
 
 
 def run(*args: str) -> None:
@@ -55,8 +59,60 @@ def main() -> None:
 
     metrics = json.loads((report / "metrics.json").read_text())
     rows = metrics if isinstance(metrics, list) else metrics.get("runs", metrics)
+
+    cards = out / "cards"
+    for name in RUNS:
+        run("interpret", str(runs / name), "--acts", str(patches), "--out", str(cards / name),
+            "--top", os.environ.get("DEMO_TOP", "9"))
+    link_specific_atoms(report, cards)
+
+    probe = out / "probe-seg"
+    if data.startswith("embedded:fashion-mnist"):  # exact patch masks come with Fashion-MNIST
+        if not (probe / "probe.json").exists():
+            run("probe", "train", "--model", "embedded:dinov2-s", "--data", "embedded:fashion-mnist:train",
+                "--task", "segmentation", "--limit", os.environ.get("DEMO_PROBE_IMAGES", "500"), "--out", str(probe))
+        shutil.rmtree(out / "intervene", ignore_errors=True)
+        run("intervene", *(str(runs / n) for n in RUNS), "--model", "embedded:dinov2-s", "--data", data,
+            "--task", "segmentation", "--probe", str(probe), *_cards_args(cards),
+            "--limit", os.environ.get("DEMO_INTERVENE_IMAGES", "200"), "--out", str(out / "intervene"))
+
     print_headline(rows)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; report: {(report / 'report.md').resolve()}")
+    print(f"atom cards: {(cards / RUNS[0] / 'index.html').resolve()} and {(cards / RUNS[1] / 'index.html').resolve()}")
+    if (out / "intervene" / "report.md").exists():
+        print(f"interventions: {(out / 'intervene' / 'report.md').resolve()}")
+    print("\nexplore the atoms in the browser (serves until Ctrl-C; add --open to open a browser):\n  "
+          + explore_command(out, runs, patches, cards, probe))
+
+
+def _cards_args(cards: Path) -> list[str]:
+    """--cards per run (same order): the protocol's edit strengths come from the cards' max activations."""
+    return [arg for n in RUNS for arg in ("--cards", str(cards / n))]
+
+
+def link_specific_atoms(report: Path, cards: Path) -> None:
+    """Append each learner's 12 most specific atoms (linked to their cards) to the evaluation report."""
+    from vitatlas.interpret.summary import specific_atoms_markdown
+
+    lines = ["", "## Most specific atoms", "",
+             "The 12 most specific class-labelled atoms of each learner (at most 2 per class), with their cards.", ""]
+    for name in RUNS:
+        lines += [f"### {name}", "", specific_atoms_markdown(cards / name, n=12, per_label=2,
+                                                           link_prefix=f"../cards/{name}/"), ""]
+    path = report / "report.md"
+    path.write_text(path.read_text() + "\n".join(lines) + "\n")
+
+
+def explore_command(out: Path, runs: Path, patches: Path, cards: Path, probe: Path) -> str:
+    """The command that opens the explorer on the demo's runs (printed, not run: it serves until Ctrl-C)."""
+    cmd = ["vitatlas", "explore", *(str(runs / n) for n in RUNS), "--acts", str(patches)]
+    for n in RUNS:
+        if (cards / n / "cards.json").is_file():
+            cmd += ["--cards", str(cards / n)]
+    cmd += ["--model", "embedded:dinov2-s"]
+    if (probe / "probe.json").is_file():
+        cmd += ["--probe", str(probe)]
+    return " ".join(cmd)
 
 
 def print_headline(rows) -> None:

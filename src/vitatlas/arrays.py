@@ -32,7 +32,7 @@ class SparseCodes(NamedTuple):
         return to_dense(self.indices, self.values, self.n_atoms)
 
     @staticmethod
-    def from_dense(codes: torch.Tensor) -> "SparseCodes":
+    def from_dense(codes: torch.Tensor) -> SparseCodes:
         nnz = (codes != 0).sum(dim=1)
         width = int(nnz.max().item()) if codes.shape[0] else 0
         # topk on |codes| puts the non-zeros first; positions past each row's nnz are padding.

@@ -7,7 +7,8 @@ store is streamed shard by shard (data larger than RAM works), arrays and tensor
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -258,7 +258,7 @@ class ActivationStore:
     @staticmethod
     def from_array(path: str | os.PathLike, X: np.ndarray, labels: np.ndarray | None = None, *,
                    dtype: str = "float32", class_names: list[str] | None = None, source: dict | None = None,
-                   shard_bytes: int = DEFAULT_SHARD_BYTES) -> "ActivationStore":
+                   shard_bytes: int = DEFAULT_SHARD_BYTES) -> ActivationStore:
         """Wrap activations a user already has (e.g. precomputed CLIP embeddings) as a store.
 
         Each row is treated as one image with one token; labels, if given, are one int per row.
