@@ -3,6 +3,8 @@ the context manager, token masks and the bad-input errors."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -259,3 +261,17 @@ def test_bad_images_and_masks(tiny, dictionaries):
         intervene(model, d, _images(2), edits=[Edit(0, "ablate")], patch_mask=np.ones((2, 3), bool))
     with pytest.raises(VitatlasError, match="unknown tokens"):
         intervene(model, d, _images(1), edits=[Edit(0, "ablate")], tokens="register")
+
+
+def test_max_activations_from_cards_treat_a_dead_atom_as_zero(tmp_path):
+    from vitatlas.intervene.maxact import from_cards
+
+    lines = [{"id": 0, "frequency": 0.1, "max_activation": 2.5},
+             {"id": 1, "frequency": 0.0, "max_activation": None},  # dead: interpret writes null
+             {"id": 2, "frequency": 0.3, "max_activation": 1.0}]
+    (tmp_path / "atoms.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    np.testing.assert_array_equal(from_cards(tmp_path, 3), [2.5, 0.0, 1.0])
+    lines[2]["max_activation"] = None  # fires but has no maximum: a damaged file, not a dead atom
+    (tmp_path / "atoms.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    with pytest.raises(VitatlasError, match="line 3 has no numeric max_activation"):
+        from_cards(tmp_path, 3)

@@ -71,7 +71,11 @@ def from_cards(path: str | Path, n_atoms: int) -> np.ndarray:
             if not line.strip():
                 continue
             try:
-                values.append(float(json.loads(line)["max_activation"]))
+                record = json.loads(line)
+                peak = record["max_activation"]
+                if peak is None and not record.get("frequency"):
+                    peak = 0.0  # a dead atom never fired on the cards' store: no observed maximum, no edit size
+                values.append(float(peak))
             except (ValueError, KeyError, TypeError):
                 raise VitatlasError(f"{file} line {line_no} has no numeric max_activation") from None
     if len(values) != n_atoms:
