@@ -112,6 +112,8 @@ def curve_name(result: RunResult) -> str:
 def _pareto(out: Path, results: list[RunResult], plt) -> str:
     """explained_variance and signal_recovered against l0: one line per learner over its runs at several k,
     baselines as reference markers, labels in a legend (never printed over each other)."""
+    from matplotlib.ticker import FuncFormatter
+
     metrics = [("explained_variance", "explained_variance"), ("signal_recovered", "signal_recovered")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     curves: dict[tuple[bool, str], list[RunResult]] = {}
@@ -145,6 +147,8 @@ def _pareto(out: Path, results: list[RunResult], plt) -> str:
         if values:
             ax.set_ylim(floor - 0.03, max(1.0, max(values)) + 0.02)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 2, not 2×10⁰
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(int(v))[0] in "25" else ""))
         ax.set_xlabel("l0 (non-zeros per row, log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
