@@ -188,6 +188,27 @@ class Dictionary(ABC):
         return f"{type(self).__name__}({opts})"
 
 
+STORE_IDENTITY_KEYS = ("model", "model_revision", "layer", "tokens")
+
+
+def check_fitted_on(dictionary: Dictionary, store, *, subject: str = "the dictionary", verb: str = "use") -> None:
+    """Refuse a store of another width, or of another model / revision / layer / token kind than the one
+    ``dictionary`` was fitted on (recorded in ``fit_info`` by ``record_fit_source``; arrays record nothing
+    to compare). ``subject`` and ``verb`` word the one-line error for the caller ("run X", "evaluate")."""
+    if dictionary.d != store.d:
+        raise VitatlasError(f"{subject} was fitted on width {dictionary.d} but store {store.path} has width "
+                            f"{store.d}: {verb} it on the store it was fitted on")
+    info = getattr(dictionary, "fit_info", None) or {}
+    if info.get("source") != "store":
+        return
+    desc = store.describe()
+    for key in STORE_IDENTITY_KEYS:
+        a, b = info.get(key), desc.get(key)
+        if a is not None and b is not None and a != b:
+            raise VitatlasError(f"{subject} was fitted on {key}={a!r} but store {store.path} has {key}={b!r}: "
+                                f"{verb} it on a store of the same model, layer and tokens")
+
+
 def learner_class(learner: str) -> type[Dictionary]:
     """The class registered under ``learner`` (a config.json's "learner" field)."""
     if learner not in LEARNERS:

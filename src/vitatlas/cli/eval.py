@@ -9,7 +9,6 @@ import click
 from ..errors import VitatlasError
 
 DEFAULT_BASELINES = "pca,kmeans,random,sklearn-dl"
-COMPARED_KEYS = ("model", "model_revision", "layer", "tokens")
 
 
 def find_runs(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
@@ -45,22 +44,6 @@ def find_runs(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
     return unique
 
 
-def check_compatible(name: str, dictionary, store) -> None:
-    """Refuse a run fitted on another model / layer / token kind / width than ``store``."""
-    if dictionary.d != store.d:
-        raise VitatlasError(f"run {name} was fitted on width {dictionary.d} but store {store.path} has width "
-                            f"{store.d}: evaluate it on the store it was fitted on")
-    info = getattr(dictionary, "fit_info", None) or {}
-    if info.get("source") != "store":
-        return
-    desc = store.describe()
-    for key in COMPARED_KEYS:
-        a, b = info.get(key), desc.get(key)
-        if a is not None and b is not None and a != b:
-            raise VitatlasError(f"run {name} was fitted on {key}={a!r} but store {store.path} has {key}={b!r}: "
-                                "evaluate it on a store of the same model, layer and tokens")
-
-
 @click.command("eval")
 @click.argument("runs", nargs=-1, type=click.Path())
 @click.option("--acts", required=True, type=click.Path(), help="Activation store to evaluate on.")
@@ -85,7 +68,7 @@ def eval_cmd(runs, acts, out, baselines, k, n_atoms, max_rows, layer, batch_size
     import numpy as np
 
     from ..data.store import ActivationStore
-    from ..dictionary import load
+    from ..dictionary import check_fitted_on, load
     from ..evaluation import evaluate
     from ..evaluation.report import RunResult, safe_name, write_report
     from ..learners.baselines import BASELINES, make_baseline
@@ -103,7 +86,7 @@ def eval_cmd(runs, acts, out, baselines, k, n_atoms, max_rows, layer, batch_size
     loaded = []
     for name, path in find_runs(runs):
         dictionary = load(path, device=device)
-        check_compatible(name, dictionary, store)
+        check_fitted_on(dictionary, store, subject=f"run {name}", verb="evaluate")
         loaded.append((name, path, dictionary))
 
     X, labels, image_ids, ids = store, None, None, None

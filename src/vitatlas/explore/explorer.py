@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.store import ActivationStore
-from ..dictionary import Dictionary, load
+from ..dictionary import Dictionary, check_fitted_on, load
 from ..errors import VitatlasError
 from .cards import CardSet, best_description, best_label
 from .image_view import ImageIndex, image_atoms, iter_image_atoms
@@ -23,7 +23,6 @@ from .images import ImageCache
 from .matching import best_matches, matched_pairs
 from .table import AtomTable, Query
 
-COMPARED = ("model", "model_revision", "layer", "tokens")
 METRIC_ROWS = 8192  # rows of the store used for the compare page's reconstruction metrics
 
 
@@ -66,7 +65,7 @@ class Explorer:
         self._metrics: dict | None = None
         self._compared: dict[tuple[str, str, int], dict] = {}
         for r in runs:
-            check_compatible(r, store)
+            check_fitted_on(r.dictionary, store, subject=f"run {r.path}", verb="explore")
         if len(runs) >= 2:
             for i, r in enumerate(runs):
                 other = runs[1] if i == 0 else runs[0]
@@ -249,23 +248,6 @@ class Explorer:
             if path is not None:
                 return path.read_bytes()
         return self.image_cache.png(image_id)
-
-
-def check_compatible(run: Run, store: ActivationStore) -> None:
-    """Refuse a run fitted on another width, model, layer or token kind than the store."""
-    d = run.dictionary
-    if d.d != store.d:
-        raise VitatlasError(f"run {run.path} has width {d.d} but store {store.path} has width {store.d}: "
-                            "pass the store the run was fitted on")
-    info = getattr(d, "fit_info", None) or {}
-    if info.get("source") != "store":
-        return
-    desc = store.describe()
-    for key in COMPARED:
-        a, b = info.get(key), desc.get(key)
-        if a is not None and b is not None and a != b:
-            raise VitatlasError(f"run {run.path} was fitted on {key}={a!r} but store {store.path} has {key}={b!r}: "
-                                "pass the store the run was fitted on")
 
 
 def check_cards_store(cards: CardSet, store: ActivationStore) -> None:

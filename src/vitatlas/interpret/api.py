@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.store import ActivationStore
-from ..dictionary import Dictionary
+from ..dictionary import Dictionary, check_fitted_on
 from ..errors import VitatlasError
 from .build import atom_records
 from .cards import FORMAT, FORMAT_VERSION, AtomCards
@@ -16,26 +16,9 @@ from .descriptions import describe_atoms
 from .images import NO_SOURCE_NOTE, has_image_source
 from .top_examples import RANKS, SIDES, PassSettings, rows_per_image, top_examples_pass
 
-COMPARED_KEYS = ("model", "model_revision", "layer", "tokens")
 CHUNK_BYTES = 48 << 20       # dense codes of one chunk (and two temporaries of its size)
 FAITH_BYTES = 32 << 20       # per-image activations kept for the faithfulness AUROC
 MAX_TOP = 1024
-
-
-def check_store_matches(dictionary: Dictionary, store: ActivationStore) -> None:
-    """Refuse a store of another width, or of another model / layer / token kind than the fit's."""
-    if dictionary.d != store.d:
-        raise VitatlasError(f"the dictionary was fitted on width {dictionary.d} but store {store.path} has width "
-                            f"{store.d}: interpret it on the store it was fitted on")
-    info = getattr(dictionary, "fit_info", None) or {}
-    if info.get("source") != "store":
-        return
-    desc = store.describe()
-    for key in COMPARED_KEYS:
-        a, b = info.get(key), desc.get(key)
-        if a is not None and b is not None and a != b:
-            raise VitatlasError(f"the dictionary was fitted on {key}={a!r} but store {store.path} has {key}={b!r}: "
-                                "interpret it on a store of the same model, layer and tokens")
 
 
 def patch_layout(store: ActivationStore) -> tuple[list[int] | None, list[int] | None]:
@@ -90,7 +73,7 @@ def interpret(dictionary: Dictionary, store: ActivationStore | str | os.PathLike
     if max_atoms is not None and (isinstance(max_atoms, bool) or not isinstance(max_atoms, (int, np.integer))
                                   or max_atoms <= 0):
         raise VitatlasError(f"max_atoms must be a positive integer, got {max_atoms!r}")
-    check_store_matches(dictionary, store)
+    check_fitted_on(dictionary, store, verb="interpret")
     n_atoms = min(int(dictionary.n_atoms), int(max_atoms)) if max_atoms else int(dictionary.n_atoms)
     has_images = bool(images) and has_image_source(store)
     if has_images:
