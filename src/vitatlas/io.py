@@ -6,12 +6,14 @@ only when complete, so a run killed at any moment never leaves a half-written fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -34,15 +36,31 @@ def _replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[BinaryIO]:
+    """A binary file to stream into; it appears at ``path`` only when the block ends without an error.
+
+    fsync=False skips the flush to disk before the rename: for many small outputs that can be made again
+    (card PNGs), where one fsync each would dominate the run time.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     try:
-        tmp.write_bytes(data)
-        _replace(tmp, path)
+        with open(tmp, "wb") as f:
+            yield f
+        if fsync:
+            _replace(tmp, path)
+        else:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

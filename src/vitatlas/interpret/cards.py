@@ -17,8 +17,6 @@ magnitudes (−code > 0), sorted descending like the positive side.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import VitatlasError
-from ..io import atomic_write_json, load_safetensors, read_json
+from ..io import atomic_write_json, atomic_writer, load_safetensors, read_json
 from .tensorfile import save_safetensors
 
 FORMAT = "vitatlas-atom-cards"
@@ -35,18 +33,9 @@ FORMAT_VERSION = 1
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     """One JSON object per line, streamed to a temporary file renamed into place (no whole-file string)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_writer(path) as f:
+        for rec in records:
+            f.write((json.dumps(rec) + "\n").encode())
 
 
 @dataclass

@@ -11,12 +11,12 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ..io import atomic_writer
 
 COLORMAP = "inferno"
 THUMB = 112          # side of one image on a card
@@ -159,14 +159,5 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> None:
     """
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_writer(path, fsync=False) as f:
+        f.write(buf.getvalue())

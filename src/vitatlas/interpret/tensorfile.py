@@ -15,11 +15,11 @@ import json
 import os
 import struct
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..io import atomic_writer
 
 DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
           torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -42,22 +42,11 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad the header to 8 bytes, as the reference writer does
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for name in sorted(tensors):
-                t = tensors[name].detach().cpu().contiguous()
-                if t.numel():
-                    f.write(memoryview(np.ascontiguousarray(t.view(torch.uint8).numpy() if t.dtype == torch.bool
-                                                            else t.numpy())).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_writer(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in sorted(tensors):
+            t = tensors[name].detach().cpu().contiguous()
+            if t.numel():
+                f.write(memoryview(np.ascontiguousarray(t.view(torch.uint8).numpy() if t.dtype == torch.bool
+                                                        else t.numpy())).cast("B"))
