@@ -74,11 +74,16 @@ def parse_groups(value: str | None) -> list[int] | None:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (under torchrun, each process joins the group first)."""
+    from .. import distributed
+
+    prefix = ""
     try:
+        if distributed.launched_by_torchrun():
+            prefix = f"[rank {distributed.init().rank}] "
         main(standalone_mode=False)
     except VitatlasError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"{prefix}error: {exc}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("interrupted: re-run the same command to resume", err=True)
@@ -91,6 +96,8 @@ def run() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

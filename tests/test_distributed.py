@@ -1,0 +1,104 @@
+"""vitatlas.distributed: no-ops for one process, real collectives on 2 gloo processes, clear errors."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from _dist import run_ranks, torchrun
+
+from vitatlas import distributed
+from vitatlas.errors import VitatlasError
+
+
+def test_single_process_is_rank_zero_of_one_and_collectives_are_no_ops():
+    assert distributed.world() == distributed.World(0, 1, 0)
+    assert distributed.is_main() and not distributed.world().distributed
+    t = torch.arange(3.0)
+    assert distributed.all_reduce_(t) is t and t.tolist() == [0.0, 1.0, 2.0]
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.broadcast_object(5) == 5
+    distributed.check_same("x", "the store")
+    distributed.barrier()
+
+
+@pytest.mark.parametrize("n,size", [(0, 2), (1, 2), (7, 2), (10, 3), (5, 8)])
+def test_shards_cover_the_rows_once_in_order(n, size):
+    parts = [distributed.shard(n, r, size) for r in range(size)]
+    assert [i for p in parts for i in p] == list(range(n))
+    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+
+
+def test_init_without_torchrun_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init() == distributed.World()
+
+
+def test_bad_world_size_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(VitatlasError, match="WORLD_SIZE='two' is not a number"):
+        distributed.launched_by_torchrun()
+
+
+def _collectives(rank: int):
+    w = distributed.world()
+    t = torch.tensor([rank + 1.0, 10.0 * rank])
+    distributed.all_reduce_(t)
+    mx = distributed.all_reduce_(torch.tensor([float(rank)]), "max")
+    flags = distributed.all_reduce_(torch.tensor([rank == 0, False]))
+    b = distributed.broadcast_(torch.full((2,), float(rank)), src=1)
+    gathered = distributed.all_gather_object({"rank": rank})
+    try:
+        distributed.check_same(f"store-{rank}", "the store")
+        mismatch = None
+    except VitatlasError as exc:
+        mismatch = str(exc)
+    distributed.barrier()
+    return {"world": (w.rank, w.size), "sum": t.numpy(), "max": mx.item(), "flags": flags.tolist(),
+            "bcast": b.numpy(), "gathered": gathered, "mismatch": mismatch}
+
+
+def test_collectives_on_two_gloo_processes():
+    out = run_ranks(_collectives, world_size=2)
+    for rank, r in enumerate(out):
+        assert r["world"] == (rank, 2)
+        np.testing.assert_array_equal(r["sum"], [3.0, 10.0])
+        assert r["max"] == 1.0 and r["flags"] == [True, False]
+        np.testing.assert_array_equal(r["bcast"], [1.0, 1.0])
+        assert r["gathered"] == [{"rank": 0}, {"rank": 1}]
+        assert "disagree on the store" in r["mismatch"] and "'store-0' on rank 0" in r["mismatch"]
+
+
+def _peer_dies(rank: int):
+    if rank == 1:
+        os._exit(3)  # a rank that vanishes mid-job (killed, out of memory)
+    try:
+        distributed.all_reduce_(torch.ones(4))
+    except VitatlasError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_dead_peer_is_a_one_line_error_that_says_how_to_resume():
+    import torch.multiprocessing as mp
+    from _dist import _rank_main, free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, _peer_dies, (), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    rank, status, message = queue.get()
+    for p in procs:
+        p.join(timeout=60)
+    assert (rank, status) == (0, "ok"), message
+    assert "rank 0 lost contact with the other processes" in message
+    assert "re-run the same command to resume" in message and "\n" not in message
+
+
+def test_the_cli_under_torchrun_joins_one_group():
+    res = torchrun(["--version"], nproc=2, timeout_s=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("version") == 2
