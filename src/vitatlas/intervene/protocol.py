@@ -199,6 +199,23 @@ class Example:
     after: dict = field(default_factory=dict)  # condition -> (P,) predictions
 
 
+def _setup(task: str, model: VisionModel, runs: dict[str, Dictionary], probe: LinearProbe, source: ImageSource, *,
+           layer: int | None, limit: int | None, calibration: float, classes: Sequence[str] | None, seed: int):
+    """The checks both protocols share; returns (layer, chosen classes, n images, held-out ids, calibration ids)."""
+    if probe.task != task:
+        raise VitatlasError(f"the {task} protocol needs a {task} probe; {probe.task!r} given")
+    probe.check_model(model)
+    layer = check_runs(model, runs, layer)
+    chosen_classes = check_classes(classes, probe.class_names)
+    if not 0 < calibration < 1:
+        raise VitatlasError(f"the calibration fraction must be between 0 and 1, got {calibration}")
+    n = min(len(source), limit) if limit else len(source)
+    if n < 2:
+        raise VitatlasError(f"the protocol needs at least 2 images (calibration and held out), {source.spec} gives {n}")
+    held_ids, cal_ids = split_ids(n, calibration, seed)
+    return layer, chosen_classes, n, held_ids, cal_ids
+
+
 @torch.no_grad()
 def segmentation_protocol(model: VisionModel, runs: dict[str, Dictionary], probe: LinearProbe,
                           source: ImageSource, masks: MaskSource, *, layer: int | None = None,
@@ -207,22 +224,14 @@ def segmentation_protocol(model: VisionModel, runs: dict[str, Dictionary], probe
                           seed: int = 0, batch_size: int = 16, n_examples: int = 4, progress: bool = True) -> dict:
     """Run the segmentation protocol (module docstring); returns the intervene.json content."""
     strength = check_strength(strength)
-    if probe.task != "segmentation":
-        raise VitatlasError(f"the segmentation protocol needs a segmentation probe; {probe.task!r} given")
-    probe.check_model(model)
-    layer = check_runs(model, runs, layer)
     check_same_length(source, masks)
     if list(masks.class_names) != list(probe.class_names):
         raise VitatlasError(f"the probe's classes ({', '.join(probe.class_names)}) differ from the mask source's "
                             f"({', '.join(masks.class_names)}): train the probe on these masks")
+    setup = _setup("segmentation", model, runs, probe, source, layer=layer, limit=limit, calibration=calibration,
+                   classes=classes, seed=seed)
+    layer, chosen_classes, n, held_ids, cal_ids = setup
     n_classes = probe.n_classes
-    chosen_classes = check_classes(classes, probe.class_names)
-    if not 0 < calibration < 1:
-        raise VitatlasError(f"the calibration fraction must be between 0 and 1, got {calibration}")
-    n = min(len(source), limit) if limit else len(source)
-    if n < 2:
-        raise VitatlasError(f"the protocol needs at least 2 images (calibration and held out), {source.spec} gives {n}")
-    held_ids, cal_ids = split_ids(n, calibration, seed)
     prefix = model.n_prefix_tokens
     bar = tqdm(total=n, unit="img", desc="intervene segmentation", disable=not progress)
 
@@ -384,22 +393,14 @@ def classification_protocol(model: VisionModel, runs: dict[str, Dictionary], pro
     """Run the classification protocol (module docstring); returns the intervene.json content."""
     if strength is not None:
         check_strength(strength)  # ablation has no strength; still refuse NaN
-    if probe.task != "classification":
-        raise VitatlasError(f"the classification protocol needs a classification probe; {probe.task!r} given")
-    probe.check_model(model)
-    layer = check_runs(model, runs, layer)
     if not source.has_labels:
         raise VitatlasError(f"{source.spec} has no image labels: the classification protocol needs them")
     if list(source.class_names) != list(probe.class_names):
         raise VitatlasError("the probe's classes differ from the data source's: train the probe on this data")
+    setup = _setup("classification", model, runs, probe, source, layer=layer, limit=limit, calibration=calibration,
+                   classes=classes, seed=seed)
+    layer, chosen_classes, n, held_ids, cal_ids = setup
     n_classes = probe.n_classes
-    chosen_classes = check_classes(classes, probe.class_names)
-    if not 0 < calibration < 1:
-        raise VitatlasError(f"the calibration fraction must be between 0 and 1, got {calibration}")
-    n = min(len(source), limit) if limit else len(source)
-    if n < 2:
-        raise VitatlasError(f"the protocol needs at least 2 images, {source.spec} gives {n}")
-    held_ids, cal_ids = split_ids(n, calibration, seed)
     bar = tqdm(total=n, unit="img", desc="intervene classification", disable=not progress)
 
     # 1. calibration: per image, each atom's max over tokens
