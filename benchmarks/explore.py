@@ -14,8 +14,14 @@
    257 tokens, the remaining blocks twice, the result) is timed for one image and one clamped atom,
    median of ``--repeats`` after a warm-up. ``--run/--acts/--cards`` time a real run instead.
 
-Usage: ``python benchmarks/explore.py [--threads 2] [--repeats 5] [--quick]`` (``--quick``: 4 images and
-3 repeats, about a minute on 2 cores). Timings on a shared machine are noisy: report the median.
+``--device cuda`` loads the dictionaries and the model on the GPU (the table part does not use it);
+``--model`` picks another model for part 2 (``hf:PATH``, or ``random:vit-b16`` / ``random:tiny``, random
+weights built here, see ``benchmarks/extract.py``; layer 8 is clipped to the model's depth).
+
+Usage: ``python benchmarks/explore.py [--threads 2] [--repeats 5] [--quick] [--device cpu] [--model M]``
+(``--quick``: 4 images and 3 repeats, about a minute on 2 cores; ``--smoke``: 256 atoms, 2 images, one
+repeat, the tiny random model: seconds, what the tests run). Timings on a shared machine are noisy:
+report the median.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ def median_time(fn, repeats: int) -> tuple[float, object, float]:
     return statistics.median(times), out, statistics.median(cpu)
 
 
-def bench_table(tmp: Path, n_atoms: int, repeats: int) -> None:
+def bench_table(tmp: Path, n_atoms: int, repeats: int, device: str, browser: bool = True) -> None:
     from starlette.testclient import TestClient
 
     from vitatlas import ActivationStore
@@ -92,7 +98,7 @@ def bench_table(tmp: Path, n_atoms: int, repeats: int) -> None:
     classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     store = ActivationStore.from_array(tmp / "store", rng.standard_normal((n_images, 384)).astype(np.float32),
                                        rng.integers(0, 10, n_images), class_names=classes)
-    dictionary = RandomDictionary(n_atoms=n_atoms, k=8).fit(store)
+    dictionary = RandomDictionary(n_atoms=n_atoms, k=8, device=device).fit(store)
     t = time.perf_counter()
     write_cards(tmp / "cards", n_atoms, n_images, 16, classes)
     print(f"cards written in {time.perf_counter() - t:.1f} s (setup, not timed below)")
@@ -116,7 +122,8 @@ def bench_table(tmp: Path, n_atoms: int, repeats: int) -> None:
         seconds, page, cpu = median_time(lambda q=query: page_load(q), repeats)
         print(f"table page (server side), {name:24s}: {1000 * seconds:7.1f} ms wall, {1000 * cpu:7.1f} ms CPU "
               f"({page['total']} atoms match)")
-    browser_page_load(explorer, repeats)
+    if browser:
+        browser_page_load(explorer, repeats)
 
 
 def browser_page_load(explorer, repeats: int) -> None:
@@ -166,8 +173,20 @@ def browser_page_load(explorer, repeats: int) -> None:
         server.should_exit = True
 
 
+def model_name(spec: str, tmp: Path) -> str:
+    """``random:KIND`` -> an hf: model with random weights saved under ``tmp``; anything else as given."""
+    if not spec.startswith("random:"):
+        return spec
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from extract import random_model
+
+    return random_model(spec.split(":", 1)[1], tmp)
+
+
 def bench_intervention(tmp: Path, n_images: int, repeats: int, run: str | None, acts: str | None,
-                       cards: str | None) -> None:
+                       cards: str | None, device: str, model_spec: str) -> None:
     import vitatlas
     from vitatlas import ActivationStore, models
     from vitatlas.data.extract import extract
@@ -175,22 +194,26 @@ def bench_intervention(tmp: Path, n_images: int, repeats: int, run: str | None, 
     from vitatlas.explore import Explorer
     from vitatlas.learners.baselines import RandomDictionary
 
-    print("\n== one live intervention: embedded DINOv2-S, layer 8 ==")
+    tmp.mkdir(parents=True, exist_ok=True)
+    name = model_name(model_spec, tmp)
     if run:
-        explorer = Explorer.open([run], acts, cards=[cards] if cards else None, model="embedded:dinov2-s",
+        explorer = Explorer.open([run], acts, cards=[cards] if cards else None, model=name, device=device,
                                  progress=False)
         label = f"run {run}"
     else:
-        model = models.load("embedded:dinov2-s")
+        model = models.load(name, device=device)
+        layer = min(8, model.n_layers - 2)
+        print(f"\n== one live intervention: {model_spec}, layer {layer}, device {device} ==")
         data = "embedded:fashion-mnist:test" if fashion_mnist_available() else "embedded:digits"
-        extract("embedded:dinov2-s", data, [8], "patches", tmp / "acts", limit=n_images, batch_size=n_images,
-                model=model, progress=False)
+        extract(name, data, [layer], "patches", tmp / "acts", limit=n_images, batch_size=n_images,
+                model=model, progress=False, device=device)
         store = ActivationStore(tmp / "acts")
-        dictionary = RandomDictionary(n_atoms=1536, k=8).fit(store)
+        dictionary = RandomDictionary(n_atoms=1536, k=8, device=device).fit(store)
         dictionary.save(tmp / "run-random")
-        vitatlas.interpret(dictionary, store, top=4, progress=False).save(tmp / "cards-random", progress=False)
+        vitatlas.interpret(dictionary, store, top=4, progress=False, device=device).save(tmp / "cards-random",
+                                                                                         progress=False)
         explorer = Explorer.open([tmp / "run-random"], tmp / "acts", cards=[tmp / "cards-random"],
-                                 model="embedded:dinov2-s", progress=False)
+                                 model=name, device=device, progress=False)
         label = f"random 1536-atom OMP dictionary (k=8) over {n_images} images of {data}"
     image = int(explorer.images.image_ids[0])
     explorer.image_png(image)
@@ -199,7 +222,7 @@ def bench_intervention(tmp: Path, n_images: int, repeats: int, run: str | None, 
     explorer.intervene(None, image, edits, None)  # warm-up (first forward pass allocates)
     seconds, out, cpu = median_time(lambda: explorer.intervene(None, image, edits, None), repeats)
     print(f"{label}")
-    print(f"intervention (clamp atom {atom} to -2 x max on all 257 tokens), end to end: {1000 * seconds:.0f} ms wall "
+    print(f"intervention (clamp atom {atom} to -2 x max on all tokens), end to end: {1000 * seconds:.0f} ms wall "
           f"(inside vitatlas.intervene: {1000 * out['seconds']:.0f} ms), {1000 * cpu:.0f} ms CPU = "
           f"{1000 * cpu / torch.get_num_threads():.0f} ms per thread; median of {repeats}, "
           f"{torch.get_num_threads()} threads")
@@ -212,6 +235,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="4 images, 3 repeats")
+    parser.add_argument("--smoke", action="store_true", help="256 atoms, 2 images, 1 repeat, random:tiny, no browser")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--model", default="embedded:dinov2-s", help="model of part 2 (hf:PATH, random:vit-b16, ...)")
     parser.add_argument("--run", help="time the intervention on this run instead (with --acts, optional --cards)")
     parser.add_argument("--acts")
     parser.add_argument("--cards")
@@ -220,13 +246,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.images, args.repeats = 4, 3
+    if args.smoke:
+        args.atoms, args.images, args.repeats, args.model = 256, 2, 1, "random:tiny"
     torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}, CPUs: {os.cpu_count()}")
+    print(f"torch threads: {torch.get_num_threads()}, CPUs: {os.cpu_count()}, device: {args.device}")
     with tempfile.TemporaryDirectory(prefix="vitatlas-bench-explore-") as tmp:
         if not args.skip_table:
-            bench_table(Path(tmp) / "table", args.atoms, args.repeats)
+            bench_table(Path(tmp) / "table", args.atoms, args.repeats, args.device, browser=not args.smoke)
         if not args.skip_intervention:
-            bench_intervention(Path(tmp) / "live", args.images, args.repeats, args.run, args.acts, args.cards)
+            bench_intervention(Path(tmp) / "live", args.images, args.repeats, args.run, args.acts, args.cards,
+                               args.device, args.model)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,13 @@
    by |x·D|, so both sides keep top lists): the issue's bound is 1 GB. Runs in a child process so the
    figure is that process's own peak (``ru_maxrss``), not this script's.
 
-Usage: ``python benchmarks/interpret.py [--run RUN --store DIR] [--memory] [--threads 2] [--images 120]``
-(on 2 cores the demo run takes minutes; ``--memory`` with the default 120 images under a minute).
+``--device cuda`` encodes and keeps the pass's running state on the GPU (the dictionary is loaded there);
+the figures then add the GPU's peak allocated memory. ``--quick``: ``--memory`` with 1,024 atoms over 16
+images (seconds; what the tests run).
+
+Usage: ``python benchmarks/interpret.py [--run RUN --store DIR] [--memory] [--threads 2] [--images 120]
+[--device cpu] [--quick]`` (on 2 cores the demo run takes minutes; ``--memory`` with the default 120 images
+under a minute).
 """
 
 from __future__ import annotations
@@ -39,14 +44,20 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def bench_run(run: str, store_path: str, out: Path) -> dict:
+def gpu_peak_mib(device: str) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**20)
+
+
+def bench_run(run: str, store_path: str, out: Path, device: str) -> dict:
     import vitatlas
 
     c0 = cpu_seconds()
     t0 = time.perf_counter()
-    dictionary = vitatlas.load(run)
+    dictionary = vitatlas.load(run, device=device)
     store = vitatlas.ActivationStore(store_path)
-    cards = vitatlas.interpret(dictionary, store, top=16, progress=True)
+    cards = vitatlas.interpret(dictionary, store, top=16, progress=True, device=device)
     t_pass, c_pass = time.perf_counter() - t0, cpu_seconds() - c0
     t1, c1 = time.perf_counter(), cpu_seconds()
     cards.save(out, progress=True)
@@ -57,10 +68,10 @@ def bench_run(run: str, store_path: str, out: Path) -> dict:
             # CPU seconds (user + system) of this process: on a shared machine wall time mostly measures the others
             "pass_cpu_s": round(c_pass, 1), "files_cpu_s": round(c_save, 1),
             "atoms_kappa_gt_0.5": int((kappas > 0.5).sum()), "peak_rss_mib": round(peak_rss_mib()),
-            "out": str(out)}
+            "device": device, "gpu_peak_mib": gpu_peak_mib(device), "out": str(out)}
 
 
-def _memory_child(n_images: int, n_atoms: int, top: int) -> None:
+def _memory_child(n_images: int, n_atoms: int, top: int, device: str) -> None:
     """Runs in its own process: synthetic store + dictionary, then the pass and the records."""
     import vitatlas
     from vitatlas.data.store import StoreWriter
@@ -71,10 +82,10 @@ def _memory_child(n_images: int, n_atoms: int, top: int) -> None:
 
         kind = "synthetic-signed-topk"
 
-        def __init__(self, n_atoms: int, d: int, k: int = 16, seed: int = 0):
+        def __init__(self, n_atoms: int, d: int, k: int = 16, seed: int = 0, device: str = "cpu"):
             g = torch.Generator().manual_seed(seed)
-            self._atoms = torch.nn.functional.normalize(torch.randn(n_atoms, d, generator=g), dim=1)
-            self.n_atoms, self.d, self.k, self.fit_info = n_atoms, d, k, {}
+            self._atoms = torch.nn.functional.normalize(torch.randn(n_atoms, d, generator=g), dim=1).to(device)
+            self.n_atoms, self.d, self.k, self.fit_info, self.device = n_atoms, d, k, {}, device
 
         @property
         def atoms(self):
@@ -114,14 +125,16 @@ def _memory_child(n_images: int, n_atoms: int, top: int) -> None:
     store = vitatlas.ActivationStore(root / "store")
     before = peak_rss_mib()
     t0 = time.perf_counter()
-    cards = vitatlas.interpret(SignedTopK(n_atoms, d), store, top=top, progress=False, images=False)
+    cards = vitatlas.interpret(SignedTopK(n_atoms, d, device=device), store, top=top, progress=False, images=False,
+                               device=device)
     cards.save(root / "cards", progress=False, render=False)  # atoms.jsonl, top.safetensors, index.html
     seconds = time.perf_counter() - t0
     kept = sum(v.numel() * v.element_size() for v in cards.tensors.values())
     print(json.dumps({"atoms": n_atoms, "top": top, "patches_per_image": P, "images": n_images,
                       "rows": store.n_rows, "signed": cards.meta["signed"], "seconds": round(seconds, 1),
                       "top_tensors_mib": round(kept / 2**20), "peak_rss_before_pass_mib": round(before),
-                      "peak_rss_mib": round(peak_rss_mib())}))
+                      "peak_rss_mib": round(peak_rss_mib()), "device": device,
+                      "gpu_peak_mib": gpu_peak_mib(device)}))
 
 
 def main() -> None:
@@ -133,23 +146,28 @@ def main() -> None:
     ap.add_argument("--atoms", type=int, default=16384)
     ap.add_argument("--images", type=int, default=120, help="images of the synthetic store (--memory)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--quick", action="store_true", help="--memory with 1,024 atoms over 16 images")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quick:
+        args.memory, args.atoms, args.images = True, 1024, 16
     if args.child:
-        _memory_child(args.images, args.atoms, 16)
+        _memory_child(args.images, args.atoms, 16, args.device)
         return
     if not args.run and not args.memory:
         ap.error("pass --run RUN --store DIR, and/or --memory")
-    print(f"threads={args.threads} cpus={os.cpu_count()} load average={os.getloadavg()[0]:.1f}", flush=True)
+    print(f"threads={args.threads} cpus={os.cpu_count()} load average={os.getloadavg()[0]:.1f} device={args.device}",
+          flush=True)
     if args.run:
         if not args.store:
             ap.error("--run needs --store")
         out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vitatlas-cards-"))
-        print(json.dumps(bench_run(args.run, args.store, out)), flush=True)
+        print(json.dumps(bench_run(args.run, args.store, out, args.device)), flush=True)
     if args.memory:
         cmd = [sys.executable, __file__, "--child", "--atoms", str(args.atoms), "--images", str(args.images),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--device", args.device]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(result.stderr[-3000:])

@@ -11,8 +11,13 @@ needed); the dictionary a run directory (``--run``, e.g. a DBK-SVD or SAE run fi
 without one, a TopK SAE fitted on the spot on a few images' tokens at ``--layer``. Images are
 Fashion-MNIST test images (random noise images when it is not installed).
 
-Usage: ``python benchmarks/intervene.py [--run DIR ...] [--images 32] [--batch 16] [--threads 2] [--tiny]``
-(about a minute per run on 2 CPU cores with the defaults).
+``--device cuda`` puts the model and the dictionaries on the GPU; every timed call then ends with a
+synchronisation. ``--model`` also takes ``random:vit-b16`` (a random-weight ViT-B/16, built here, nothing
+downloaded; see ``benchmarks/extract.py``).
+
+Usage: ``python benchmarks/intervene.py [--run DIR ...] [--images 32] [--batch 16] [--threads 2] [--tiny]
+[--device cpu]`` (about a minute per run on 2 CPU cores with the defaults; ``--tiny --images 4 --repeats 1``
+takes seconds and is what the tests run).
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ def images(n: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(n)]
 
 
-def best_of(fn, repeats: int) -> float:
+def best_of(fn, repeats: int, device: str = "cpu") -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -56,7 +63,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
+    device = args.device
 
     import vitatlas
     from vitatlas import models
@@ -69,16 +78,25 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from _tiny import save_tiny_dinov2
 
-        model = models.load(f"hf:{save_tiny_dinov2(Path(tempfile.mkdtemp()) / 'tiny', image_size=56, layers=4)}")
+        model = models.load(f"hf:{save_tiny_dinov2(Path(tempfile.mkdtemp()) / 'tiny', image_size=56, layers=4)}",
+                            device=device)
+        args.layer = min(args.layer, model.n_layers - 2)
+    elif args.model.startswith("random:"):
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from extract import random_model
+
+        model = models.load(random_model(args.model.split(":", 1)[1], Path(tempfile.mkdtemp())), device=device)
         args.layer = min(args.layer, model.n_layers - 2)
     else:
-        model = models.load(args.model)
+        model = models.load(args.model, device=device)
     imgs = images(args.images)
     pixels = model.preprocess(imgs)
-    dictionaries = {Path(r).name: vitatlas.load(r) for r in args.run}
+    dictionaries = {Path(r).name: vitatlas.load(r, device=device) for r in args.run}
     if not dictionaries:
-        X = model.residual_streams(pixels[:8], [args.layer])[args.layer].reshape(-1, model.width).numpy()
-        sae = vitatlas.SAE(kind="topk", n_latents=4 * model.width, k=8, epochs=2).fit(X, progress=False)
+        X = model.residual_streams(pixels[:8], [args.layer])[args.layer].reshape(-1, model.width).cpu().numpy()
+        sae = vitatlas.SAE(kind="topk", n_latents=4 * model.width, k=8, epochs=2, device=device).fit(X, progress=False)
         sae.fit_info = {"model": model.name, "layer": args.layer}
         dictionaries = {"topk-sae (fitted here)": sae}
     last = model.n_layers - 1
@@ -89,8 +107,8 @@ def main() -> None:
             model.forward_from(last, model.residual_streams(pixels[s:s + args.batch], [last])[last])
 
     plain()  # warm-up
-    t_plain = best_of(plain, args.repeats)
-    print(f"model {model.name}, {len(pixels)} images, batch {args.batch}, {args.threads} thread(s); "
+    t_plain = best_of(plain, args.repeats, device)
+    print(f"model {model.name}, {len(pixels)} images, batch {args.batch}, {args.threads} thread(s), device {device}; "
           "timings are best of {args.repeats}, on a shared machine they are noisy".replace("{args.repeats}",
                                                                                            str(args.repeats)))
     print(f"{'condition':52s} {'images/s':>9s} {'vs plain':>9s}")
@@ -108,7 +126,7 @@ def main() -> None:
 
         for label, fn in ((f"intervene() before+after, {name}", edited), (f"intervention() one pass, {name}", hooked)):
             fn()
-            t = best_of(fn, args.repeats)
+            t = best_of(fn, args.repeats, device)
             print(f"{label:52s} {len(pixels) / t:9.2f} {t_plain / t:9.2f}")
 
 

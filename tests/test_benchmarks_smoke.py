@@ -1,16 +1,47 @@
-"""Benchmarks are scripts, not tests, but they must keep importing the package's current API."""
+"""Benchmarks are scripts, not tests, but they must keep importing the package's current API and run.
 
+Every script must start (``--help``); the benchmarks of extraction, atom cards, interventions and the
+explorer also run their quickest mode end to end on tiny random models (seconds each, one thread) and
+must take ``--device``.
+"""
+
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py"))
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+# script -> (its quickest mode, a line its output must hold)
+QUICKEST = {
+    "extract.py": (["--smoke"], "pipeline keeps"),
+    "interpret.py": (["--quick", "--threads", "1"], '"atoms": 1024'),
+    "intervene.py": (["--tiny", "--images", "4", "--repeats", "1", "--threads", "1"], "intervention() one pass"),
+    "explore.py": (["--smoke", "--threads", "1"], "intervention (clamp atom"),
+}
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=300, env=ENV)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
 def test_benchmark_script_starts(script):
-    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    result = run(script.name, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage" in result.stdout.lower()
+    if script.name in QUICKEST:
+        assert "--device" in result.stdout, f"{script.name} has no --device option"
+
+
+@pytest.mark.parametrize("script", list(QUICKEST))
+def test_benchmark_quickest_mode_runs(script):
+    args, expected = QUICKEST[script]
+    result = run(script, *args, "--device", "cpu")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert expected in result.stdout, result.stdout[-2000:]
