@@ -5,6 +5,26 @@ from __future__ import annotations
 import click
 
 
+def stop_cleanly_on_sigterm() -> None:
+    """Under torchrun, turn the launcher's SIGTERM into a one-line error (``[rank r] error: ...``).
+
+    torchrun stops every process of a job with SIGTERM as soon as one fails or is killed; without this
+    the others would vanish without a word, or print a gloo traceback.
+    """
+    import signal
+    import threading
+
+    from .. import distributed
+    from ..errors import VitatlasError
+
+    def stop(signum, frame):
+        raise VitatlasError("stopped by torchrun because another process of the job failed or was stopped; "
+                            "re-run the same command to resume")
+
+    if distributed.world().distributed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 @click.command()
 @click.option("--model", "model_name", required=True, metavar="M",
               help="embedded:dinov2-s, or hf:<repo-or-local-path> (CLIP, SigLIP, DINOv2, ViT).")
@@ -29,15 +49,23 @@ import click
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--shard-mb", type=float, default=64.0, show_default=True, help="Target shard size in MiB.")
 def extract(model_name, data, layers, tokens, caption_column, out, limit, batch_size, dtype, device, shard_mb):
-    """Extract activations (resumable: re-run the same command after an interruption)."""
+    """Extract activations (resumable: re-run the same command after an interruption).
+
+    Under torchrun --nproc-per-node N the ranks split the images, each writing its own shards; the store is
+    the same as one process makes, and a killed run resumes with any N.
+    """
+    from .. import distributed
     from ..data.extract import extract as run_extract
     from ..errors import VitatlasError
 
+    stop_cleanly_on_sigterm()
     if shard_mb <= 0:
         raise VitatlasError(f"--shard-mb must be positive, got {shard_mb}")
     result = run_extract(model_name, data, list(layers), list(tokens), out, limit=limit, batch_size=batch_size,
                          dtype=dtype, shard_bytes=int(shard_mb * (1 << 20)), device=device,
                          caption_column=caption_column)
+    if not distributed.is_main():
+        return
     what = ", ".join([f"layer {layer}" for layer in result.layers] + (["embedding"] if "embedding" in tokens else []))
     click.echo(f"extracted {result.n_rows} new rows from {result.n_images} images ({what}) in {result.seconds:.1f} s "
                f"({result.rows_per_second:.0f} rows/s, {result.n_skipped} skipped) -> {result.out}")

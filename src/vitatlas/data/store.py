@@ -3,13 +3,17 @@
 Layout of one store directory::
 
     manifest.json          what was extracted (model, layer, tokens, source, preprocessing), d, dtype,
-                           row counts, and per shard its row/image counts and SHA-256 of every file
+                           row counts, and per shard its row/image counts and SHA-256 of every file;
+                           ``world_size``: how many processes the run that last wrote it had (1, or N
+                           under ``torchrun --nproc-per-node N``; absent in stores from before it)
     shard-00000.npy        (rows, d) activations, float16 or float32, memory-mappable
     index-00000.npy        (rows, 2) int32: (image id, token position) of every row
     labels-00000.npy       (rows,) int32 class label of the row's image, -1 if unknown (optional)
 
 Writes are atomic and the manifest is the commit point: a shard exists for readers only once the
 manifest lists it, so a run killed at any moment leaves a consistent store that a re-run resumes.
+Under torchrun several processes write their own shard files of one store (never the same file) and
+rank 0 alone commits them to the manifest, in shard order, once they are complete.
 An extraction over several layers writes one store per layer under ``DIR/layer-XX``.
 """
 
@@ -273,7 +277,8 @@ class ActivationStore:
                                     f"dtype {labels.dtype}")
         writer = StoreWriter(path, d=X.shape[1], dtype=dtype, identity={"from_array": True, "rows": int(X.shape[0])},
                              meta={"source": source or {"name": "array"}, "tokens": "given", "layer": None,
-                                   "model": None, "class_names": class_names}, has_labels=labels is not None)
+                                   "model": None, "class_names": class_names, "world_size": 1},
+                             has_labels=labels is not None)
         rows_per_shard = max(1, shard_bytes // (X.shape[1] * np.dtype(dtype).itemsize))
         for start in range(writer.n_images, X.shape[0], rows_per_shard):
             chunk = np.asarray(X[start:start + rows_per_shard], dtype=np.float32)
@@ -316,12 +321,16 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, d: int, dtype: str, identity: dict, meta: dict,
-                 has_labels: bool):
+                 has_labels: bool, main: bool = True):
         if dtype not in DTYPES:
             raise VitatlasError(f"unknown store dtype {dtype!r}: use float16 or float32")
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.main = main
         manifest_path = self.path / "manifest.json"
+        if not main:  # a helper rank: rank 0 created (or checked) the store and alone writes its manifest
+            self.manifest = read_json(manifest_path, "store manifest")
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
         if manifest_path.exists():
             old = read_json(manifest_path, "store manifest")
             if old.get("identity") != identity or int(old.get("d", -1)) != d or old.get("dtype") != dtype:
@@ -357,25 +366,46 @@ class StoreWriter:
 
     def write_shard(self, acts: np.ndarray, index: np.ndarray, labels: np.ndarray | None, n_images: int) -> None:
         """Write one shard (all files, then the manifest that commits it)."""
+        self.commit([self.write_shard_files(len(self.manifest["shards"]), acts, index, labels, n_images)])
+
+    def write_shard_files(self, number: int, acts: np.ndarray, index: np.ndarray, labels: np.ndarray | None,
+                          n_images: int) -> dict:
+        """Write the files of shard ``number`` atomically and return its manifest entry, uncommitted.
+
+        Several processes may each write their own shards of one store at once (distributed
+        extraction); only ``commit`` (rank 0) makes them part of the store, in shard order.
+        """
         d = self.manifest["d"]
         if acts.ndim != 2 or acts.shape[1] != d:
             raise VitatlasError(f"shard activations must have shape (rows, {d}), got {acts.shape}")
-        name = f"shard-{len(self.manifest['shards']):05d}"
+        name = f"shard-{number:05d}"
         files = _shard_files(name)
         digests = {"acts": atomic_save_npy(self.path / files["acts"], acts.astype(self.manifest["dtype"], copy=False)),
                    "index": atomic_save_npy(self.path / files["index"], index.astype(np.int32, copy=False))}
         if self.manifest["has_labels"]:
             lab = np.full(acts.shape[0], -1, np.int32) if labels is None else np.asarray(labels, np.int32)
             digests["labels"] = atomic_save_npy(self.path / files["labels"], lab)
-        self.manifest["shards"].append({"name": name, "rows": int(acts.shape[0]), "images": int(n_images),
-                                        "sha256": digests})
-        self.manifest["n_rows"] += int(acts.shape[0])
-        self.manifest["n_images"] += int(n_images)
-        atomic_write_json(self.path / "manifest.json", self.manifest)
+        return {"name": name, "rows": int(acts.shape[0]), "images": int(n_images), "sha256": digests}
+
+    def commit(self, entries: list[dict], **meta) -> None:
+        """Append written shards (``write_shard_files`` entries, next in order) to the manifest and write it.
+
+        A helper rank (``main=False``) keeps its in-memory manifest in step without writing it.
+        """
+        for entry in entries:
+            expected = f"shard-{len(self.manifest['shards']):05d}"
+            if entry["name"] != expected:
+                raise VitatlasError(f"internal error: committing {entry['name']} to {self.path} where {expected} "
+                                    "comes next")
+            self.manifest["shards"].append(entry)
+            self.manifest["n_rows"] += entry["rows"]
+            self.manifest["n_images"] += entry["images"]
+        self.update_meta(**meta)
 
     def update_meta(self, **meta) -> None:
         self.manifest.update(meta)
-        atomic_write_json(self.path / "manifest.json", self.manifest)
+        if self.main:
+            atomic_write_json(self.path / "manifest.json", self.manifest)
 
     def finish(self, **meta) -> None:
         self.update_meta(complete=True, **meta)

@@ -1,0 +1,128 @@
+"""Extraction under torchrun: 2 gloo ranks make the same store as 1 process, file for file, and a run
+killed on one rank resumes with 1 or 2 processes to that same store."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from _dist import _rank_main, free_port, torchrun
+from _tiny import save_tiny_dinov2
+from PIL import Image
+
+from vitatlas import ActivationStore, VitatlasError
+from vitatlas.data.extract import extract
+
+SHARD_BYTES = 16384  # tiny model (width 32, 16 patches), float32: 8 images a shard, batches of 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale-extract")
+    model = save_tiny_dinov2(root / "dinov2")
+    folder = root / "images"
+    rng = np.random.default_rng(0)
+    for i in range(30):  # 31 files, 4 shards (8, 8, 8, 7 images); one unreadable image in shard 2
+        cls = folder / ("a" if i < 14 else "b")
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(cls / f"{i:02d}.png")
+    (folder / "b" / "20x.png").write_bytes(b"\x89PNG broken")
+    reference = root / "reference"
+    extract_one_process(model, folder, reference)
+    return model, folder, reference
+
+
+def extract_one_process(model, folder, out):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank runs: the same forward, bit for bit
+    try:
+        extract(f"hf:{model}", str(folder), [1], ["cls", "patches"], out, batch_size=4, shard_bytes=SHARD_BYTES,
+                progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cli_args(model, folder, out):
+    return ["extract", "--model", f"hf:{model}", "--data", str(folder), "--layer", "1", "--tokens", "cls",
+            "--tokens", "patches", "--batch-size", "4", "--shard-mb", str(SHARD_BYTES / 2**20), "--out", str(out)]
+
+
+def assert_same_store(reference, out, world_size):
+    for kind in ("cls", "patches"):
+        a = json.loads((reference / kind / "manifest.json").read_text())
+        b = json.loads((out / kind / "manifest.json").read_text())
+        assert (a.pop("world_size"), b.pop("world_size")) == (1, world_size)
+        assert a == b  # same shards with the same SHA-256 of every file, counts, skipped images, identity
+        assert sorted(p.name for p in (reference / kind).iterdir()) == sorted(p.name for p in (out / kind).iterdir())
+        for p in (reference / kind).glob("*.npy"):
+            assert p.read_bytes() == (out / kind / p.name).read_bytes()
+        store = ActivationStore(out / kind)
+        assert store.verify() == [] and store.manifest["n_skipped"] == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*unreadable")
+def test_two_ranks_write_the_same_store_as_one_process(setup, tmp_path):
+    model, folder, reference = setup
+    res = torchrun(cli_args(model, folder, tmp_path / "two"), nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("extracted") == 1 and "from 31 images" in res.stdout  # rank 0 alone reports
+    assert_same_store(reference, tmp_path / "two", world_size=2)
+    assert len(ActivationStore(tmp_path / "two" / "cls").shards) == 4
+
+
+def _rank1_dies_at_its_second_shard(rank, model, folder, out):
+    from vitatlas.data import store
+
+    if rank == 1:
+        write = store.StoreWriter.write_shard_files
+
+        def dying(self, number, *args, **kwargs):
+            if number >= 3:  # rank 1 computes shards 1 and 3: die after round 0 was committed
+                os._exit(3)
+            return write(self, number, *args, **kwargs)
+
+        store.StoreWriter.write_shard_files = dying
+    try:
+        extract(f"hf:{model}", str(folder), [1], ["cls", "patches"], out, batch_size=4, shard_bytes=SHARD_BYTES,
+                progress=False)
+    except VitatlasError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.filterwarnings("ignore:.*unreadable")
+def test_a_killed_rank_stops_the_job_and_it_resumes_with_one_or_two_processes(setup, tmp_path):
+    import torch.multiprocessing as mp
+
+    model, folder, reference = setup
+    killed = tmp_path / "killed"
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, _rank1_dies_at_its_second_shard,
+                                                  (model, folder, killed), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    rank, status, message = queue.get()
+    for p in procs:
+        p.join(timeout=60)
+    assert (rank, status) == (0, "ok"), message
+    assert "rank 0 lost contact with the other processes" in message and "re-run the same command" in message
+    assert "\n" not in message
+    for kind in ("cls", "patches"):  # only round 0 (shards 0 and 1) is committed, and every file of it is whole
+        partial = ActivationStore(killed / kind, allow_incomplete=True)
+        assert [s.name for s in partial.shards] == ["shard-00000", "shard-00001"]
+        assert partial.verify() == ["store is incomplete (16 images written)"]
+
+    again = tmp_path / "again"
+    shutil.copytree(killed, again)
+    extract_one_process(model, folder, killed)  # resume with 1 process
+    res = torchrun(cli_args(model, folder, again), nproc=2)  # resume with 2
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_store(reference, again, world_size=2)
+    for kind in ("cls", "patches"):
+        a = json.loads((reference / kind / "manifest.json").read_text())
+        b = json.loads((killed / kind / "manifest.json").read_text())
+        assert a["shards"] == b["shards"]
