@@ -13,7 +13,7 @@ import vitatlas
 from vitatlas import ActivationStore, VitatlasError
 from vitatlas.evaluation.metrics import reconstruction_metrics
 from vitatlas.learners.sae import DEFAULT_L1, SAE
-from vitatlas.learners.sae_train import SAESweep, default_lr, resolve_epochs
+from vitatlas.learners.sae_train import SAESweep, default_lr, default_rows, training_budget
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +258,8 @@ def test_sweep_refuses_members_that_cannot_share_batches():
     (dict(kind="topk", n_latents=64, k=4, speed=3), "unknown SAE option 'speed'"),
     (dict(kind="topk", n_latents=64, k=4, lr=float("nan")), "lr must be"),
     (dict(kind="matryoshka", n_latents=8, k=2, groups=[4, 6]), "ending at n_latents"),
+    (dict(kind="topk", n_latents=8, k=2, epochs=2, tokens=1000), "epochs or tokens, not both"),
+    (dict(kind="topk", n_latents=8, k=2, tokens=0), "tokens"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(VitatlasError, match=match):
@@ -302,7 +304,38 @@ def test_k_at_least_d_is_allowed_for_saes():
 
 def test_defaults():
     assert default_lr(512) == pytest.approx(4e-3) and default_lr(16384) == pytest.approx(8e-4)
-    assert resolve_epochs(None, 10) == 50 and resolve_epochs(None, 5000) == 1 and resolve_epochs(3, 10) == 3
+    # the default budget: 3 passes, at least 1M rows, at most 8 passes
+    assert default_rows(384_000) == 1_152_000 and default_rows(36_864) == 8 * 36_864
+    assert default_rows(200_000) == 1_000_000 and default_rows(10_000_000) == 30_000_000
+    tc = SAE(kind="topk", n_latents=64, k=4).train_config
+    b = training_budget(tc, 384_000)
+    assert (b.steps, b.steps_per_epoch, b.epochs) == (1125, 375, 3) and b.rows == 1_152_000
+    assert training_budget(SAE(kind="topk", n_latents=64, k=4, epochs=2).train_config, 5000).steps == 8
+    assert training_budget(SAE(kind="topk", n_latents=64, k=4, tokens=10_240).train_config, 5000).steps == 10
+    assert training_budget(SAE(kind="topk", n_latents=64, k=4, batch_size=800).train_config, 500).rows == 8 * 500
     sae = SAE(kind="topk", n_latents=64, k=4)
     assert sae.n_atoms == 64 and sae.name == "topk-k4-n64"
     assert SAE(**sae._config())._config() == sae._config()
+
+
+def test_auxk_dense_and_sparse_paths_agree(monkeypatch):
+    # AuxK decodes densely over the dead latents when they are few, sparsely otherwise: same loss and gradients
+    from vitatlas.learners import sae_objectives as O
+    from vitatlas.learners.sae_model import SAEModule
+
+    cfg = SAE(kind="topk", n_latents=48, k=3).config
+    X = torch.randn(64, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    m = SAEModule.initial(cfg, 16, X.mean(0), 1.0, seed=0, device="cpu", dtype=torch.float64).requires_grad_(True)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::3] = True
+    got = {}
+    for ratio in (0, 100):  # 0: always sparse; 100: always dense
+        monkeypatch.setattr(O, "AUX_DENSE_RATIO", ratio)
+        for p in m.parameters():
+            p.grad = None
+        out = O.topk_objective(m, X, dead, aux_k=5)
+        out.loss.backward()
+        got[ratio] = [out.aux] + [p.grad.clone() for p in m.parameters()]
+    assert got[0][0] > 0
+    for a, b in zip(got[0], got[100]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

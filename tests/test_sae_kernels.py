@@ -130,3 +130,76 @@ def test_normalize_rows():
     w = torch.randn(5, 3) * 7
     K.normalize_rows_(w)
     torch.testing.assert_close(w.norm(dim=1), torch.ones(5))
+
+
+def _dense_reference(x, b_dec, enc, b_enc, dec, mask, w_out):
+    """Autograd through the dense float64 computation: out = (ReLU((x - b_dec) enc^T + b_enc) * mask) dec."""
+    leaves = [t.clone().requires_grad_(True) for t in (x, b_dec, enc, b_enc, dec)]
+    xr, bdr, er, br, dr = leaves
+    out = (F.relu(F.linear(xr - bdr, er, br)) * mask) @ dr
+    ((out * w_out).sum() + out.pow(2).sum()).backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _problem_with_bias(b=9, n=13, d=6, seed=3):
+    x, enc, dec, b_enc = _problem(b, n, d, seed)
+    b_dec = torch.randn(d, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return x, b_dec, enc, b_enc, dec
+
+
+def test_fused_sparse_codes_decode_matches_dense_float64_autograd():
+    x, b_dec, enc, b_enc, dec = _problem_with_bias()
+    w_out = torch.randn(x.shape[0], x.shape[1], dtype=torch.float64)
+    for choose in (lambda pre: K.topk_pattern(pre, 4), lambda pre: K.batch_topk_pattern(pre, 3)[0]):
+        leaves = [t.clone().requires_grad_(True) for t in (x, b_dec, enc, b_enc, dec)]
+        xs, bds, es, bs, ds = leaves
+        with torch.no_grad():
+            pre = F.linear(xs - bds, es, bs)
+        p = choose(pre)
+        out, vals = K.sparse_codes_decode(pre, xs, bds, es, bs, ds, p)
+        ((out * w_out).sum() + out.pow(2).sum()).backward()
+        ref_out, ref_grads = _dense_reference(x, b_dec, enc, b_enc, dec, _dense_mask(p).double(), w_out)
+        torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(vals, F.relu(pre.reshape(-1)[p.flat]), rtol=0, atol=0)
+        for got, want in zip([t.grad for t in leaves], ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_fused_path_relu_cuts_negative_winners():
+    # a row whose top-k reaches negative pre-activations: those winners decode as 0 and pass no gradient
+    x, b_dec, enc, b_enc, dec = _problem_with_bias(b=5, n=7, d=4, seed=8)
+    b_enc = b_enc - 3.0  # most pre-activations negative
+    w_out = torch.randn(5, 4, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, b_dec, enc, b_enc, dec)]
+    with torch.no_grad():
+        pre = F.linear(leaves[0] - leaves[1], leaves[2], leaves[3])
+    p = K.topk_pattern(pre, 3)
+    assert (pre.reshape(-1)[p.flat] < 0).any()
+    out, vals = K.sparse_codes_decode(pre, *leaves, p)
+    ((out * w_out).sum() + out.pow(2).sum()).backward()
+    ref_out, ref_grads = _dense_reference(x, b_dec, enc, b_enc, dec, _dense_mask(p).double(), w_out)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for got, want in zip([t.grad for t in leaves], ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_subset_decode_matches_dense_float64_autograd():
+    # AuxK's dense path: a column subset (the dead latents), top-2 of them per row, all gradients
+    x, b_dec, enc, b_enc, dec = _problem_with_bias(b=8, n=12, d=5, seed=5)
+    cols = torch.tensor([1, 4, 5, 9, 11])
+    w_out = torch.randn(8, 5, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, b_dec, enc, b_enc, dec)]
+    xs, bds, es, bs, ds = leaves
+    with torch.no_grad():
+        pre = F.linear(xs - bds, es, bs)
+    pre_sub = pre[:, cols]
+    keep = torch.zeros_like(pre_sub).scatter_(1, pre_sub.topk(2, dim=1).indices, 1.0)
+    out = K.subset_decode(pre_sub, keep, xs, bds, es, bs, ds, cols)
+    ((out * w_out).sum() + out.pow(2).sum()).backward()
+    mask = torch.zeros(8, 12, dtype=torch.float64)
+    mask[:, cols] = keep
+    ref_out, ref_grads = _dense_reference(x, b_dec, enc, b_enc, dec, mask, w_out)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    for got, want in zip([t.grad for t in leaves], ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert (leaves[2].grad[[0, 2, 3]] == 0).all()  # latents outside the subset get nothing

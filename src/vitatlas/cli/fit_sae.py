@@ -26,13 +26,15 @@ from . import parse_groups
 @click.option("--groups", default=None, help="Matryoshka prefix sizes, e.g. 96,384,1536 (last = --atoms).")
 @click.option("--base", type=click.Choice(["topk", "batchtopk"]), default=None,
               help="Matryoshka activation (default: batchtopk).")
-@click.option("--epochs", type=int, default=None, help="Passes over the store (default: enough for 2000 steps).")
+@click.option("--epochs", type=int, default=None, help="Passes over the store (default: the --tokens budget).")
+@click.option("--tokens", type=int, default=None,
+              help="Training budget in rows (default: 3 passes, at least 1M rows, at most 8 passes).")
 @click.option("--batch-size", type=int, default=1024, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, batch_size, device, dtype, seed, no_progress):
+def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, batch_size, device, dtype, seed, no_progress):
     """Train sparse autoencoders (resumes from OUT/checkpoint when re-run)."""
     import itertools
     import time
@@ -48,8 +50,8 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, batch_size,
     # options a family does not use (--k on relu, --groups on topk) are refused there too
     family_options = {name: value for name, value in (("groups", parse_groups(groups)), ("base", base))
                       if value is not None}
-    saes = [SAE(kind=kind, n_latents=n, k=kk, l1=c, lr=rate, epochs=epochs, batch_size=batch_size, device=device,
-                dtype=dtype, seed=seed, **family_options)
+    saes = [SAE(kind=kind, n_latents=n, k=kk, l1=c, lr=rate, epochs=epochs, tokens=tokens, batch_size=batch_size,
+                device=device, dtype=dtype, seed=seed, **family_options)
             for n, kk, c, rate in itertools.product(n_latents, k or [None], l1 or [None], lr or [None])]
     store = ActivationStore(acts)
     names = [s.name for s in saes]

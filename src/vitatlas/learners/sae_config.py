@@ -160,7 +160,9 @@ class TrainConfig(Options):
     """How the data is streamed; every member of a sweep shares it (compared with ``==``)."""
 
     what: ClassVar[str] = "an SAE"
-    epochs: int | None = option(None, Int(min=1, optional=True), "passes over the data (None: >= 2000 steps)")
+    epochs: int | None = option(None, Int(min=1, optional=True), "passes over the data (None: the budget in tokens)")
+    tokens: int | None = option(None, Int(min=1, optional=True),
+                                "rows to train on when epochs is None (None: 3 passes, >= 1M rows, <= 8 passes)")
     batch_size: int = option(1024, Int(min=1), "rows per step (the last partial batch is dropped)")
     seed: int = option(0, Int(min=0), "initialisation and batch order")
     device: str = option("cpu", Device(), "'cpu' or 'cuda[:N]'")
@@ -168,6 +170,10 @@ class TrainConfig(Options):
     amp: bool = option(True, Flag(), "bf16 autocast for the forward pass on CUDA")
     checkpoint_every: int = option(500, Int(min=1), "steps between checkpoints")
     log_every: int = option(50, Int(min=1), "steps between log rows")
+
+    def check_rules(self) -> None:
+        if self.epochs is not None and self.tokens is not None:
+            raise OptionError("give epochs or tokens, not both (tokens is the training budget in rows)")
 
 
 # ---- the flat keyword form of SAE(kind=..., ...) and config.json -------------------------------------
