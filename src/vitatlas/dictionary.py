@@ -13,7 +13,8 @@ version). The base class gives it input checking, numpy/torch type mirroring, ch
 the sparse code form, and save/load as safetensors plus JSON.
 
 On disk a dictionary is a directory holding ``config.json`` (learner, sizes, constructor options,
-where it was fitted) and ``dictionary.safetensors`` (its tensors). Nothing is ever unpickled.
+where it was fitted and by how many processes: ``fit_info.world_size``, absent in runs saved before it)
+and ``dictionary.safetensors`` (its tensors). Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import ClassVar
 
 import torch
 
+from . import distributed
 from .arrays import ArrayLike, SparseCodes, as_tensor
 from .data.batches import is_store, iter_batches, n_rows_and_width
 from .errors import VitatlasError
@@ -152,12 +154,14 @@ class Dictionary(ABC):
         return self._mirror(X, torch.cat([self._decode(self._encode(x)) for x in self._chunks(X)]))
 
     def record_fit_source(self, X: ArrayLike) -> None:
-        """Remember where the data came from, so a later run can refuse a store from another model."""
+        """Remember where the data came from, so a later run can refuse a store from another model, and
+        how many processes fitted it (``world_size``: 1, or N under ``torchrun --nproc-per-node N``)."""
         if is_store(X):
             self.fit_info = X.describe()
         else:
             n, d = n_rows_and_width(X)
             self.fit_info = {"source": "array", "n_rows": int(n), "d": int(d)}
+        self.fit_info["world_size"] = distributed.world().size
 
     def save(self, path: str | Path) -> Path:
         """Write config.json + dictionary.safetensors into directory ``path`` (atomically)."""

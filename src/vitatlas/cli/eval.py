@@ -62,16 +62,29 @@ def find_runs(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def eval_cmd(runs, acts, out, baselines, k, n_atoms, max_rows, layer, batch_size, top_n, device, seed, progress):
-    """Evaluate fitted RUNS (and baselines) on the store ACTS; write metrics.json, report.md and plots to OUT."""
+    """Evaluate fitted RUNS (and baselines) on the store ACTS; write metrics.json, report.md and plots to OUT.
+
+    Under torchrun --nproc-per-node N each rank evaluates its part of the rows and the statistics are
+    combined; every rank fits the baselines, all evaluate rank 0's copy, and rank 0 writes the report.
+    """
     import time
 
     import numpy as np
 
+    from .. import distributed
     from ..data.store import ActivationStore
     from ..dictionary import check_fitted_on, load
     from ..evaluation import evaluate
     from ..evaluation.report import RunResult, safe_name, write_report
     from ..learners.baselines import BASELINES, make_baseline
+    from .extract import stop_cleanly_on_sigterm
+
+    stop_cleanly_on_sigterm()
+    main = distributed.is_main()
+
+    def echo(message: str, **kwargs) -> None:  # one voice under torchrun: rank 0's
+        if main:
+            click.echo(message, **kwargs)
 
     kinds = [] if baselines.strip().lower() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
     for b in kinds:
@@ -102,7 +115,7 @@ def eval_cmd(runs, acts, out, baselines, k, n_atoms, max_rows, layer, batch_size
         t0 = time.perf_counter()
         metrics = evaluate(dictionary, X, **kw)
         metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
-        click.echo(f"  evaluated in {metrics['eval_seconds']:.1f} s", err=True)
+        echo(f"  evaluated in {metrics['eval_seconds']:.1f} s", err=True)
         if ids is not None:  # top rows as row numbers of the whole store, not of the subset
             top = metrics["atoms"]["top_rows"]
             metrics["atoms"]["top_rows"] = np.where(top >= 0, ids[np.clip(top, 0, None)], -1)
@@ -110,7 +123,7 @@ def eval_cmd(runs, acts, out, baselines, k, n_atoms, max_rows, layer, batch_size
 
     results: list[RunResult] = []
     for name, path, dictionary in loaded:
-        click.echo(f"evaluating {name} ({dictionary.kind}, {dictionary.n_atoms} atoms)", err=True)
+        echo(f"evaluating {name} ({dictionary.kind}, {dictionary.n_atoms} atoms)", err=True)
         results.append(RunResult(name, run_eval(dictionary), dictionary.kind, str(path), False,
                                  dictionary._config(), getattr(dictionary, "fit_info", {}) or {}))
 
@@ -124,16 +137,22 @@ def eval_cmd(runs, acts, out, baselines, k, n_atoms, max_rows, layer, batch_size
             atoms_b = min(n_atoms, n_fit) if kind == "kmeans" else n_atoms
             try:
                 model = make_baseline(kind, n_atoms=atoms_b, k=k, seed=seed, device=device)
-                click.echo(f"fitting baseline {kind}", err=True)
+                echo(f"fitting baseline {kind}", err=True)
                 t0 = time.perf_counter()
                 model.fit(X, progress=False)
                 fit_s = round(time.perf_counter() - t0, 2)
-                click.echo(f"  fitted in {fit_s:.1f} s", err=True)
+                echo(f"  fitted in {fit_s:.1f} s", err=True)
             except VitatlasError as exc:
                 notes.append(f"baseline {kind} skipped: {exc}")
                 continue
-            model.save(Path(out) / "baselines" / safe_name(kind))
-            click.echo(f"evaluating baseline {kind}", err=True)
+            saved = Path(out) / "baselines" / safe_name(kind)
+            if main:
+                model.save(saved)
+            if distributed.world().distributed:  # every rank evaluates rank 0's fit, bit for bit
+                distributed.barrier(f"waiting for rank 0 to save the {kind} baseline")
+                if not main:
+                    model = load(saved, device=device)
+            echo(f"evaluating baseline {kind}", err=True)
             metrics = run_eval(model)
             metrics["fit_seconds"] = fit_s
             results.append(RunResult(kind, metrics, kind, str(Path(out) / "baselines" / kind), True,
@@ -145,5 +164,6 @@ def eval_cmd(runs, acts, out, baselines, k, n_atoms, max_rows, layer, batch_size
             "store rows": store.n_rows, "rows evaluated": results[0].metrics["n_rows"] if results else 0,
             "d": store.d, "labels": "yes" if (labels is not None or store.labels is not None) else "no",
             "classes": store.class_names}
-    report = write_report(out, results, store=store, data=data, notes=notes)
-    click.echo(f"report written to {report}")
+    if main:
+        report = write_report(out, results, store=store, data=data, notes=notes)
+        click.echo(f"report written to {report}")

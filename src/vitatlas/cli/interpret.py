@@ -34,15 +34,19 @@ def _request(run: Path, store, top: int, rank: str, max_atoms, images: bool, voc
 def interpret(run, acts, out, top, rank, vocab, caption_column, max_atoms, layer, device, no_images, progress):
     """Make atom cards for RUN over the store ACTS: OUT/atoms.jsonl, cards/*.png, index.html.
 
-    Resumable: re-run the same command after an interruption.
+    Resumable: re-run the same command after an interruption. Under torchrun --nproc-per-node N the ranks
+    share the streamed pass over the store; rank 0 writes the cards.
     """
     import numpy as np
 
+    from .. import distributed
     from ..data.store import ActivationStore
     from ..dictionary import load
     from ..interpret.api import interpret as make_cards
     from ..io import read_json
+    from .extract import stop_cleanly_on_sigterm
 
+    stop_cleanly_on_sigterm()
     if top <= 0:
         raise VitatlasError(f"--top must be a positive integer, got {top}")
     if max_atoms is not None and max_atoms <= 0:
@@ -58,12 +62,15 @@ def interpret(run, acts, out, top, rank, vocab, caption_column, max_atoms, layer
             raise VitatlasError(f"{out} already holds cards made with other arguments ({old.get('request')}): pass "
                                 "another --out, or the same arguments to resume")
         if old.get("complete"):
-            click.echo(f"cards already complete: {(out / 'index.html').resolve()}")
+            if distributed.is_main():
+                click.echo(f"cards already complete: {(out / 'index.html').resolve()}")
             return
         reuse = True
     cards = make_cards(dictionary, store, top=top, rank=rank, vocab=vocab, max_atoms=max_atoms, device=device,
                        images=not no_images, progress=progress, checkpoint_dir=out / "checkpoint", run_path=run,
                        caption_column=caption_column)
+    if cards is None:  # a helper rank under torchrun: its part of the pass is done
+        return
     cards.meta["request"] = request
     cards.save(out, progress=progress, reuse_images=reuse)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)

@@ -60,6 +60,24 @@ def iter_batches(X: ArrayLike, batch_size: int, *, shuffle: bool, seed: int, dev
         yield as_tensor(chunk, d=d, device=device, dtype=dtype, first_row=start if order is None else 0)
 
 
+def iter_row_range(X: ArrayLike, rows: range, batch_size: int, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, d: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, batch)``: checked tensors of the rows ``rows`` (contiguous, e.g. ``distributed.shard(n)``)
+    of an array, a tensor or an ActivationStore, in order, ``batch_size`` rows at a time."""
+    if batch_size <= 0:
+        raise VitatlasError(f"batch size must be positive, got {batch_size}")
+    if rows.step != 1:
+        raise VitatlasError("iter_row_range takes a contiguous range of rows")
+    if is_store(X):
+        for start, batch in X.iter_range(rows.start, rows.stop, batch_size):
+            yield start, as_tensor(batch, d=d, device=device, dtype=dtype, first_row=start)
+        return
+    for start in range(rows.start, rows.stop, batch_size):
+        chunk = X[start:min(start + batch_size, rows.stop)]
+        chunk = chunk if isinstance(X, torch.Tensor) else np.asarray(chunk)
+        yield start, as_tensor(chunk, d=d, device=device, dtype=dtype, first_row=start)
+
+
 def rows_of(X: ArrayLike, ids: np.ndarray) -> np.ndarray:
     """Rows ``ids`` of an array, a tensor or an ActivationStore, as a float32 numpy array."""
     if is_store(X):

@@ -242,6 +242,26 @@ class ActivationStore:
             for item in drain(final=True):
                 yield item if with_offsets else item[1]
 
+    def iter_range(self, lo: int, hi: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, batch)``: float32 rows ``lo..hi-1`` in order, ``batch_size`` at a time (the last may be
+        short) — one process's part of the store under torchrun. Shards are mapped one at a time and not
+        cached, as in ``iter_batches``."""
+        if batch_size <= 0:
+            raise VitatlasError(f"batch size must be positive, got {batch_size}")
+        if not 0 <= lo <= hi <= self.n_rows:
+            raise VitatlasError(f"row range {lo}..{hi} is outside a store of {self.n_rows} rows")
+        current, mapped = -1, None
+        for start in range(lo, hi, batch_size):
+            stop, pos, parts = min(start + batch_size, hi), start, []
+            while pos < stop:
+                i = int(np.searchsorted(self._offsets, pos, side="right")) - 1
+                if i != current:
+                    current, mapped = i, self._part(i, "acts")
+                end = min(stop, int(self._offsets[i + 1]))
+                parts.append(np.asarray(mapped[pos - self._offsets[i]:end - self._offsets[i]], dtype=np.float32))
+                pos = end
+            yield start, (np.concatenate(parts) if len(parts) > 1 else parts[0])
+
     # ---- integrity -------------------------------------------------------------------------------
     def verify(self, progress: bool = False) -> list[str]:
         """Check every file against its SHA-256 in the manifest; return the problems found (empty = ok)."""

@@ -3,6 +3,12 @@
 The metric definitions live with their code: reconstruction and sparsity in ``metrics``, atom labels
 in ``labels``, sparse probing and the downstream probe in ``probing``. ``report`` writes them out.
 
+Under torchrun (``torchrun --nproc-per-node N -m vitatlas eval ...``) each rank streams its contiguous
+part of the rows (``distributed.shard``) through the same accumulators, which are then combined: sums
+and counts are all-reduced, the top rows merged (value descending, ties by row number), the kept
+activation rows (zeros on other ranks' rows) summed; every rank then holds the same results, equal to
+one process's within float rounding. One process runs exactly as before.
+
 ``evaluate`` streams the rows once through a few accumulators, each with one job:
 ``ReconstructionStats`` (reconstruction and sparsity sums), ``TopActivations`` (the top rows per
 atom), ``KeptActivations`` (full activation vectors of a bounded row subset, for AUROC and sparse
@@ -14,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import distributed
 from ..arrays import ArrayLike
-from ..data.batches import is_store, iter_batches, n_rows_and_width
+from ..data.batches import is_store, iter_batches, iter_row_range, n_rows_and_width
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from .labels import image_activations, label_atoms, label_quality
@@ -41,6 +48,23 @@ class TopActivations:
         self.values, pick = torch.topk(cand_vals, k=self.values.shape[0], dim=0)
         self.rows = torch.gather(cand_rows, 0, pick)
 
+    def all_gather_merge_(self) -> TopActivations:
+        """Merge every rank's lists (torchrun) into the top ``top_n`` of all rows; in place, same on all ranks.
+
+        Candidates are ordered by value, descending, ties by row number, ascending, so the merge does not
+        depend on the rank count. A no-op for one process.
+        """
+        if not distributed.world().distributed:
+            return self
+        parts = distributed.all_gather_object((self.values.numpy(), self.rows.numpy()))
+        values = torch.from_numpy(np.concatenate([v for v, _ in parts]))
+        rows = torch.from_numpy(np.concatenate([r for _, r in parts]))
+        by_row = torch.argsort(rows, dim=0, stable=True)
+        values, rows = values.gather(0, by_row), rows.gather(0, by_row)
+        by_value = torch.argsort(values, dim=0, descending=True, stable=True)[:self.values.shape[0]]
+        self.values, self.rows = values.gather(0, by_value), rows.gather(0, by_value)
+        return self
+
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(top_n, A) rows (−1 where fewer rows fired) and values."""
         return torch.where(torch.isinf(self.values), torch.full_like(self.rows, -1), self.rows), self.values
@@ -62,6 +86,11 @@ class KeptActivations:
         pos = self.pos[start:start + act.shape[0]]
         sel = pos >= 0
         self.acts[pos[sel]] = act[torch.from_numpy(sel)].numpy()
+
+    def all_reduce_(self) -> None:
+        """Every rank filled the kept rows among its own rows and left zeros elsewhere: a sum joins them exactly."""
+        if self.acts is not None:
+            distributed.all_reduce_(torch.from_numpy(self.acts))
 
 
 class ImageMeans:
@@ -88,6 +117,11 @@ class ImageMeans:
         self.x_sum.index_add_(0, rs[ok], x[ok.to(x.device)].double().cpu())
         self.xh_sum.index_add_(0, rs[ok], x_hat[ok.to(x.device)].double().cpu())
         self.count.index_add_(0, rs[ok], torch.ones(int(ok.sum()), dtype=torch.float64))
+
+    def all_reduce_(self) -> None:
+        """Sum the per-image sums over ranks (an image cut by a rank boundary has rows on two ranks)."""
+        for t in (self.x_sum, self.xh_sum, self.count):
+            distributed.all_reduce_(t)
 
     def result(self, test_fraction: float, seed: int) -> dict:
         """The downstream probe on the images' mean rows (original vs reconstructed)."""
@@ -181,10 +215,18 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n, desc=f"eval {dictionary.learner}", unit="row", disable=not progress)
-    start = 0
-    for x in iter_batches(X, batch_size, shuffle=False, seed=0, device=dictionary.device,
-                          dtype=dictionary.dtype, d=d):
+    world = distributed.world()
+    if world.distributed:  # torchrun: this rank's contiguous rows, then the statistics are combined
+        rows = distributed.shard(n)
+        batches = (x for _, x in iter_row_range(X, rows, batch_size, device=dictionary.device,
+                                                dtype=dictionary.dtype, d=d))
+    else:
+        rows = range(n)
+        batches = iter_batches(X, batch_size, shuffle=False, seed=0, device=dictionary.device,
+                               dtype=dictionary.dtype, d=d)
+    bar = tqdm(total=len(rows), desc=f"eval {dictionary.learner}", unit="row", disable=not progress or not world.is_main)
+    start = rows.start
+    for x in batches:
         codes = dictionary._encode(x)
         x_hat = dictionary._decode(codes)
         stats.update(x, x_hat, codes)
@@ -197,6 +239,12 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
         start += x.shape[0]
         bar.update(x.shape[0])
     bar.close()
+    if world.distributed:
+        stats.all_reduce_()
+        top.all_gather_merge_()
+        kept.all_reduce_()
+        if images is not None:
+            images.all_reduce_()
 
     top_rows, top_vals = top.result()
     out: dict = {"kind": dictionary.learner, "n_rows": n, "d": d, "n_atoms": n_atoms}

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import distributed
 from ..data.batches import iter_batches
 
 DENSE_THRESHOLD = 0.01
@@ -78,6 +79,36 @@ class ReconstructionStats:
         self.nnz_hist += torch.bincount(per_row, minlength=self.n_atoms + 1)
         self.fires += nz.sum(0).cpu()
 
+    def all_reduce_(self) -> ReconstructionStats:
+        """Combine the sums of every rank's rows (torchrun) so each rank holds the whole data's; in place.
+
+        Counts and sums are all-reduced; the (count, mean, M2) triples are merged in rank order with the
+        same pairwise formula as ``update``. A no-op for one process.
+        """
+        if not distributed.world().distributed:
+            return self
+        sums = torch.tensor([self.n_nonzero_rows, self.ratio_sum, self.sse, self.nnz_sum], dtype=torch.float64)
+        distributed.all_reduce_(sums)
+        self.n_nonzero_rows, self.ratio_sum, self.sse, self.nnz_sum = int(sums[0]), *map(float, sums[1:])
+        distributed.all_reduce_(self.fires)
+        distributed.all_reduce_(self.nnz_hist)
+        parts = distributed.all_gather_object(
+            (self.n, self.d, None if self.mean is None else self.mean.numpy(), self.m2))
+        self.n, self.mean, self.m2 = 0, None, 0.0
+        for n_b, d_b, mean_b, m2_b in parts:
+            if n_b == 0:
+                continue
+            mean_b = torch.from_numpy(mean_b)
+            if self.n == 0:
+                self.n, self.d, self.mean, self.m2 = n_b, d_b, mean_b, m2_b
+                continue
+            delta = mean_b - self.mean
+            tot = self.n + n_b
+            self.m2 += m2_b + float((delta * delta).sum()) * self.n * n_b / tot
+            self.mean = self.mean + delta * (n_b / tot)
+            self.n = tot
+        return self
+
     def result(self) -> dict:
         n = max(self.n, 1)
         freq = (self.fires.double() / n).numpy()
@@ -106,7 +137,6 @@ class ReconstructionStats:
         return (self.fires.double() / max(self.n, 1)).numpy()
 
 
-@torch.no_grad()
 @torch.no_grad()
 def reconstruction_metrics(model, X, batch_size: int = 4096) -> dict:
     """The reconstruction and sparsity metrics of any fitted Dictionary over all of X (an array, a

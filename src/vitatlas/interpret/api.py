@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed
 from ..data.store import ActivationStore
 from ..dictionary import Dictionary, check_fitted_on
 from ..errors import VitatlasError
@@ -52,7 +53,7 @@ def interpret(dictionary: Dictionary, store: ActivationStore | str | os.PathLike
               vocab: str | os.PathLike | None = None, max_atoms: int | None = None, device: str = "cpu",
               images: bool = True, progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
               run_path: str | os.PathLike | None = None, caption_column: str | None = None,
-              seed: int = 0) -> AtomCards:
+              seed: int = 0) -> AtomCards | None:
     """Atom cards: per atom its top ``top`` images of ``store`` with per-patch codes, statistics, class
     labels, descriptions and nearest atoms. One streamed pass; see ``top_examples`` and ``build``.
 
@@ -60,6 +61,9 @@ def interpret(dictionary: Dictionary, store: ActivationStore | str | os.PathLike
     images: re-open the store's image source (``False``: statistics only). checkpoint_dir: save the
     running state there every minute and resume from it. run_path: recorded in cards.json.
     vocab / caption_column: passed to ``descriptions.describe_atoms`` (text and caption descriptions).
+
+    Under torchrun every rank streams its part of the store in the top-examples pass; rank 0 returns the
+    cards and the other ranks ``None``.
     """
     if not isinstance(dictionary, Dictionary):
         raise VitatlasError(f"interpret needs a fitted vitatlas Dictionary, got {type(dictionary).__name__}")
@@ -83,6 +87,8 @@ def interpret(dictionary: Dictionary, store: ActivationStore | str | os.PathLike
 
     s = _settings(dictionary, store, int(top), rank, n_atoms, seed)
     state = top_examples_pass(dictionary, store, s, device=device, progress=progress, checkpoint_dir=checkpoint_dir)
+    if not distributed.is_main():  # under torchrun the ranks shared the pass; rank 0 alone builds the cards
+        return None
     if s.signed and int(state["neg.count"].sum()) == 0:  # codes turned out non-negative: no negative side
         state = {k: v for k, v in state.items() if not k.startswith(SIDES[1] + ".")}
         s.signed = False

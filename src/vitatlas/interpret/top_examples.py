@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed
 from ..data.store import ActivationStore
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
@@ -184,15 +185,16 @@ def _absorb(state: dict, s: PassSettings, codes: torch.Tensor, ids: np.ndarray, 
 CHECKPOINT_NAME = "top-state.safetensors"
 
 
-def _load_checkpoint(checkpoint_dir: Path | None, identity: dict, device: str) -> tuple[dict | None, int]:
+def _load_checkpoint(checkpoint_dir: Path | None, identity: dict, device: str, name: str = CHECKPOINT_NAME
+                     ) -> tuple[dict | None, int]:
     """The saved state and the rows it covers, or (None, 0). One file: tensors and metadata commit together."""
-    if checkpoint_dir is None or not (checkpoint_dir / CHECKPOINT_NAME).is_file():
+    if checkpoint_dir is None or not (checkpoint_dir / name).is_file():
         return None, 0
     from safetensors import safe_open
 
     from ..io import load_safetensors
 
-    path = checkpoint_dir / CHECKPOINT_NAME
+    path = checkpoint_dir / name
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -205,9 +207,24 @@ def _load_checkpoint(checkpoint_dir: Path | None, identity: dict, device: str) -
     return state, int(meta["rows_done"])
 
 
-def _save_checkpoint(checkpoint_dir: Path, state: dict, identity: dict, rows_done: int) -> None:
-    save_safetensors(checkpoint_dir / CHECKPOINT_NAME, state,
+def _save_checkpoint(checkpoint_dir: Path, state: dict, identity: dict, rows_done: int,
+                     name: str = CHECKPOINT_NAME) -> None:
+    save_safetensors(checkpoint_dir / name, state,
                             metadata={"identity": json.dumps(identity), "rows_done": str(rows_done)})
+
+
+def rank_rows(index_ids: np.ndarray) -> range:
+    """This rank's contiguous rows, cut only between images: whole images are split across ranks."""
+    n = len(index_ids)
+    starts = np.flatnonzero(np.r_[True, index_ids[1:] != index_ids[:-1]]) if n else np.zeros(0, np.int64)
+    runs = distributed.shard(len(starts))
+    bound = lambda i: int(starts[i]) if i < len(starts) else n  # noqa: E731
+    return range(bound(runs.start), bound(runs.stop))
+
+
+def _rank_checkpoint_name() -> str:
+    w = distributed.world()
+    return f"top-state-rank{w.rank}-of-{w.size}.safetensors"
 
 
 @torch.no_grad()
@@ -219,24 +236,43 @@ def top_examples_pass(dictionary: Dictionary, store: ActivationStore, s: PassSet
     Returns the state with sorted top lists: ``{side}.values`` / ``{side}.image_ids`` (N, A),
     ``{side}.patch_values`` (A, N, P), ``{side}.count/total/peak`` (A,), ``{side}.hist`` (A, bins),
     ``faith.scores`` (len(faith_images), A); side is ``pos`` and, for signed codes, ``neg``.
+
+    Under torchrun each rank streams its own whole images (``rank_rows``) into its own state, saved to its
+    own checkpoint file (``top-state-rankR-of-N``: a resume needs the same N); the states are then
+    combined (``all_reduce_state``) and rank 0 saves the whole state as the one-process pass does, so a
+    finished pass is reused by any N. Every rank returns the same combined state.
     """
     from tqdm.auto import tqdm
 
     P = rows_per_image(store)
     identity = s.identity(dictionary, store)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    state, rows_done = _load_checkpoint(ckpt, identity, device)
-    if state is None:
-        state = new_state(s, P, device)
+    world = distributed.world()
     index_ids = store.index[:, 0]
+    rows = range(store.n_rows)
+    name = CHECKPOINT_NAME
+    rank_identity = identity
+    if world.distributed:
+        done, rows_done = _load_checkpoint(ckpt, identity, device)
+        if done is not None and rows_done == store.n_rows:  # a finished pass, by any number of processes
+            return sorted_state(done)
+        rows = rank_rows(index_ids)
+        name, rank_identity = _rank_checkpoint_name(), identity | {"rows": [rows.start, rows.stop]}
+    state, rows_done = _load_checkpoint(ckpt, rank_identity, device, name)
+    if state is None:
+        state, rows_done = new_state(s, P, device), rows.start
     pending_codes: torch.Tensor | None = None
     pending_start = rows_done
     last_save = time.perf_counter()
-    bar = tqdm(total=store.n_rows, initial=rows_done, unit="row", desc=f"interpret {dictionary.kind}",
-               disable=not progress)
-    # a small read buffer: the store then holds about one shard (as float32) at a time, not 256 MB
-    buffer = s.chunk_rows * store.d * 4
-    for start, batch in store.iter_batches(s.chunk_rows, shuffle=False, with_offsets=True, buffer_bytes=buffer):
+    bar = tqdm(total=len(rows), initial=rows_done - rows.start, unit="row", desc=f"interpret {dictionary.kind}",
+               disable=not progress or not world.is_main)
+    if world.distributed:
+        batches = store.iter_range(rows_done, rows.stop, s.chunk_rows)
+    else:
+        # a small read buffer: the store then holds about one shard (as float32) at a time, not 256 MB
+        buffer = s.chunk_rows * store.d * 4
+        batches = store.iter_batches(s.chunk_rows, shuffle=False, with_offsets=True, buffer_bytes=buffer)
+    for start, batch in batches:
         end = start + batch.shape[0]
         if end <= rows_done:
             continue
@@ -247,22 +283,62 @@ def top_examples_pass(dictionary: Dictionary, store: ActivationStore, s: PassSet
         if pending_codes is not None:
             codes = torch.cat([pending_codes, codes])
         ids = index_ids[pending_start:end]
-        # keep the last image for the next chunk unless the store ends here
-        cut = codes.shape[0] if end == store.n_rows else _last_run_start(ids)
+        # keep the last image for the next chunk unless this part of the store ends here
+        cut = codes.shape[0] if end == rows.stop else _last_run_start(ids)
         if cut:
             _absorb(state, s, codes[:cut], ids[:cut], P)
         pending_codes = codes[cut:] if cut < codes.shape[0] else None
         pending_start += cut
         bar.update(end - start)
         if ckpt is not None and time.perf_counter() - last_save > checkpoint_seconds:
-            _save_checkpoint(ckpt, state, identity, pending_start)
+            _save_checkpoint(ckpt, state, rank_identity, pending_start, name)
             last_save = time.perf_counter()
     bar.close()
     if pending_codes is not None:  # cannot happen: the last chunk absorbs everything
         raise VitatlasError("internal error: rows left over after the last chunk")
-    if ckpt is not None:
+    if world.distributed:
+        if ckpt is not None:
+            _save_checkpoint(ckpt, state, rank_identity, rows.stop, name)
+        state = all_reduce_state(state, s)
+        if ckpt is not None and world.is_main:
+            _save_checkpoint(ckpt, state, identity, store.n_rows)
+    elif ckpt is not None:
         _save_checkpoint(ckpt, state, identity, store.n_rows)
     return sorted_state(state)
+
+
+def all_reduce_state(state: dict, s: PassSettings) -> dict[str, torch.Tensor]:
+    """Combine the ranks' states (disjoint images) into the state of the whole store, on every rank.
+
+    Counts, sums and histograms are summed, maxima maxed, the per-image AUROC scores summed (each image's
+    row is non-zero on one rank only); the top lists are gathered and merged, by value descending with
+    ties broken by image id ascending, so the result does not depend on the number of ranks.
+    """
+    out = dict(state)
+    for key, t in state.items():
+        side, _, part = key.partition(".")
+        if part in ("count", "total", "hist") or key == "faith.scores":
+            out[key] = distributed.all_reduce_(t.clone(), "sum")
+        elif part == "peak":
+            out[key] = distributed.all_reduce_(t.clone(), "max")
+    for side in SIDES:
+        if f"{side}.values" not in state:
+            continue
+        keys = [f"{side}.values", f"{side}.image_ids"] + ([f"{side}.patch_values"] if s.patches else [])
+        parts = distributed.all_gather_object([state[k].cpu().numpy() for k in keys])
+        values = torch.from_numpy(np.concatenate([p[0] for p in parts]))           # (W·N, A)
+        ids = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+        by_id = torch.argsort(ids, dim=0, stable=True)
+        values, ids = values.gather(0, by_id), ids.gather(0, by_id)
+        pick = by_id.gather(0, torch.argsort(values, dim=0, descending=True, stable=True)[:s.top])  # (N, A)
+        device = state[keys[0]].device
+        out[keys[0]] = torch.from_numpy(np.concatenate([p[0] for p in parts])).gather(0, pick).to(device)
+        out[keys[1]] = torch.from_numpy(np.concatenate([p[1] for p in parts])).gather(0, pick).to(device)
+        if s.patches:
+            patches = torch.from_numpy(np.concatenate([p[2] for p in parts], axis=1))  # (A, W·N, P)
+            index = pick.T.unsqueeze(-1).expand(-1, -1, patches.shape[2])
+            out[keys[2]] = patches.gather(1, index).to(device)
+    return out
 
 
 def _last_run_start(ids: np.ndarray) -> int:

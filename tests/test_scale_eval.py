@@ -1,0 +1,96 @@
+"""evaluate and the interpret top-examples pass on 2 gloo ranks equal 1 process; world_size provenance."""
+
+import json
+
+import numpy as np
+import pytest
+from _dist import run_ranks
+from test_interpret import fake_extract_store
+
+import vitatlas
+from vitatlas import ActivationStore
+from vitatlas.dictionary import check_fitted_on
+from vitatlas.evaluation import evaluate
+from vitatlas.interpret.api import _settings
+from vitatlas.interpret.top_examples import rank_rows, top_examples_pass
+from vitatlas.learners.baselines import PCABaseline
+
+N_IMAGES = 29  # 464 rows of 16 patches: the rank boundary (row 232) cuts image 14 in two for evaluate
+RTOL = 1e-5    # float32 codes of batches of other shapes differ in the last bits (see tests/_tolerance.py)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale-eval")
+    store = fake_extract_store(root / "patches", n_images=N_IMAGES, images_per_shard=8)
+    run = vitatlas.DBKSVD(n_atoms=24, k=3, seed=0).fit(store, progress=False).save(root / "run")
+    return root, store, vitatlas.load(run)
+
+
+def _pass(dictionary, store, checkpoint_dir):
+    s = _settings(dictionary, store, top=5, rank="max", n_atoms=int(dictionary.n_atoms), seed=0)
+    state = top_examples_pass(dictionary, store, s, progress=False, checkpoint_dir=checkpoint_dir)
+    return {k: v.cpu().numpy() for k, v in state.items()}
+
+
+def _on_each_rank(rank, root):
+    store, dictionary = ActivationStore(root / "patches"), vitatlas.load(root / "run")
+    metrics = evaluate(dictionary, store, batch_size=64)
+    state = _pass(dictionary, store, root / f"ckpt-{rank}")  # a checkpoint dir per rank: the files must differ
+    fitted = PCABaseline(4).fit(store.to_numpy()[:100], progress=False)
+    return metrics, state, fitted.fit_info["world_size"], list(rank_rows(store.index[:, 0]))[::16]
+
+
+def test_evaluate_and_the_top_examples_pass_on_two_ranks_equal_one_process(setup):
+    root, store, dictionary = setup
+    ref = evaluate(dictionary, store, batch_size=64)
+    ref_state = _pass(dictionary, store, None)
+    out = run_ranks(_on_each_rank, root, world_size=2)
+    (m0, s0, ws0, rows0), (m1, s1, ws1, rows1) = out
+    assert ws0 == ws1 == 2 and dictionary.fit_info["world_size"] == 1
+    assert rows0[0] == 0 and rows1[0] == rows0[-1] + 16 and (rows1[-1] + 16) == store.n_rows  # whole images
+
+    for m in (m0, m1):  # every rank holds the whole result
+        assert m["n_rows"] == ref["n_rows"] == store.n_rows
+        for key, value in ref.items():
+            if isinstance(value, float):
+                assert m[key] == pytest.approx(value, rel=RTOL, abs=1e-7), key
+        assert m["l0_median"] == ref["l0_median"] and m["frequency_histogram"] == ref["frequency_histogram"]
+        np.testing.assert_array_equal(m["atoms"]["top_rows"], ref["atoms"]["top_rows"])  # no ties in float codes
+        np.testing.assert_allclose(m["atoms"]["top_values"], ref["atoms"]["top_values"], rtol=RTOL, atol=1e-6)
+        np.testing.assert_array_equal(m["atoms"]["frequency"], ref["atoms"]["frequency"])
+        np.testing.assert_array_equal(m["atoms"]["label"], ref["atoms"]["label"])
+        np.testing.assert_allclose(m["atoms"]["faithfulness"], ref["atoms"]["faithfulness"], rtol=RTOL)
+
+    assert sorted(s0) == sorted(ref_state) and "neg.values" in ref_state  # signed OMP codes: both sides
+    for s in (s0, s1):
+        for key, value in ref_state.items():
+            if key.endswith("patch_values"):  # codes of the kept images; slots no image filled hold leftovers
+                used = ref_state[key.replace("patch_values", "image_ids")].T >= 0   # (A, N)
+                np.testing.assert_allclose(s[key][used].astype(np.float64), value[used].astype(np.float64),
+                                           rtol=1e-3, atol=1e-3, err_msg=key)  # float16
+            elif key.endswith(("image_ids", "count", "hist")):
+                np.testing.assert_array_equal(s[key], value, err_msg=key)
+            else:
+                np.testing.assert_allclose(s[key].astype(np.float64), value.astype(np.float64), rtol=RTOL,
+                                           atol=1e-6, err_msg=key)
+    files = sorted(p.name for p in (root / "ckpt-1").iterdir())
+    assert files == ["top-state-rank1-of-2.safetensors"]  # rank 1 wrote its own part only
+    assert "top-state.safetensors" in {p.name for p in (root / "ckpt-0").iterdir()}  # rank 0: the whole state
+    again = _pass(dictionary, store, root / "ckpt-0")  # one process reuses the finished 2-rank pass
+    for key, value in s0.items():
+        np.testing.assert_array_equal(again[key], value)
+
+
+def test_world_size_provenance_and_files_from_before_it(setup, tmp_path):
+    root, store, dictionary = setup
+    assert store.manifest.get("world_size") is None  # written by StoreWriter directly (as stores from before)
+    cfg = json.loads((root / "run" / "config.json").read_text())
+    assert cfg["fit_info"]["world_size"] == 1 and cfg["fit_info"]["source"] == "store"
+    del cfg["fit_info"]["world_size"]  # a run saved before world_size was recorded
+    old = tmp_path / "old-run"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(cfg))
+    (old / "dictionary.safetensors").write_bytes((root / "run" / "dictionary.safetensors").read_bytes())
+    check_fitted_on(vitatlas.load(old), store)  # still accepted on its store
+    assert ActivationStore.from_array(tmp_path / "arr", np.ones((3, 2), np.float32)).manifest["world_size"] == 1
