@@ -6,6 +6,7 @@ must take ``--device``.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,13 @@ def test_benchmark_quickest_mode_runs(script):
     result = run(script, *args, "--device", "cpu")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     assert expected in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device: the --device cuda runs "
+                    "need one (scripts/gpu_checks.sh runs the full-size ones)")
+@pytest.mark.parametrize("script", list(QUICKEST))
+def test_benchmark_quickest_mode_runs_on_cuda(script):
+    args, expected = QUICKEST[script]
+    result = run(script, *args, "--device", "cuda")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert expected in result.stdout and re.search(r'device"?[=: ]+"?cuda', result.stdout), result.stdout[-2000:]
