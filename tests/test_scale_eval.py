@@ -4,13 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from _dist import run_ranks
+from _dist import run_ranks, torchrun
 from test_interpret import fake_extract_store
 
 import vitatlas
 from vitatlas import ActivationStore
 from vitatlas.dictionary import check_fitted_on
 from vitatlas.evaluation import evaluate
+from vitatlas.evaluation.metrics import reconstruction_metrics
 from vitatlas.interpret.api import _settings
 from vitatlas.interpret.top_examples import rank_rows, top_examples_pass
 from vitatlas.learners.baselines import PCABaseline
@@ -38,7 +39,8 @@ def _on_each_rank(rank, root):
     metrics = evaluate(dictionary, store, batch_size=64)
     state = _pass(dictionary, store, root / f"ckpt-{rank}")  # a checkpoint dir per rank: the files must differ
     fitted = PCABaseline(4).fit(store.to_numpy()[:100], progress=False)
-    return metrics, state, fitted.fit_info["world_size"], list(rank_rows(store.index[:, 0]))[::16]
+    recon = reconstruction_metrics(dictionary, store, batch_size=100)  # what the fit commands print
+    return metrics, state, fitted.fit_info["world_size"], list(rank_rows(store.index[:, 0]))[::16], recon
 
 
 def test_evaluate_and_the_top_examples_pass_on_two_ranks_equal_one_process(setup):
@@ -46,10 +48,12 @@ def test_evaluate_and_the_top_examples_pass_on_two_ranks_equal_one_process(setup
     ref = evaluate(dictionary, store, batch_size=64)
     ref_state = _pass(dictionary, store, None)
     out = run_ranks(_on_each_rank, root, world_size=2)
-    (m0, s0, ws0, rows0), (m1, s1, ws1, rows1) = out
+    (m0, s0, ws0, rows0, r0), (m1, s1, ws1, rows1, r1) = out
     assert ws0 == ws1 == 2 and dictionary.fit_info["world_size"] == 1
     assert rows0[0] == 0 and rows1[0] == rows0[-1] + 16 and (rows1[-1] + 16) == store.n_rows  # whole images
 
+    for r in (r0, r1):
+        assert r == pytest.approx(reconstruction_metrics(dictionary, store), rel=RTOL, abs=1e-7)
     for m in (m0, m1):  # every rank holds the whole result
         assert m["n_rows"] == ref["n_rows"] == store.n_rows
         for key, value in ref.items():
@@ -94,3 +98,35 @@ def test_world_size_provenance_and_files_from_before_it(setup, tmp_path):
     (old / "dictionary.safetensors").write_bytes((root / "run" / "dictionary.safetensors").read_bytes())
     check_fitted_on(vitatlas.load(old), store)  # still accepted on its store
     assert ActivationStore.from_array(tmp_path / "arr", np.ones((3, 2), np.float32)).manifest["world_size"] == 1
+
+
+def test_eval_and_interpret_commands_under_torchrun_write_what_one_process_writes(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from vitatlas.cli import main
+
+    root, store, _ = setup
+    eval_args = ["eval", str(root / "run"), "--acts", str(store.path), "--baselines", "pca", "--k", "3",
+                 "--atoms", "8", "--batch-size", "64", "--no-progress"]
+    cards_args = ["interpret", str(root / "run"), "--acts", str(store.path), "--top", "4", "--no-images",
+                  "--no-progress"]
+    for args in (eval_args + ["--out", str(tmp_path / "one")], cards_args + ["--out", str(tmp_path / "cards-one")]):
+        res = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+    res = torchrun(eval_args + ["--out", str(tmp_path / "two")], nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("report written") == 1
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert [r["name"] for r in one] == [r["name"] for r in two] == ["run", "pca"]
+    for a, b in zip(one, two):
+        for key, value in a.items():
+            if isinstance(value, float) and key not in ("eval_seconds", "fit_seconds"):
+                assert b[key] == pytest.approx(value, rel=RTOL, abs=1e-7), (a["name"], key)
+    res = torchrun(cards_args + ["--out", str(tmp_path / "cards-two")], nproc=2)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("cards for") == 1 and not (tmp_path / "cards-two" / "checkpoint").exists()
+    lines = lambda d: [json.loads(x) for x in (d / "atoms.jsonl").read_text().splitlines()]  # noqa: E731
+    for a, b in zip(lines(tmp_path / "cards-one"), lines(tmp_path / "cards-two"), strict=True):
+        assert [t["image"] for t in a["top_images"]] == [t["image"] for t in b["top_images"]]
+        assert a["frequency"] == b["frequency"] and a["labels"] == b["labels"]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..data.batches import iter_batches
+from ..data.batches import iter_batches, iter_row_range, n_rows_and_width
 
 DENSE_THRESHOLD = 0.01
 
@@ -141,13 +141,23 @@ class ReconstructionStats:
 def reconstruction_metrics(model, X, batch_size: int = 4096) -> dict:
     """The reconstruction and sparsity metrics of any fitted Dictionary over all of X (an array, a
     tensor or an ActivationStore) in one streamed pass; the definitions are this module's docstring.
-    What the fit commands print and what ``vitatlas.evaluate`` reports come from the same sums."""
+    What the fit commands print and what ``vitatlas.evaluate`` reports come from the same sums.
+
+    Under torchrun every rank must call it: each streams its contiguous part of the rows and the sums
+    are combined (``ReconstructionStats.all_reduce_``), so every rank returns the whole data's metrics.
+    """
     model._check_fitted()
     stats = ReconstructionStats(int(model.n_atoms))
-    for x in iter_batches(X, batch_size, shuffle=False, seed=0, device=model.device, dtype=model.dtype, d=model.d):
+    if distributed.world().distributed:
+        n, _ = n_rows_and_width(X)
+        batches = (x for _, x in iter_row_range(X, distributed.shard(n), batch_size, device=model.device,
+                                                dtype=model.dtype, d=model.d))
+    else:
+        batches = iter_batches(X, batch_size, shuffle=False, seed=0, device=model.device, dtype=model.dtype, d=model.d)
+    for x in batches:
         codes = model._encode(x)
         stats.update(x, model._decode(codes), codes)
-    return stats.result()
+    return stats.all_reduce_().result()
 
 
 def max_coherence(atoms: torch.Tensor, chunk: int = 4096) -> float | None:
