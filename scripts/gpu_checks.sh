@@ -103,10 +103,12 @@ EOF
 }
 
 step_tests() {
-    log "tests: pytest tests/test_cuda.py tests/test_device_option.py (limit ${STEP_TIMEOUT}s)"
+    local smoke=tests/test_benchmarks_smoke.py::test_benchmark_quickest_mode_runs_on_cuda
+    [ "$DEVICE" = cpu ] && smoke=tests/test_benchmarks_smoke.py::test_benchmark_quickest_mode_runs
+    log "tests: pytest tests/test_cuda.py tests/test_device_option.py $smoke (limit ${STEP_TIMEOUT}s)"
     local t0=$SECONDS
     timeout "$STEP_TIMEOUT" "$PY" -m pytest -q -rs -p no:cacheprovider --durations=10 \
-        tests/test_cuda.py tests/test_device_option.py >"$OUT/tests.log" 2>&1
+        tests/test_cuda.py tests/test_device_option.py "$smoke" >"$OUT/tests.log" 2>&1
     log "tests: exit $? after $((SECONDS - t0)) s -> tests.log"
     tail -n 30 "$OUT/tests.log"
 }
