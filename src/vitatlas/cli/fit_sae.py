@@ -5,6 +5,13 @@ trained on the same batches (each batch read once). With one SAE the model is sa
 several, each goes to RUN/<name> (e.g. RUN/topk-k32-n1536). Checkpoints go to RUN/checkpoint and a
 re-run of the same command resumes there; metrics are logged to RUN/log.jsonl. The last lines report
 explained_variance, l0 and dead_fraction of every SAE over the whole store.
+
+Under ``torchrun --nproc-per-node N -m vitatlas fit sae ...`` the ranks split every global batch
+(data-parallel, see ``learners.sae_train``); rank 0 alone writes the checkpoint, the log and the models.
+
+Test hook (documented so it is not mistaken for a feature): ``VITATLAS_TEST_EXIT_AT=RANK:STEP`` makes
+that rank leave with ``os._exit(1)`` right after that training step, as a killed process would; the
+scale-out tests use it to check that the job stops with a one-line error and that a re-run resumes.
 """
 
 from __future__ import annotations
@@ -33,13 +40,16 @@ from . import parse_groups
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, batch_size, device, dtype, seed, no_progress):
+def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, batch_size, device, dtype, seed, checkpoint_every,
+        no_progress):
     """Train sparse autoencoders (resumes from OUT/checkpoint when re-run)."""
     import itertools
     import time
     from pathlib import Path
 
+    from .. import distributed
     from ..data.store import ActivationStore
     from ..errors import VitatlasError
     from ..evaluation.metrics import reconstruction_metrics
@@ -51,7 +61,7 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, bat
     family_options = {name: value for name, value in (("groups", parse_groups(groups)), ("base", base))
                       if value is not None}
     saes = [SAE(kind=kind, n_latents=n, k=kk, l1=c, lr=rate, epochs=epochs, tokens=tokens, batch_size=batch_size,
-                device=device, dtype=dtype, seed=seed, **family_options)
+                device=device, dtype=dtype, seed=seed, checkpoint_every=checkpoint_every, **family_options)
             for n, kk, c, rate in itertools.product(n_latents, k or [None], l1 or [None], lr or [None])]
     store = ActivationStore(acts)
     names = [s.name for s in saes]
@@ -59,12 +69,36 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, bat
         raise VitatlasError("the same SAE is asked for twice (repeated --k/--l1/--atoms/--lr value)")
     out = Path(out)
     start = time.perf_counter()
-    SAESweep(saes).fit(store, checkpoint_dir=out / "checkpoint", progress=not no_progress, log_dir=out)
+    SAESweep(saes).fit(store, checkpoint_dir=out / "checkpoint", progress=not no_progress, log_dir=out,
+                       callback=_exit_hook())
     fit_s = time.perf_counter() - start
+    main = distributed.is_main()
     for s in saes:
         where = out if len(saes) == 1 else out / s.name
-        s.save(where)
-        m = reconstruction_metrics(s, store)
-        click.echo(f"saved {where}: explained_variance={m['explained_variance']:.4f} l0={m['l0']:.2f} "
-                   f"dead_fraction={m['dead_fraction']:.4f} signal_recovered={m['signal_recovered']:.4f}")
-    click.echo(f"fit_seconds={fit_s:.1f} total_seconds={time.perf_counter() - start:.1f}")
+        if main:
+            s.save(where)
+        m = reconstruction_metrics(s, store)  # every rank: the evaluation splits its rows when data-parallel
+        if main:
+            click.echo(f"saved {where}: explained_variance={m['explained_variance']:.4f} l0={m['l0']:.2f} "
+                       f"dead_fraction={m['dead_fraction']:.4f} signal_recovered={m['signal_recovered']:.4f}")
+    distributed.barrier("waiting for rank 0 to save the SAEs")
+    if main:
+        click.echo(f"fit_seconds={fit_s:.1f} total_seconds={time.perf_counter() - start:.1f}")
+
+
+def _exit_hook():
+    """The ``VITATLAS_TEST_EXIT_AT=RANK:STEP`` test hook (module docstring), or None."""
+    import os
+
+    from .. import distributed
+
+    spec = os.environ.get("VITATLAS_TEST_EXIT_AT")
+    if not spec:
+        return None
+    rank, at = (int(v) for v in spec.split(":"))
+
+    def hook(step: int, metrics: dict) -> None:
+        if step == at and distributed.world().rank == rank:
+            os._exit(1)
+
+    return hook

@@ -152,7 +152,7 @@ class OptimConfig(Options):
     warmup_steps: int | None = option(None, Int(min=0, optional=True), "linear warm-up (None: 5% of steps, <= 1000)")
     grad_clip: float | None = option(1.0, Real(min=0, optional=True), "max gradient norm (None or 0: off)")
     dead_tokens: int | None = option(None, Int(min=1, optional=True),
-                                     "a latent is dead after this many tokens without firing (None: min(1e7, rows))")
+                                     "a latent is dead after this many tokens without firing (None: min(1e7, rows, budget/8))")
 
 
 @dataclass(frozen=True)

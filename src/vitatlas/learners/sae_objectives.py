@@ -1,8 +1,10 @@
 """The SAE training losses, one small function per family, each returning a typed ``Objective``.
 
 Every function takes the module, a batch ``x`` (B, d) in normalised units, the dead-latent mask for
-AuxK (or None) and AuxK's width, and returns the loss to back-propagate plus the batch statistics the
-trainer accumulates (no host sync). Reconstruction terms are ‖x - x̂‖²/d (≈ relative to the signal,
+AuxK (or None), AuxK's width and, when data-parallel, ``rows``: the global batch's row count (losses are
+this rank's sums over the global count, so summing the ranks' gradients gives the global batch's; None
+for one process, where the code is exactly the single-process one), and returns the loss to
+back-propagate plus the batch statistics the trainer accumulates (no host sync). Reconstruction terms are ‖x - x̂‖²/d (≈ relative to the signal,
 since mean ‖x‖² = d after normalisation); the penalties are described in the ``sae`` docstring.
 """
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from . import sae_kernels as K
 from .sae_config import uses_batch_threshold
 from .sae_model import SAEModule
@@ -37,49 +40,84 @@ class Objective:
     aux: torch.Tensor | None = None
 
 
-def _recon(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    return (x - x_hat).pow(2).sum(1).mean() / x.shape[1]
+def _row_mean(v: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """Mean of per-row values over the batch; over the global batch of ``rows`` rows when data-parallel
+    (each rank's local sum divided by the global count, so the all-reduced gradients are the global ones)."""
+    return v.mean() if rows is None else v.sum() / rows
+
+
+def _recon(x: torch.Tensor, x_hat: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    return _row_mean((x - x_hat).pow(2).sum(1), rows) / x.shape[1]
 
 
 def _finish(loss, x, x_hat, live, fired, **extra) -> Objective:
     return Objective(loss=loss, sse=(x - x_hat).detach().float().pow(2).sum(), nnz=live.sum(), fired=fired, **extra)
 
 
-def relu_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int) -> Objective:
+def relu_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int, rows: int | None = None) -> Objective:
     """ReLU + L1 on z·‖W_dec‖, relative to the signal norm (‖x_n‖ ≈ sqrt(d)) so one l1 fits every width."""
     pre = F.linear(x - m.b_dec, m.W_enc, m.b_enc)
     z = F.relu(pre)
-    penalty = (z * m.W_dec.norm(dim=1)).sum(1).mean() / math.sqrt(x.shape[1])
+    penalty = _row_mean((z * m.W_dec.norm(dim=1)).sum(1), rows) / math.sqrt(x.shape[1])
     x_hat = z @ m.W_dec + m.b_dec
     live = z.detach() > 0
-    return _finish(_recon(x, x_hat) + m.config.activation.l1 * penalty, x, x_hat, live, live.any(0))
+    return _finish(_recon(x, x_hat, rows) + m.config.activation.l1 * penalty, x, x_hat, live, live.any(0))
 
 
-def jumprelu_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int) -> Objective:
+def jumprelu_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int, rows: int | None = None) -> Objective:
     """JumpReLU with learned thresholds, an L0 penalty and straight-through pseudo-derivatives."""
     act = m.config.activation
     pre = F.linear(x - m.b_dec, m.W_enc, m.b_enc)
     th = m.log_threshold.exp()
     z = K.jumprelu(pre, th, act.bandwidth)
-    penalty = K.step(pre, th, act.bandwidth).sum(1).mean()
+    penalty = _row_mean(K.step(pre, th, act.bandwidth).sum(1), rows)
     x_hat = z @ m.W_dec + m.b_dec
     live = z.detach() > 0
-    return _finish(_recon(x, x_hat) + act.l1 * penalty, x, x_hat, live, live.any(0))
+    return _finish(_recon(x, x_hat, rows) + act.l1 * penalty, x, x_hat, live, live.any(0))
 
 
-def _choose(m: SAEModule, pre: torch.Tensor):
-    """The winners of a topk/batchtopk batch: (pattern, batch threshold or None)."""
+def _choose(m: SAEModule, pre: torch.Tensor, rows: int | None = None):
+    """The winners of a topk/batchtopk batch: (pattern, batch threshold or None).
+
+    rows: the global batch's row count when data-parallel; BatchTopK then keeps the global batch's
+    rows·k largest entries over every rank (``global_batch_topk_pattern``).
+    """
     if uses_batch_threshold(m.config.activation):
-        return K.batch_topk_pattern(pre, m.config.activation.k)
+        if rows is None:
+            return K.batch_topk_pattern(pre, m.config.activation.k)
+        return global_batch_topk_pattern(pre, m.config.activation.k, rows)
     return K.topk_pattern(pre, m.config.activation.k), None
 
 
-def _sparse_codes(m: SAEModule, x: torch.Tensor):
+def global_batch_topk_pattern(pre: torch.Tensor, k: int, rows: int) -> tuple[K.SparsePattern, torch.Tensor]:
+    """BatchTopK over a global batch of ``rows`` rows split across the ranks: this rank's (B, n) ``pre``.
+
+    Exact: the global top rows·k entries are among each rank's own top rows·k, so every rank puts its
+    candidates' values in its slot of a (ranks, rows·k) buffer (-inf elsewhere), one max-all-reduce
+    gathers them, and every rank finds the same rows·k-th largest value; each keeps its entries at or
+    above it that are positive (ties at that value, measure zero for real data, may keep a few more).
+    """
+    w = distributed.world()
+    b, n = pre.shape
+    want = rows * k
+    local = torch.topk(pre.reshape(-1), min(want, b * n), sorted=False).values
+    buf = pre.new_full((w.size, want), float("-inf"))
+    buf[w.rank, :local.numel()] = local
+    distributed.all_reduce_(buf, "max")
+    top = torch.topk(buf.reshape(-1), want, sorted=False).values
+    cut = top.min()
+    kept = top[top > 0]
+    threshold = kept.min() if kept.numel() else pre.new_zeros(())
+    flat = torch.nonzero(((pre >= cut) & (pre > 0)).reshape(-1)).squeeze(1)
+    return K.SparsePattern.from_flat(flat, b, n), threshold
+
+
+def _sparse_codes(m: SAEModule, x: torch.Tensor, rows: int | None = None):
     """Winners of a topk/batchtopk batch: (xc, pre, pattern, values, batch threshold or None)."""
     xc = x - m.b_dec
     with torch.no_grad():
         pre = F.linear(xc, m.W_enc, m.b_enc)
-    pat, threshold = _choose(m, pre)
+    pat, threshold = _choose(m, pre, rows)
     vals = F.relu(K.gather_codes(pre, xc, m.W_enc, m.b_enc, pat))
     return xc, pre, pat, vals, threshold
 
@@ -90,7 +128,7 @@ def _sparse_codes(m: SAEModule, x: torch.Tensor):
 AUX_DENSE_RATIO = 8
 
 
-def _with_auxk(m: SAEModule, loss, x, x_hat, pre, dead, aux_k: int):
+def _with_auxk(m: SAEModule, loss, x, x_hat, pre, dead, aux_k: int, rows: int | None = None):
     """Add AuxK: the dead latents' ``aux_k`` largest pre-activations reconstruct the residual."""
     coef = m.config.activation.aux_coef
     if dead is None or coef <= 0:
@@ -113,27 +151,27 @@ def _with_auxk(m: SAEModule, loss, x, x_hat, pre, dead, aux_k: int):
             idx = dead_idx[torch.topk(pre[:, dead_idx], ka, dim=1, sorted=False).indices]
         apat = K.SparsePattern.from_topk(idx, m.config.n_latents)
         e_hat, _ = K.sparse_codes_decode(pre, x, m.b_dec, m.W_enc, m.b_enc, m.W_dec, apat)
-    aux = _recon(e, e_hat)
+    aux = _recon(e, e_hat, rows)
     return loss + coef * aux, aux.detach()
 
 
-def topk_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int) -> Objective:
+def topk_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int, rows: int | None = None) -> Objective:
     """TopK / BatchTopK: the encoder GEMM, the top-k, a sparse decode of the winners, AuxK on dead latents."""
     with torch.no_grad():
         pre = F.linear(x - m.b_dec, m.W_enc, m.b_enc)
-    pat, threshold = _choose(m, pre)
+    pat, threshold = _choose(m, pre, rows)
     dec, vals = K.sparse_codes_decode(pre, x, m.b_dec, m.W_enc, m.b_enc, m.W_dec, pat)
     x_hat = dec + m.b_dec
     sse = (x - x_hat).pow(2).sum()
-    loss, aux = _with_auxk(m, sse / (x.shape[0] * x.shape[1]), x, x_hat, pre, dead, aux_k)
+    loss, aux = _with_auxk(m, sse / ((rows or x.shape[0]) * x.shape[1]), x, x_hat, pre, dead, aux_k, rows)
     live = vals > 0
     return Objective(loss=loss, sse=sse.detach().float(), nnz=live.sum(), fired=pat.cols[live],
                      batch_threshold=threshold, aux=aux)
 
 
-def matryoshka_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int) -> Objective:
+def matryoshka_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int, rows: int | None = None) -> Objective:
     """Mean reconstruction loss of the nested prefixes (each adds its group's winners), plus AuxK."""
-    xc, pre, pat, vals, threshold = _sparse_codes(m, x)
+    xc, pre, pat, vals, threshold = _sparse_codes(m, x, rows)
     groups = m.config.prefix_sizes()
     gid = torch.bucketize(pat.cols, torch.tensor(groups[:-1], device=x.device), right=True)
     x_hat = m.b_dec.expand_as(x)
@@ -141,8 +179,8 @@ def matryoshka_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int) -> Obj
     for g in range(len(groups)):
         keep = gid == g
         x_hat = x_hat + K.sparse_decode(vals[keep], m.W_dec, pat.select(keep))
-        losses.append(_recon(x, x_hat))
-    loss, aux = _with_auxk(m, torch.stack(losses).mean(), x, x_hat, pre, dead, aux_k)
+        losses.append(_recon(x, x_hat, rows))
+    loss, aux = _with_auxk(m, torch.stack(losses).mean(), x, x_hat, pre, dead, aux_k, rows)
     live = vals.detach() > 0
     return _finish(loss, x, x_hat, live, pat.cols[live], batch_threshold=threshold, aux=aux)
 

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import distributed
 from ..arrays import ArrayLike
 from ..data.batches import data_fingerprint, iter_batches, n_rows_and_width
 from ..dictionary import Dictionary
@@ -80,6 +81,7 @@ INIT_ROWS = 32768
 DEFAULT_EPOCHS = 3
 MIN_DEFAULT_ROWS = 1_000_000
 MAX_DEFAULT_EPOCHS = 8
+RANK_SUMS = ("sse", "sst", "nnz", "loss")  # epoch accumulators each rank sums over its own rows
 ETA_STEPS = 20  # steps measured before the time estimate is printed (the first one is left out: warm-up)
 
 
@@ -145,7 +147,10 @@ class _Member:
         self.base_lr = optim.lr if optim.lr is not None else default_lr(sae.config.n_latents)
         auto_warmup = min(1000, max(1, self.total_steps // 20))
         self.warmup = optim.warmup_steps if optim.warmup_steps is not None else auto_warmup
-        self.dead_window = optim.dead_tokens if optim.dead_tokens is not None else min(10_000_000, n_rows)
+        # dead after 10M tokens without firing (Gao et al.), but within one pass over the data and an eighth of
+        # the budget, so AuxK starts reviving dead latents early in a short run (3 passes: after 3/8 of a pass)
+        self.dead_window = optim.dead_tokens if optim.dead_tokens is not None else \
+            max(1, min(10_000_000, n_rows, budget.rows // 8))
         self.objective = OBJECTIVES[sae.config.family]
         self.opt: torch.optim.Adam | None = None
         self.history: dict[str, float] = {}
@@ -185,15 +190,21 @@ class _Member:
         progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
         return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    def step(self, x_raw: torch.Tensor, step: int) -> None:
+    def step(self, x_raw: torch.Tensor, step: int, part: slice | None = None) -> None:
+        """One step on the batch ``x_raw``; ``part``: this rank's rows of it when data-parallel (None: all)."""
         sae, m = self.sae, self.module
-        x = x_raw * m.scale
+        x = x_all = x_raw * m.scale
+        rows = None
+        if part is not None:  # data-parallel: losses over the global batch's row count, gradients summed
+            x, rows = x_all[part], x_all.shape[0]
         dead = self.since_fired >= self.dead_window if sae.config.family in SPARSE_KINDS else None
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if (sae.train_config.amp and x.device.type == "cuda") \
             else contextlib.nullcontext()
         with amp:
-            out = self.objective(m, x, dead, self.aux_k)
+            out = self.objective(m, x, dead, self.aux_k) if rows is None else self.objective(m, x, dead, self.aux_k, rows)
         out.loss.backward()
+        if rows is not None:
+            self._all_reduce_grads()
         K.remove_parallel_grad(m.W_dec, m.W_dec.grad)
         if sae.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(m.trainable(), sae.optim.grad_clip)
@@ -203,10 +214,11 @@ class _Member:
         self.opt.zero_grad(set_to_none=True)
         K.normalize_rows_(m.W_dec.data)
         with torch.no_grad():
-            b = x.shape[0]
+            b = x_all.shape[0]
             self.since_fired += b
-            self.since_fired[out.fired] = 0
-            self.fired_epoch[out.fired] = True
+            fired = out.fired if rows is None else self._fired_anywhere(out.fired)
+            self.since_fired[fired] = 0
+            self.fired_epoch[fired] = True
             if out.batch_threshold is not None:
                 # running mean over the first updates, then an EMA (so short runs are not biased to step 0)
                 th = m.threshold
@@ -215,15 +227,41 @@ class _Member:
                 th.copy_(mom * th + (1 - mom) * out.batch_threshold.to(th.dtype))
             a = self.acc
             a["sse"] += out.sse.double()
-            a["sst"] += (x - x.mean(0)).pow_(2).sum().double()
+            a["sst"] += (x - x_all.mean(0)).pow_(2).sum().double()  # about the (global) batch mean
             a["nnz"] += out.nnz.double()
             a["rows"] += b
             a["loss"] += out.loss.detach().double()
             a["steps"] += 1
 
+    # -- data-parallel reductions (never called for one process) ------------------------------------------
+    def _all_reduce_grads(self) -> None:
+        """Sum every parameter's gradient over the ranks in one flat all-reduce."""
+        params = list(self.module.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        distributed.all_reduce_(flat, "sum")
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def _fired_anywhere(self, fired: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: the latents that fired on any rank (``fired``: this rank's indices or bool mask)."""
+        n = self.sae.config.n_latents
+        mask = fired.clone() if fired.dtype == torch.bool else \
+            torch.zeros(n, dtype=torch.bool, device=fired.device).index_fill_(0, fired, True)
+        return distributed.all_reduce_(mask, "max")
+
+    def global_acc(self) -> dict[str, torch.Tensor]:
+        """The epoch accumulators over all ranks (this process's own for one process)."""
+        if not distributed.world().distributed:
+            return self.acc
+        packed = distributed.all_reduce_(torch.stack([self.acc[k] for k in RANK_SUMS]), "sum")
+        return {**self.acc, **dict(zip(RANK_SUMS, packed))}
+
     def metrics(self) -> dict[str, float]:
         """Running metrics over the current epoch (training estimates, normalised units)."""
-        a = {k: float(v) for k, v in self.acc.items()}
+        a = {k: float(v) for k, v in self.global_acc().items()}
         if a["rows"] == 0:
             return dict(self.history)
         return {"loss": a["loss"] / a["steps"],
@@ -253,7 +291,7 @@ class _Member:
         out[f"{prefix}since_fired"] = self.since_fired
         out[f"{prefix}fired_epoch"] = self.fired_epoch.to(torch.uint8)
         out[f"{prefix}th_updates"] = torch.tensor(self.th_updates, dtype=torch.long)
-        out.update({f"{prefix}acc.{k}": v for k, v in self.acc.items()})
+        out.update({f"{prefix}acc.{k}": v for k, v in self.global_acc().items()})
         return out
 
     def load_state(self, t: dict[str, torch.Tensor], prefix: str, d: int) -> None:
@@ -269,6 +307,9 @@ class _Member:
         self.fired_epoch = t[f"{prefix}fired_epoch"].to(dev).bool()
         self.th_updates = int(t[f"{prefix}th_updates"])
         self.acc = {k: t[f"{prefix}acc.{k}"].to(dev) for k in self.acc}
+        if not distributed.is_main():  # the saved sums are global: rank 0 carries them on, the others restart at 0
+            for k in RANK_SUMS:
+                self.acc[k].zero_()
 
 
 class _Eta:
@@ -335,12 +376,21 @@ class SAESweep:
         total = budget.steps
         for s in self.saes:
             s.record_fit_source(X)
+        w = distributed.world()
+        if w.distributed and min(tc.batch_size, n) < w.size:
+            raise VitatlasError(f"batch_size {min(tc.batch_size, n)} is smaller than the {w.size} processes: every "
+                                "rank needs rows of each batch; use a larger batch_size or fewer processes")
 
         ckpt = Checkpoint(checkpoint_dir, CHECKPOINT_FORMAT, "SAE checkpoint") if checkpoint_dir is not None else None
-        identity = self._identity(d, data_fingerprint(X, n, d)) if ckpt is not None else None
+        fingerprint = data_fingerprint(X, n, d) if (ckpt is not None or w.distributed) else None
+        identity = self._identity(d, fingerprint) if ckpt is not None else None
+        if w.distributed:  # every rank must train the same SAEs on the same data, and see the same checkpoint
+            distributed.check_same({"saes": [s._config() for s in self.saes], "rows": n, "d": d, "data": fingerprint,
+                                    "checkpoint": ckpt is not None and ckpt.exists()}, "the SAE options and data")
         step, epoch, pos = 0, 0, 0
         if ckpt is not None and ckpt.exists():
             step, epoch, pos = self._resume(ckpt, members, d, identity)
+            distributed.barrier("loading the SAE checkpoint")  # nobody overwrites it while another rank reads
         else:
             mean, scale = self._data_stats(X, d, device, dtype, tc.seed)
             for m in members:
@@ -348,9 +398,10 @@ class SAESweep:
                                                     device=device, dtype=dtype))
                 m.start()
 
-        if log_dir is not None:
+        progress = progress and w.is_main  # one bar and one log: rank 0's
+        if log_dir is not None and w.is_main:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-        log = open(Path(log_dir) / "log.jsonl", "a") if log_dir is not None else None
+        log = open(Path(log_dir) / "log.jsonl", "a") if log_dir is not None and w.is_main else None
         bar = tqdm(total=total, initial=step, desc="sae" if len(members) == 1 else f"sae x{len(members)}",
                    unit="step", disable=not progress, dynamic_ncols=True)
         if progress:
@@ -364,8 +415,12 @@ class SAESweep:
                 for b_idx, x in enumerate(batches):
                     if b_idx < pos:
                         continue  # already trained on before the checkpoint we resumed from
+                    part = None
+                    if w.distributed:  # this rank's rows of the global batch (the same batch on every rank)
+                        rows = distributed.shard(x.shape[0])
+                        part = slice(rows.start, rows.stop)
                     for m in members:
-                        m.step(x, step)
+                        m.step(x, step, part)
                     step, pos, rows_done = step + 1, b_idx + 1, rows_done + x.shape[0]
                     bar.update(1)
                     eta.tick(step)
@@ -408,12 +463,19 @@ class SAESweep:
         total = torch.zeros(d, dtype=torch.float64, device=device)
         sq = torch.zeros((), dtype=torch.float64, device=device)
         rows = 0
+        w = distributed.world()
         for x in iter_batches(X, 8192, shuffle=True, seed=seed + 7919, device=device, dtype=dtype, d=d):
+            rows += x.shape[0]
+            if w.distributed:  # each rank sums its part of the same rows; the sums are reduced below
+                part = distributed.shard(x.shape[0])
+                x = x[part.start:part.stop]
             total += x.sum(0, dtype=torch.float64)  # float64 sums of the training dtype's rows
             sq += (x * x).sum(dtype=torch.float64)
-            rows += x.shape[0]
             if rows >= INIT_ROWS:
                 break
+        if w.distributed:
+            distributed.all_reduce_(total)
+            distributed.all_reduce_(sq)
         msq = float(sq) / rows
         if not msq > 0:
             raise VitatlasError("X is all zeros: an SAE cannot be fitted to it")
@@ -444,11 +506,14 @@ class SAESweep:
 
     @staticmethod
     def _save(ckpt: Checkpoint, members, identity, step, epoch, pos, complete) -> None:
+        """Rank 0 writes (every rank holds the same parameters; the accumulators are reduced first)."""
         tensors: dict[str, torch.Tensor] = {}
         for i, m in enumerate(members):
             tensors.update(m.state(f"m{i}."))
-        ckpt.save(step, tensors, {"identity": identity, "epoch": epoch, "batch": pos, "complete": complete,
-                                  "history": [m.history for m in members]})
+        if distributed.is_main():
+            ckpt.save(step, tensors, {"identity": identity, "epoch": epoch, "batch": pos, "complete": complete,
+                                      "history": [m.history for m in members]})
+        distributed.barrier("writing the SAE checkpoint")
 
     @staticmethod
     def _resume(ckpt: Checkpoint, members, d: int, identity: dict) -> tuple[int, int, int]:
