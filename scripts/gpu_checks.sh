@@ -63,7 +63,9 @@ export VITATLAS_CUDA_TEST_DEVICE=$DEVICE
 bench() {
     local name=$1 script=$2; shift 2
     local logf=$OUT/$name.log
-    if ! "$PY" "$script" --help 2>/dev/null | grep -q -- "--device"; then
+    local usage
+    usage=$("$PY" "$script" --help 2>/dev/null)
+    if ! grep -q -- "--device" <<<"$usage"; then
         log "$name: skipped, $script has no --device option"
         return
     fi
