@@ -197,6 +197,7 @@ def bench_intervention(tmp: Path, n_images: int, repeats: int, run: str | None, 
     tmp.mkdir(parents=True, exist_ok=True)
     name = model_name(model_spec, tmp)
     if run:
+        print(f"\n== one live intervention: {model_spec}, the run's layer, device {device} ==")
         explorer = Explorer.open([run], acts, cards=[cards] if cards else None, model=name, device=device,
                                  progress=False)
         label = f"run {run}"
