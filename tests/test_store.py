@@ -142,3 +142,33 @@ def test_from_array_rejects_bad_input(tmp_path):
         ActivationStore.from_array(tmp_path / "c", np.ones((0, 4), np.float32))
     with pytest.raises(VitatlasError, match="labels must be"):
         ActivationStore.from_array(tmp_path / "d", np.ones((4, 4), np.float32), labels=np.array([0.5, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("lo,hi,batch", [(0, 1000, 128), (250, 731, 100), (299, 301, 1), (400, 400, 7), (0, 1000, 5000)])
+def test_iter_range_streams_a_rank_s_rows_across_shards(tmp_path, lo, hi, batch):
+    store, X, _ = make(tmp_path)  # shards of 300 rows
+    got = list(store.iter_range(lo, hi, batch))
+    assert [s for s, _ in got] == list(range(lo, hi, batch))
+    np.testing.assert_array_equal(np.concatenate([b for _, b in got]) if got else X[:0], X[lo:hi])
+    with pytest.raises(VitatlasError, match="outside a store"):
+        next(store.iter_range(0, 1001, 10))
+
+
+def test_shards_written_apart_are_committed_in_order(tmp_path):
+    w = StoreWriter(tmp_path / "s", d=2, dtype="float32", identity={"x": 1}, meta={}, has_labels=False)
+    rows = lambda v: (np.full((3, 2), v, np.float32), np.zeros((3, 2), np.int32))  # noqa: E731
+    second = w.write_shard_files(1, *rows(1.0), None, n_images=3)  # another process's shard, written first
+    first = w.write_shard_files(0, *rows(0.0), None, n_images=3)
+    with pytest.raises(VitatlasError, match="shard-00000 comes next"):
+        w.commit([second])
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["shards"] == []  # nothing committed
+    helper = StoreWriter(tmp_path / "s", d=2, dtype="float32", identity={"x": 1}, meta={}, has_labels=False,
+                         main=False)
+    w.commit([first, second])
+    helper.commit([first, second])  # a helper rank keeps its copy in step without writing
+    w.finish()
+    store = ActivationStore(tmp_path / "s")
+    np.testing.assert_array_equal(store.to_numpy()[:, 0], [0, 0, 0, 1, 1, 1])
+    assert store.verify() == [] and helper.manifest["shards"] == store.manifest["shards"]
+    with pytest.raises(VitatlasError, match="not visible to this process"):
+        StoreWriter(tmp_path / "nowhere", d=2, dtype="float32", identity={}, meta={}, has_labels=False, main=False)

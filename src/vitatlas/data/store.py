@@ -348,6 +348,10 @@ class StoreWriter:
         self.main = main
         manifest_path = self.path / "manifest.json"
         if not main:  # a helper rank: rank 0 created (or checked) the store and alone writes its manifest
+            if not manifest_path.is_file():
+                raise VitatlasError(f"{manifest_path}, which rank 0 wrote, is not visible to this process: every "
+                                    "process of a distributed extraction must see the same --out directory (on "
+                                    "several machines, a shared file system)")
             self.manifest = read_json(manifest_path, "store manifest")
             return
         self.path.mkdir(parents=True, exist_ok=True)
