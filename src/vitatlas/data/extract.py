@@ -225,8 +225,8 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Seq
     first = start // per_shard if start < n_images else n_shards
     n_rounds = -(-(n_shards - first) // w.size)
     mine = [j for j in (first + t * w.size + w.rank for t in range(n_rounds)) if j < n_shards]
-    my_batches = [(j, s) for j in mine for s in range(j * per_shard, min((j + 1) * per_shard, n_images), batch_size)]
-    loaded = _prefetched(model, source, [s for _, s in my_batches], batch_size, n_images)
+    my_batches = [s for j in mine for s in range(j * per_shard, min((j + 1) * per_shard, n_images), batch_size)]
+    loaded = _prefetched(model, source, my_batches, batch_size, n_images)
     shard_parts: dict[tuple[int, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {key: [] for key in writers}
     shard_skipped = 0
     try:
