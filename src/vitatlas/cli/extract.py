@@ -1,4 +1,12 @@
-"""`vitatlas extract`: record a ViT's activations over images into an activation store."""
+"""`vitatlas extract`: record a ViT's activations over images into an activation store.
+
+Under ``torchrun --nproc-per-node N -m vitatlas extract ...`` the ranks split the image shards (see
+``data.extract``); rank 0 alone reports.
+
+Test hook (documented so it is not mistaken for a feature): ``VITATLAS_TEST_EXIT_AT=RANK:SHARD`` makes
+that rank leave with ``os._exit(1)`` just before it writes that shard, as a killed process would; the
+scale-out tests use it to check that the job stops with a one-line error and that a re-run resumes.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ def stop_cleanly_on_sigterm() -> None:
     from ..errors import VitatlasError
 
     def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: this error is already on its way out
         raise VitatlasError("stopped by torchrun because another process of the job failed or was stopped; "
                             "re-run the same command to resume")
 
@@ -63,9 +72,27 @@ def extract(model_name, data, layers, tokens, caption_column, out, limit, batch_
         raise VitatlasError(f"--shard-mb must be positive, got {shard_mb}")
     result = run_extract(model_name, data, list(layers), list(tokens), out, limit=limit, batch_size=batch_size,
                          dtype=dtype, shard_bytes=int(shard_mb * (1 << 20)), device=device,
-                         caption_column=caption_column)
+                         caption_column=caption_column, on_shard=_exit_hook())
     if not distributed.is_main():
         return
     what = ", ".join([f"layer {layer}" for layer in result.layers] + (["embedding"] if "embedding" in tokens else []))
     click.echo(f"extracted {result.n_rows} new rows from {result.n_images} images ({what}) in {result.seconds:.1f} s "
                f"({result.rows_per_second:.0f} rows/s, {result.n_skipped} skipped) -> {result.out}")
+
+
+def _exit_hook():
+    """The ``VITATLAS_TEST_EXIT_AT=RANK:SHARD`` test hook (module docstring), or None."""
+    import os
+
+    from .. import distributed
+
+    spec = os.environ.get("VITATLAS_TEST_EXIT_AT")
+    if not spec:
+        return None
+    rank, at = (int(v) for v in spec.split(":"))
+
+    def hook(shard: int) -> None:
+        if shard == at and distributed.world().rank == rank:
+            os._exit(1)
+
+    return hook

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +139,8 @@ def _commit_round(writers: dict, gathered: list, n_skipped: int, world_size: int
 
 def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Sequence[str], out: str | Path, *,
             limit: int | None = None, batch_size: int = 32, dtype: str = "float32", shard_bytes: int = 64 << 20,
-            device: str = "cpu", progress: bool = True, model=None, caption_column: str | None = None) -> ExtractResult:
+            device: str = "cpu", progress: bool = True, model=None, caption_column: str | None = None,
+            on_shard: Callable[[int], None] | None = None) -> ExtractResult:
     """Record the residual stream after each of ``layers`` for the images of ``data`` into ``out``.
 
     One layer and one token kind write a store directly in ``out``; several layers write ``out/layer-XX``
@@ -150,6 +151,7 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Seq
     ``tokens="embedding"`` takes ``layers=[]`` (see the module docstring). ``caption_column`` names the
     source's caption field (a column of a saved HF dataset, a key of an image folder's captions.jsonl);
     it is recorded in the manifest for the caption descriptions of ``vitatlas interpret``.
+    ``on_shard(j)`` is called before this process writes shard ``j`` (tests stop a rank there).
     """
     from tqdm.auto import tqdm
 
@@ -259,6 +261,8 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Seq
                     bar.update(min(done * w.size, n_images - bar.n))
                     bar.set_postfix(rows_s=f"{new_rows * w.size / max(time.perf_counter() - t0, 1e-9):.0f}",
                                     skipped=n_skipped + shard_skipped)
+                if on_shard is not None:
+                    on_shard(j)
                 written = ({key: _write_shard_files(writer, j, shard_parts[key], end, end - j * per_shard)
                             for key, writer in writers.items()}, shard_skipped)
                 shard_parts = {key: [] for key in writers}
