@@ -481,11 +481,6 @@ def test_classification_protocol_on_the_device(tiny, run_on_tiny, tmp_path):
             assert dev[key][rate] == pytest.approx(cpu[key][rate], abs=0.1), (key, rate)
 
 
-@pytest.mark.xfail(DEVICE != "cpu", strict=True, raises=RuntimeError,
-                   reason="bug: LinearProbe.fit creates its weights on the CPU whatever the features' device "
-                          "(src/vitatlas/intervene/heads.py:86-87, torch.zeros(...) without device=X.device); "
-                          "`vitatlas probe train` is not affected (intervene/probes.py moves features to the CPU "
-                          "first), the Python API with GPU features is")
 def test_linear_probe_fits_on_device_features():
     from vitatlas.intervene.heads import LinearProbe
 

@@ -17,11 +17,6 @@ from vitatlas.cli import main
 from vitatlas.data.extract import extract
 
 MISSING = "cuda:99"
-MODELS_LOAD_BUG = ("bug: models.load passes --device straight to torch (src/vitatlas/models/hf.py:94-95, "
-                   "HFVisionModel.__init__: torch.device(device) / model.to(device)) without the check that "
-                   "learners.options.resolve_device makes, so a missing CUDA device is a torch traceback; fix: "
-                   "check the device in a floor below models (e.g. move resolve_device's check to a small "
-                   "vitatlas/devices.py) and call it in models.load")
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +42,9 @@ COMMANDS = {
                  "--probe {root}/probe --limit 4 --out {root}/i",
     "explore": "explore {root}/run --acts {root}/acts --export {root}/ex",
 }
-BROKEN = {"extract", "probe train"}
 
 
-@pytest.mark.parametrize("command", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=MODELS_LOAD_BUG)) if c in BROKEN else c
-    for c in COMMANDS])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_a_missing_device_is_a_one_line_error(env, command):
     args = COMMANDS[command].format(**env).split() + ["--device", MISSING]
     with pytest.raises(VitatlasError, match="cuda:99") as info:

@@ -15,7 +15,7 @@ import vitatlas
 PACKAGE_DIR = Path(vitatlas.__file__).parent
 
 FLOORS = {
-    "errors": 0, "io": 0, "distributed": 0, "arrays": 1, "data": 2, "models": 2, "dictionary": 3, "learners": 4,
+    "errors": 0, "io": 0, "distributed": 0, "devices": 0, "arrays": 1, "data": 2, "models": 2, "dictionary": 3, "learners": 4,
     "evaluation": 5, "interpret": 5, "intervene": 5, "explore": 6, "cli": 7, "__main__": 8,
 }
 

@@ -72,7 +72,7 @@ class LinearProbe:
         """Fit on features X (n, d) and labels y (n,) in 0..C-1 (negative labels are ignored)."""
         check_task(task)
         X = torch.as_tensor(X, dtype=torch.float32)
-        y = torch.as_tensor(y, dtype=torch.int64)
+        y = torch.as_tensor(y, dtype=torch.int64).to(X.device)
         keep = y >= 0
         X, y = X[keep], y[keep]
         if X.shape[0] == 0:
@@ -83,8 +83,8 @@ class LinearProbe:
         mean = X.mean(0)
         std = X.std(0).clamp_min(1e-6)
         Z = (X - mean) / std
-        W = torch.zeros(n_classes, X.shape[1], requires_grad=True)
-        b = torch.zeros(n_classes, requires_grad=True)
+        W = torch.zeros(n_classes, X.shape[1], dtype=X.dtype, device=X.device, requires_grad=True)
+        b = torch.zeros(n_classes, dtype=X.dtype, device=X.device, requires_grad=True)
         opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
                                 line_search_fn="strong_wolfe")
 
@@ -96,8 +96,8 @@ class LinearProbe:
 
         with torch.enable_grad():
             opt.step(closure)
-        return cls(task=task, class_names=list(class_names), weight=W.detach(), bias=b.detach(), mean=mean,
-                   std=std, model=dict(model))
+        return cls(task=task, class_names=list(class_names), weight=W.detach().cpu(), bias=b.detach().cpu(),
+                   mean=mean.cpu(), std=std.cpu(), model=dict(model))
 
     # ---- prediction ------------------------------------------------------------------------------
     def logits_of_features(self, feats: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..devices import check_device
 from ..errors import OptionError
 
 INT_MAX = 2**31 - 1  # counts and seeds above this are typos, not requests
@@ -295,22 +296,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> str:
-    """Check a device string; a CUDA device on a machine without one is a clear error."""
-    if not isinstance(device, str):
-        raise OptionError(f"device must be a string such as 'cpu' or 'cuda', got {_short(device)}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise OptionError(f"unknown device {_short(device)}: use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise OptionError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"device {device!r} asked for but CUDA is not available on this machine: use device='cpu' "
-                          "(vitatlas.load(run, device='cpu') for a saved run)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise OptionError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
-                          "device(s)")
-    return device
+    """Check a device string; a CUDA device on a machine without one is a clear error (an OptionError)."""
+    return check_device(device, error=OptionError)
 
 
 # ---- cross-option rules ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..devices import check_device
 from ..errors import VitatlasError
 from .base import TOKEN_KINDS, VisionModel
 from .preprocess import ImageTransform
@@ -29,6 +30,7 @@ def load(name: str, device: str | torch.device = "cpu") -> VisionModel:
     """Load a vision model by name (see the module docstring for the accepted forms)."""
     if not isinstance(name, str):
         raise VitatlasError(f"model name must be a string, got {type(name).__name__}: use {ACCEPTED}")
+    device = check_device(device)
     kind, _, rest = name.partition(":")
     if kind == "embedded" and rest in EMBEDDED:
         from .embedded import load_embedded
