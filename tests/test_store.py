@@ -172,3 +172,19 @@ def test_shards_written_apart_are_committed_in_order(tmp_path):
     assert store.verify() == [] and helper.manifest["shards"] == store.manifest["shards"]
     with pytest.raises(VitatlasError, match="not visible to this process"):
         StoreWriter(tmp_path / "nowhere", d=2, dtype="float32", identity={}, meta={}, has_labels=False, main=False)
+
+
+def test_iter_row_range_is_the_same_for_stores_arrays_and_tensors(tmp_path):
+    import torch
+
+    from vitatlas.data.batches import iter_row_range
+
+    store, X, _ = make(tmp_path)
+    for data in (store, X, torch.from_numpy(X)):
+        got = list(iter_row_range(data, range(123, 877), 200))
+        assert [s for s, _ in got] == [123, 323, 523, 723]
+        np.testing.assert_array_equal(torch.cat([b for _, b in got]).numpy(), X[123:877])
+    bad = X.copy()
+    bad[500, 3] = np.nan
+    with pytest.raises(VitatlasError, match="500"):  # the row number in the whole data set
+        list(iter_row_range(bad, range(400, 600), 64))
