@@ -313,6 +313,10 @@ def test_defaults():
     assert training_budget(SAE(kind="topk", n_latents=64, k=4, epochs=2).train_config, 5000).steps == 8
     assert training_budget(SAE(kind="topk", n_latents=64, k=4, tokens=10_240).train_config, 5000).steps == 10
     assert training_budget(SAE(kind="topk", n_latents=64, k=4, batch_size=800).train_config, 500).rows == 8 * 500
+    small = training_budget(tc, 30_000)  # 8 whole passes of 29 full batches, not a 9th pass of 2 steps
+    assert (small.steps, small.epochs) == (8 * 29, 8) and "8 epochs of 30,000 rows = 232 steps" in small.describe()
+    assert training_budget(tc, 200_000).steps == 5 * (200_000 // 1024)  # the 1M-row floor, 5 whole passes
+    assert training_budget(tc, 300_000).steps == round(1_000_000 / 1024)  # the floor, not whole passes
     sae = SAE(kind="topk", n_latents=64, k=4)
     assert sae.n_atoms == 64 and sae.name == "topk-k4-n64"
     assert SAE(**sae._config())._config() == sae._config()

@@ -133,10 +133,12 @@ def test_normalize_rows():
 
 
 def _dense_reference(x, b_dec, enc, b_enc, dec, mask, w_out):
-    """Autograd through the dense float64 computation: out = (ReLU((x - b_dec) enc^T + b_enc) * mask) dec."""
-    leaves = [t.clone().requires_grad_(True) for t in (x, b_dec, enc, b_enc, dec)]
-    xr, bdr, er, br, dr = leaves
-    out = (F.relu(F.linear(xr - bdr, er, br)) * mask) @ dr
+    """Autograd through the dense float64 computation: out = (ReLU((x - b_dec) enc^T + b_enc) * mask) dec.
+
+    Returns the output and the gradients of b_dec, enc, b_enc, dec (x is data: no gradient)."""
+    leaves = [t.clone().requires_grad_(True) for t in (b_dec, enc, b_enc, dec)]
+    bdr, er, br, dr = leaves
+    out = (F.relu(F.linear(x - bdr, er, br)) * mask) @ dr
     ((out * w_out).sum() + out.pow(2).sum()).backward()
     return out.detach(), [t.grad for t in leaves]
 
@@ -147,21 +149,27 @@ def _problem_with_bias(b=9, n=13, d=6, seed=3):
     return x, b_dec, enc, b_enc, dec
 
 
+def _fused(x, b_dec, enc, b_enc, dec, choose, w_out):
+    leaves = [t.clone().requires_grad_(True) for t in (b_dec, enc, b_enc, dec)]
+    bds, es, bs, ds = leaves
+    xc = (x - bds).detach()
+    with torch.no_grad():
+        pre = F.linear(xc, es, bs)
+    p = choose(pre)
+    out, vals = K.sparse_codes_decode(pre, xc, bds, es, bs, ds, p)
+    ((out * w_out).sum() + out.pow(2).sum()).backward()
+    return p, pre, out, vals, [t.grad for t in leaves]
+
+
 def test_fused_sparse_codes_decode_matches_dense_float64_autograd():
     x, b_dec, enc, b_enc, dec = _problem_with_bias()
     w_out = torch.randn(x.shape[0], x.shape[1], dtype=torch.float64)
     for choose in (lambda pre: K.topk_pattern(pre, 4), lambda pre: K.batch_topk_pattern(pre, 3)[0]):
-        leaves = [t.clone().requires_grad_(True) for t in (x, b_dec, enc, b_enc, dec)]
-        xs, bds, es, bs, ds = leaves
-        with torch.no_grad():
-            pre = F.linear(xs - bds, es, bs)
-        p = choose(pre)
-        out, vals = K.sparse_codes_decode(pre, xs, bds, es, bs, ds, p)
-        ((out * w_out).sum() + out.pow(2).sum()).backward()
+        p, pre, out, vals, grads = _fused(x, b_dec, enc, b_enc, dec, choose, w_out)
         ref_out, ref_grads = _dense_reference(x, b_dec, enc, b_enc, dec, _dense_mask(p).double(), w_out)
         torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(vals, F.relu(pre.reshape(-1)[p.flat]), rtol=0, atol=0)
-        for got, want in zip([t.grad for t in leaves], ref_grads):
+        for got, want in zip(grads, ref_grads):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
@@ -170,16 +178,11 @@ def test_fused_path_relu_cuts_negative_winners():
     x, b_dec, enc, b_enc, dec = _problem_with_bias(b=5, n=7, d=4, seed=8)
     b_enc = b_enc - 3.0  # most pre-activations negative
     w_out = torch.randn(5, 4, dtype=torch.float64)
-    leaves = [t.clone().requires_grad_(True) for t in (x, b_dec, enc, b_enc, dec)]
-    with torch.no_grad():
-        pre = F.linear(leaves[0] - leaves[1], leaves[2], leaves[3])
-    p = K.topk_pattern(pre, 3)
-    assert (pre.reshape(-1)[p.flat] < 0).any()
-    out, vals = K.sparse_codes_decode(pre, *leaves, p)
-    ((out * w_out).sum() + out.pow(2).sum()).backward()
+    p, pre, out, vals, grads = _fused(x, b_dec, enc, b_enc, dec, lambda pre: K.topk_pattern(pre, 3), w_out)
+    assert (pre.reshape(-1)[p.flat] < 0).any() and (vals == 0).any()
     ref_out, ref_grads = _dense_reference(x, b_dec, enc, b_enc, dec, _dense_mask(p).double(), w_out)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
-    for got, want in zip([t.grad for t in leaves], ref_grads):
+    for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
@@ -188,13 +191,14 @@ def test_subset_decode_matches_dense_float64_autograd():
     x, b_dec, enc, b_enc, dec = _problem_with_bias(b=8, n=12, d=5, seed=5)
     cols = torch.tensor([1, 4, 5, 9, 11])
     w_out = torch.randn(8, 5, dtype=torch.float64)
-    leaves = [t.clone().requires_grad_(True) for t in (x, b_dec, enc, b_enc, dec)]
-    xs, bds, es, bs, ds = leaves
+    leaves = [t.clone().requires_grad_(True) for t in (b_dec, enc, b_enc, dec)]
+    bds, es, bs, ds = leaves
+    xc = (x - bds).detach()
     with torch.no_grad():
-        pre = F.linear(xs - bds, es, bs)
+        pre = F.linear(xc, es, bs)
     pre_sub = pre[:, cols]
     keep = torch.zeros_like(pre_sub).scatter_(1, pre_sub.topk(2, dim=1).indices, 1.0)
-    out = K.subset_decode(pre_sub, keep, xs, bds, es, bs, ds, cols)
+    out = K.subset_decode(pre_sub, keep, xc, bds, es, bs, ds, cols)
     ((out * w_out).sum() + out.pow(2).sum()).backward()
     mask = torch.zeros(8, 12, dtype=torch.float64)
     mask[:, cols] = keep
@@ -202,4 +206,23 @@ def test_subset_decode_matches_dense_float64_autograd():
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     for got, want in zip([t.grad for t in leaves], ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-    assert (leaves[2].grad[[0, 2, 3]] == 0).all()  # latents outside the subset get nothing
+    assert (leaves[1].grad[[0, 2, 3]] == 0).all()  # latents outside the subset get nothing
+
+
+def test_squared_error_matches_autograd_with_and_without_bias():
+    g = torch.Generator().manual_seed(11)
+    x, out0, b0 = (torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g,
+                   dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64))
+    out, b = out0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    sse, resid = K.squared_error((x - b).detach(), out, b)
+    (3.0 * sse).backward()
+    out_r, b_r = out0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    ref = (x - (out_r + b_r)).pow(2).sum()
+    (3.0 * ref).backward()
+    torch.testing.assert_close(sse, ref.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(resid, (x - out0 - b0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.grad, out_r.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, b_r.grad, rtol=1e-12, atol=1e-12)
+    out2 = out0.clone().requires_grad_(True)
+    K.squared_error(x, out2)[0].backward()
+    torch.testing.assert_close(out2.grad, -2 * (x - out0), rtol=1e-12, atol=1e-12)

@@ -185,93 +185,116 @@ def sparse_decode(values: torch.Tensor, dec: torch.Tensor, p: SparsePattern) -> 
 class _SparseCodesDecode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(**_AMP)
-    def forward(ctx, pre: torch.Tensor, x: torch.Tensor, b_dec: torch.Tensor, enc: torch.Tensor,
+    def forward(ctx, pre: torch.Tensor, xc: torch.Tensor, b_dec: torch.Tensor, enc: torch.Tensor,
                 b_enc: torch.Tensor, dec: torch.Tensor, p: SparsePattern):
         vals = pre.reshape(-1)[p.flat].to(dec.dtype).clamp_min_(0)
         out = F.embedding_bag(p.cols, dec, p.offsets, mode="sum", per_sample_weights=vals) \
             if p.rows.numel() else dec.new_zeros(p.n_rows, dec.shape[1])
         ctx.p = p
-        ctx.save_for_backward(x, b_dec, enc, dec, vals)
+        ctx.save_for_backward(xc, enc, dec, vals)
         ctx.mark_non_differentiable(vals)
         return out, vals
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g: torch.Tensor, _g_vals):
-        x, b_dec, enc, dec, vals = ctx.saved_tensors
+        xc, enc, dec, vals = ctx.saved_tensors
         p: SparsePattern = ctx.p
         g = g.contiguous()
         # d out / d value = the decoder row; ReLU passes the gradient where the value is positive
         g_vals = _sampled_dot(p, g, dec) * (vals > 0).to(g.dtype)
         g_dec = _transpose_matmul(p, vals, g) if ctx.needs_input_grad[5] else None
-        g_enc = _transpose_matmul(p, g_vals, x - b_dec) if ctx.needs_input_grad[3] else None
+        g_enc = _transpose_matmul(p, g_vals, xc) if ctx.needs_input_grad[3] else None
         g_b_enc = torch.bincount(p.cols, weights=g_vals, minlength=p.n_cols).to(g.dtype)
         # pre = (x - b_dec) @ enc.T + b_enc: b_dec's gradient is minus the row-sum of x's, i.e. -g_b_enc @ enc
         g_b_dec = -(g_b_enc @ enc) if ctx.needs_input_grad[2] else None
-        g_x = None
-        if ctx.needs_input_grad[1]:
-            g_x = F.embedding_bag(p.cols, enc, p.offsets, mode="sum", per_sample_weights=g_vals) \
-                if p.rows.numel() else torch.zeros_like(x)
-        return (None, g_x, g_b_dec, g_enc, g_b_enc if ctx.needs_input_grad[4] else None, g_dec, None)
+        return (None, None, g_b_dec, g_enc, g_b_enc if ctx.needs_input_grad[4] else None, g_dec, None)
 
 
-def sparse_codes_decode(pre: torch.Tensor, x: torch.Tensor, b_dec: torch.Tensor, enc: torch.Tensor,
+def sparse_codes_decode(pre: torch.Tensor, xc: torch.Tensor, b_dec: torch.Tensor, enc: torch.Tensor,
                         b_enc: torch.Tensor, dec: torch.Tensor, p: SparsePattern
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̂ - b_dec (B, d), codes (M,)): ReLU of ``pre = (x - b_dec) @ enc.T + b_enc`` at pattern p, decoded.
+    """(decoded (B, d), codes (M,)): ReLU of ``pre = xc @ enc.T + b_enc`` at pattern p, decoded by ``dec``.
 
-    ``gather_codes`` + ``sparse_decode`` in one function: the chosen codes are read once, the pattern's
-    column-major view is built once for both weight gradients, and b_dec's gradient through the encoder
-    is ``-g_b_enc @ enc`` (a vector-matrix product) instead of a (B, d) gradient for ``x - b_dec``.
+    ``xc = x - b_dec`` is given as a constant (computed once, without gradient, for the encoder GEMM);
+    b_dec receives its gradient through xc here: ``-g_b_enc @ enc``, a vector-matrix product, instead of
+    a (B, d) gradient for xc. This is ``gather_codes`` + ``sparse_decode`` in one function: the chosen
+    codes are read once and the pattern's column-major view is built once for both weight gradients.
     The returned codes carry no gradient (they are for statistics).
     """
-    return _SparseCodesDecode.apply(pre.detach(), x, b_dec, enc, b_enc, dec, p)
+    return _SparseCodesDecode.apply(pre.detach(), xc.detach(), b_dec, enc, b_enc, dec, p)
 
 
 class _SubsetDecode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(**_AMP)
-    def forward(ctx, pre_sub: torch.Tensor, keep: torch.Tensor, x: torch.Tensor, b_dec: torch.Tensor,
+    def forward(ctx, pre_sub: torch.Tensor, keep: torch.Tensor, xc: torch.Tensor, b_dec: torch.Tensor,
                 enc: torch.Tensor, b_enc: torch.Tensor, dec: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         a = pre_sub.to(dec.dtype).clamp_min(0).mul_(keep)
         dec_s = dec[cols]
-        ctx.save_for_backward(a, x, b_dec, enc, dec_s, cols)
+        ctx.save_for_backward(a, xc, enc, dec_s, cols)
         ctx.shape = (enc.shape, b_enc.shape, dec.shape)
         return a @ dec_s
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, g: torch.Tensor):
-        a, x, b_dec, enc, dec_s, cols = ctx.saved_tensors
+        a, xc, enc, dec_s, cols = ctx.saved_tensors
         enc_shape, b_enc_shape, dec_shape = ctx.shape
         g_a = (g @ dec_s.T).mul_(a > 0)  # zero off the kept entries (a = 0 there) and where ReLU cut
-        enc_s = enc[cols]
-        g_x = g_b_dec = g_enc = g_b_enc = g_dec = None
+        g_b_dec = g_enc = g_b_enc = g_dec = None
         g_b_s = g_a.sum(0)
         if ctx.needs_input_grad[6]:
             g_dec = g.new_zeros(dec_shape).index_copy_(0, cols, a.T @ g)
         if ctx.needs_input_grad[4]:
-            g_enc = g.new_zeros(enc_shape).index_copy_(0, cols, g_a.T @ (x - b_dec))
+            g_enc = g.new_zeros(enc_shape).index_copy_(0, cols, g_a.T @ xc)
         if ctx.needs_input_grad[5]:
             g_b_enc = g.new_zeros(b_enc_shape).index_copy_(0, cols, g_b_s)
         if ctx.needs_input_grad[3]:
-            g_b_dec = -(g_b_s @ enc_s)
-        if ctx.needs_input_grad[2]:
-            g_x = g_a @ enc_s
-        return None, None, g_x, g_b_dec, g_enc, g_b_enc, g_dec, None
+            g_b_dec = -(g_b_s @ enc[cols])
+        return None, None, None, g_b_dec, g_enc, g_b_enc, g_dec, None
 
 
-def subset_decode(pre_sub: torch.Tensor, keep: torch.Tensor, x: torch.Tensor, b_dec: torch.Tensor,
+def subset_decode(pre_sub: torch.Tensor, keep: torch.Tensor, xc: torch.Tensor, b_dec: torch.Tensor,
                   enc: torch.Tensor, b_enc: torch.Tensor, dec: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """(B, d) = (ReLU(pre_sub) ⊙ keep) @ dec[cols], dense over a subset of latents (AuxK's dead ones).
 
-    pre_sub: (B, c) = ``pre[:, cols]`` of ``pre = (x - b_dec) @ enc.T + b_enc`` (computed without grad);
-    keep: (B, c) 0/1 mask of the chosen entries. Gradients reach x, b_dec, enc, b_enc and dec as if
-    pre had been computed with grad, through three (B, c, d) products - a GEMM is several times
-    faster per entry than the sparse kernels, so this is the cheaper path when most of the c
+    pre_sub: (B, c) = ``pre[:, cols]`` of ``pre = xc @ enc.T + b_enc``, ``xc = x - b_dec`` (both computed
+    without grad); keep: (B, c) 0/1 mask of the chosen entries. Gradients reach b_dec, enc, b_enc and
+    dec as if pre had been computed with grad, through three (B, c, d) products - a GEMM is several
+    times faster per entry than the sparse kernels, so this is the cheaper path when most of the c
     columns are chosen in most rows (``aux_k`` close to c).
     """
-    return _SubsetDecode.apply(pre_sub.detach(), keep, x, b_dec, enc, b_enc, dec, cols)
+    return _SubsetDecode.apply(pre_sub.detach(), keep, xc.detach(), b_dec, enc, b_enc, dec, cols)
+
+
+class _SquaredError(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(**_AMP)
+    def forward(ctx, target: torch.Tensor, out: torch.Tensor, b_dec: torch.Tensor | None):
+        e = target - out
+        flat = e.reshape(-1)
+        ctx.save_for_backward(e)
+        ctx.has_bias = b_dec is not None
+        ctx.mark_non_differentiable(e)
+        return torch.dot(flat, flat), e
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g: torch.Tensor, _g_e):
+        (e,) = ctx.saved_tensors
+        g_out = e * (-2.0 * g)
+        return None, g_out, (g_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None)
+
+
+def squared_error(target: torch.Tensor, out: torch.Tensor, b_dec: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ‖target - out‖², the residual target - out (no gradient)), with the gradient in one pass.
+
+    With ``b_dec``: target is ``x - b_dec`` computed without gradient, and b_dec gets the gradient of
+    ‖x - b_dec - out‖² (the row-sum of out's), so the reconstruction x̂ = out + b_dec is never formed.
+    """
+    return _SquaredError.apply(target.detach(), out, b_dec)
 
 
 # ---- choosing the entries -------------------------------------------------------------------------

@@ -128,8 +128,11 @@ def _sparse_codes(m: SAEModule, x: torch.Tensor, rows: int | None = None):
 AUX_DENSE_RATIO = 8
 
 
-def _with_auxk(m: SAEModule, loss, x, x_hat, pre, dead, aux_k: int, rows: int | None = None):
-    """Add AuxK: the dead latents' ``aux_k`` largest pre-activations reconstruct the residual."""
+def _with_auxk(m: SAEModule, loss, x, x_hat, pre, dead, aux_k: int, rows: int | None = None, *, xc=None,
+               residual=None):
+    """Add AuxK: the dead latents' ``aux_k`` largest pre-activations reconstruct the residual.
+
+    xc (x - b_dec) and residual (x - x̂), without gradient, when the caller has them already."""
     coef = m.config.activation.aux_coef
     if dead is None or coef <= 0:
         return loss, None
@@ -138,32 +141,37 @@ def _with_auxk(m: SAEModule, loss, x, x_hat, pre, dead, aux_k: int, rows: int | 
     if not c:
         return loss, None
     ka = min(aux_k, c)
-    e = (x - x_hat).detach()
+    xc = (x - m.b_dec).detach() if xc is None else xc
+    e = (x - x_hat).detach() if residual is None else residual
     if c <= AUX_DENSE_RATIO * ka:
         pre_sub = pre[:, dead_idx]
         if ka < c:
             keep = torch.zeros_like(pre_sub).scatter_(1, torch.topk(pre_sub, ka, dim=1, sorted=False).indices, 1.0)
         else:
             keep = torch.ones_like(pre_sub)
-        e_hat = K.subset_decode(pre_sub, keep, x, m.b_dec, m.W_enc, m.b_enc, m.W_dec, dead_idx)
+        e_hat = K.subset_decode(pre_sub, keep, xc, m.b_dec, m.W_enc, m.b_enc, m.W_dec, dead_idx)
     else:
         with torch.no_grad():
             idx = dead_idx[torch.topk(pre[:, dead_idx], ka, dim=1, sorted=False).indices]
         apat = K.SparsePattern.from_topk(idx, m.config.n_latents)
-        e_hat, _ = K.sparse_codes_decode(pre, x, m.b_dec, m.W_enc, m.b_enc, m.W_dec, apat)
-    aux = _recon(e, e_hat, rows)
+        e_hat, _ = K.sparse_codes_decode(pre, xc, m.b_dec, m.W_enc, m.b_enc, m.W_dec, apat)
+    aux = K.squared_error(e, e_hat)[0] / ((rows or x.shape[0]) * x.shape[1])
     return loss + coef * aux, aux.detach()
 
 
 def topk_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int, rows: int | None = None) -> Objective:
-    """TopK / BatchTopK: the encoder GEMM, the top-k, a sparse decode of the winners, AuxK on dead latents."""
+    """TopK / BatchTopK: the encoder GEMM, the top-k, a sparse decode of the winners, AuxK on dead latents.
+
+    x - b_dec is formed once (without gradient) for the GEMM and every gradient; the kernels send b_dec
+    its share, so the step has few passes over (B, d) and (B, n) arrays."""
+    xc = (x - m.b_dec).detach()
     with torch.no_grad():
-        pre = F.linear(x - m.b_dec, m.W_enc, m.b_enc)
+        pre = F.linear(xc, m.W_enc, m.b_enc)
     pat, threshold = _choose(m, pre, rows)
-    dec, vals = K.sparse_codes_decode(pre, x, m.b_dec, m.W_enc, m.b_enc, m.W_dec, pat)
-    x_hat = dec + m.b_dec
-    sse = (x - x_hat).pow(2).sum()
-    loss, aux = _with_auxk(m, sse / ((rows or x.shape[0]) * x.shape[1]), x, x_hat, pre, dead, aux_k, rows)
+    dec, vals = K.sparse_codes_decode(pre, xc, m.b_dec, m.W_enc, m.b_enc, m.W_dec, pat)
+    sse, residual = K.squared_error(xc, dec, m.b_dec)
+    loss, aux = _with_auxk(m, sse / ((rows or x.shape[0]) * x.shape[1]), x, None, pre, dead, aux_k, rows, xc=xc,
+                           residual=residual)
     live = vals > 0
     return Objective(loss=loss, sse=sse.detach().float(), nnz=live.sum(), fired=pat.cols[live],
                      batch_threshold=threshold, aux=aux)

@@ -113,7 +113,7 @@ class Budget:
         return math.ceil(self.steps / self.steps_per_epoch)
 
     def describe(self) -> str:
-        return (f"{self.rows:,} rows = {self.rows / self.n_rows:.2g} epochs of {self.n_rows:,} rows = "
+        return (f"{self.rows:,} rows = {self.steps / self.steps_per_epoch:.3g} epochs of {self.n_rows:,} rows = "
                 f"{self.steps:,} steps of {min(self.batch_size, self.n_rows):,}")
 
 
@@ -128,9 +128,12 @@ def training_budget(train: TrainConfig, n_rows: int) -> Budget:
     steps_per_epoch = n_rows // train.batch_size if n_rows >= train.batch_size else 1
     if train.epochs is not None:
         steps = train.epochs * steps_per_epoch
+    elif train.tokens is not None:
+        steps = max(1, round(train.tokens / per_step))
     else:
-        rows = train.tokens if train.tokens is not None else default_rows(n_rows)
-        steps = max(1, round(rows / per_step))
+        rows = default_rows(n_rows)
+        # whole passes when the default is a number of passes (no pass of a few steps at the end)
+        steps = rows // n_rows * steps_per_epoch if rows % n_rows == 0 else max(1, round(rows / per_step))
     return Budget(steps, steps_per_epoch, train.batch_size, n_rows)
 
 
