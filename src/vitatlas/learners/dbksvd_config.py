@@ -45,6 +45,8 @@ class DBKSVDConfig(Options):
     atom_batch: int | None = option(None, Int(min=1, optional=True),
                                     "atoms updated in parallel against one snapshot (None: n_atoms / 8)")
     n_power: int = option(2, Int(min=1), "power-iteration steps of the rank-1 update")
+    memory: float = option(3.0, Real(min=0), "weight of an atom's old direction in its update, in units of this "
+                           "batch's energy along it, ramped up from 0 over the fit (0: plain K-SVD)")
     approx: bool = option(False, Flag(), "AK-SVD (one step from the codes)")
     refit: bool = option(True, Flag(), "least-squares refit after matching pursuit")
     tol: float = option(0.0, Real(min=0, max=1, max_open=True), "stop coding a sample at this relative residual")

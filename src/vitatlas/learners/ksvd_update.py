@@ -41,7 +41,7 @@ def _ptr(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                  a: torch.Tensor, atoms: torch.Tensor, n_power: int, approx: bool) -> None:
+                  a: torch.Tensor, atoms: torch.Tensor, n_power: int, approx: bool, memory: float = 0.0) -> None:
     """Rank-1 updates of ``atoms`` from their non-zeros (rows, cols) sorted by batch slot ``a``.
 
     The restricted residuals E_j = R[Ω_j] + γ_j d_jᵀ are never formed: with S the (m, B) sparse
@@ -73,8 +73,16 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
         U, _ = _normalise_rows(et_times(v_old), D_old)
     else:
         U = D_old
+        prior = None
         for _ in range(n_power):
-            U, _ = _normalise_rows(et_times(e_dot(U)), U)
+            ev = e_dot(U)
+            if prior is None and memory > 0:
+                # energy along the old atom in this batch (U is D_old at the first step)
+                prior = memory * torch.zeros(m, dtype=ev.dtype, device=ev.device).index_add_(0, a, ev * ev)
+            W = et_times(ev)
+            if prior is not None:
+                W = W + (prior * (D_old * U).sum(dim=1)).unsqueeze(1) * D_old
+            U, _ = _normalise_rows(W, U)
     # an atom whose restricted residual is zero keeps its direction; its codes become E·u = 0 anyway
     v_new = e_dot(U)
     # R += Σ_p (v_old_p d_old − v_new_p u) on row rows_p, as one (B, 2m) sparse × (2m, d) product
@@ -89,7 +97,7 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
 
 @torch.no_grad()
 def update_atom_batch(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, atoms: torch.Tensor,
-                      *, n_power: int = 3, approx: bool = False) -> None:
+                      *, n_power: int = 3, approx: bool = False, memory: float = 0.0) -> None:
     """Update the atoms ``atoms`` (1-D ids) in place, all against the current residual snapshot.
 
     R (B, d) residual Y − Σ val·D[idx] (updated in place), D (n_atoms, d) atoms (updated in place),
@@ -102,7 +110,7 @@ def update_atom_batch(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: 
     rows, cols = torch.nonzero(slot >= 0, as_tuple=True)
     a, order = torch.sort(slot[rows, cols], stable=True)
     rows, cols = rows[order], cols[order]
-    _update_slice(R, D, val, rows, cols, a, atoms, n_power, approx)
+    _update_slice(R, D, val, rows, cols, a, atoms, n_power, approx, memory)
 
 
 @torch.no_grad()
@@ -145,7 +153,7 @@ def duplicates(G: torch.Tensor, counts: torch.Tensor, trainable: torch.Tensor, t
 def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, *, atom_batch: int,
                 trainable: torch.Tensor | None = None, n_power: int = 3, approx: bool = False,
                 generator: torch.Generator | None = None, redraw: bool = True, G: torch.Tensor | None = None,
-                dup_threshold: float = 0.97) -> torch.Tensor:
+                dup_threshold: float = 0.97, memory: float = 0.0) -> torch.Tensor:
     """One K-SVD sweep over the dictionary, in place on R, D and val.
 
     R (B, d) residual for codes (idx, val) (B, k); D (n_atoms, d). ``trainable`` (1-D ids, default all)
@@ -175,7 +183,8 @@ def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.
         lo, hi = bounds[b], bounds[b + 1]
         atoms = order[start:start + step]
         if hi > lo:
-            _update_slice(R, D, val, rows[lo:hi], cols[lo:hi], r_sorted[lo:hi] - start, atoms, n_power, approx)
+            _update_slice(R, D, val, rows[lo:hi], cols[lo:hi], r_sorted[lo:hi] - start, atoms, n_power, approx,
+                          memory)
     if redraw:
         stale = counts == 0
         hit = None
