@@ -14,7 +14,7 @@ from vitatlas.evaluation import evaluate
 from vitatlas.evaluation.metrics import reconstruction_metrics
 from vitatlas.interpret.api import _settings
 from vitatlas.interpret.top_examples import rank_rows, top_examples_pass
-from vitatlas.learners.baselines import PCABaseline
+from vitatlas.learners.baselines import PCABaseline, make_baseline
 
 N_IMAGES = 29  # 464 rows of 16 patches: the rank boundary (row 232) cuts image 14 in two for evaluate
 RTOL = 1e-5    # float32 codes of batches of other shapes differ in the last bits (see tests/_tolerance.py)
@@ -24,7 +24,7 @@ RTOL = 1e-5    # float32 codes of batches of other shapes differ in the last bit
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale-eval")
     store = fake_extract_store(root / "patches", n_images=N_IMAGES, images_per_shard=8)
-    run = vitatlas.DBKSVD(n_atoms=24, k=3, seed=0).fit(store, progress=False).save(root / "run")
+    run = make_baseline("random", n_atoms=24, k=3, seed=0).fit(store).save(root / "run")  # signed OMP codes
     return root, store, vitatlas.load(run)
 
 
