@@ -6,12 +6,18 @@ Peers (optional; each is skipped with the reason when missing or failing):
 
 For each learner: fit seconds, fraction of planted atoms recovered (|cos| >= 0.99), held-out relative
 residual mean ‖x − x̂‖/‖x‖ (every dictionary is scored with the same exact k-sparse OMP, so only the
-atoms are compared), and time / vitatlas time. Problems: planted d=128/512 atoms/k=5/N=20k and
-d=384/1536/k=8/N=100k, plus a real store given by --store (e.g. DINOv2-S CLS activations of
-Fashion-MNIST). Then one DBK-SVD iteration is timed against its dense product DᵀY alone at
-d=768, 3072 atoms, k=10, on a sample batch of --iter-batch rows.
+atoms are compared), and time / vitatlas time. Problems: planted A d=128/512 atoms/k=5/N=20k, B
+d=384/1536/k=8/N=100k and C d=160/640/k=6/N=24k (issue 9's configuration, SPAMS with a 60 s budget),
+plus a real store given by --store (a --store-rows subsample, 10% held out; e.g. DINOv2-S layer-8
+patch tokens). Then one DBK-SVD iteration is timed against its dense product DᵀY alone at d=768,
+3072 atoms, k=10, on a sample batch of --iter-batch rows, at 1 and 2 threads. The last lines are the
+ratios issue 9 asks for: speed vs SPAMS at its recovery (target >= 20x), real-data signal_recovered
+vs dictlearn AK-SVD and the bar 0.73, iteration / DᵀY (target <= 2).
 
-    python benchmarks/dictionary_learning.py [--quick] [--store DIR] [--threads N] [--memory]
+    python benchmarks/dictionary_learning.py [--quick] [--problems A,B,C] [--store DIR] [--threads N]
+                                             [--device cpu|cuda] [--memory]
+
+``--device cuda`` runs vitatlas (and the DᵀY timing) on the GPU; the peers are CPU-only.
 
 ``--memory`` instead writes a ~4 GB float16 store (d=768) to a temporary directory, fits one epoch of
 DBK-SVD on it in a child process, prints that process's peak RSS, and deletes the store.
@@ -75,7 +81,13 @@ def heldout_residual(D_hat: np.ndarray, X: np.ndarray, k: int) -> float:
 
 def run_vitatlas(X, n_atoms, k, budget, threads, seed=0, **opts):
     m = DBKSVD(n_atoms, k, seed=seed, **opts).fit(X, progress=False)
-    return m.atoms.numpy(), f"{len(m.history)} iterations"
+    _sync(m.device)
+    return m.atoms.cpu().numpy(), f"{len(m.history)} iterations, {m.device}"
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_sklearn(X, n_atoms, k, budget, threads, seed=0):
@@ -123,13 +135,14 @@ def compare(name, X, Xtest, D_true, n_atoms, k, budgets, threads, vit_opts):
     print(f"\n## {name}: N={X.shape[0]} d={X.shape[1]} atoms={n_atoms} k={k} (held-out {Xtest.shape[0]})")
     print(f"{'learner':<28}{'seconds':>10}{'recovered':>11}{'heldout_resid':>15}{'time/vitatlas':>15}  note")
     learners = [("vitatlas DBK-SVD", lambda: run_vitatlas(X, n_atoms, k, None, threads, **vit_opts))]
-    learners += [
+    peers = [
         ("sklearn MiniBatchDL", lambda: run_sklearn(X, n_atoms, k, budgets["sklearn"], threads)),
         ("dictlearn K-SVD", lambda: run_dictlearn(X, n_atoms, k, budgets["ksvd"], threads)),
         ("dictlearn AK-SVD parallel", lambda: run_dictlearn(X, n_atoms, k, budgets["aksvd"], threads,
                                                             algorithm="aksvd", parallel=True)),
         ("SPAMS trainDL (L0)", lambda: run_spams(X, n_atoms, k, budgets["spams"], threads)),
     ]
+    learners += [(label, fn) for (label, fn), key in zip(peers, PEER_KEYS, strict=True) if key in PEERS]
     rows, base = [], None
     for label, fn in learners:
         try:
@@ -145,32 +158,63 @@ def compare(name, X, Xtest, D_true, n_atoms, k, budgets, threads, vit_opts):
         base = sec if base is None else base
         rec, res = recovered(D_true, atoms), heldout_residual(atoms, Xtest, k)
         rows.append((label, sec, rec, res))
+        SUMMARY.setdefault(name, {})[label] = (sec, rec, 1 - res)
         print(f"{label:<28}{sec:>10.1f}{rec:>11.3f}{res:>15.4f}{sec / base:>15.1f}  {note}", flush=True)
     return rows
 
 
-def time_iteration(B: int, threads: int, d=768, n_atoms=3072, k=10, seed=0):
+PEER_KEYS = ("sklearn", "ksvd", "aksvd", "spams")
+PEERS = set(PEER_KEYS)  # --peers narrows it
+SUMMARY: dict[str, dict[str, tuple[float, float, float]]] = {}  # problem -> learner -> (s, recovered, signal)
+
+
+def time_iteration(B: int, threads: int, d=768, n_atoms=3072, k=10, seed=0, device="cpu"):
     """One DBK-SVD iteration vs its dense product DᵀY alone, on a batch of B samples."""
+    torch.set_num_threads(threads)
     X, _ = planted(d, n_atoms, k, B, seed=seed)
-    Y = torch.from_numpy(X)
-    model = DBKSVD(n_atoms, k, sample_batch=B)
+    Y = torch.from_numpy(X).to(device)
+    model = DBKSVD(n_atoms, k, sample_batch=B, device=device)
     rng = np.random.default_rng(seed)
     model._init_from_rows(Y[torch.from_numpy(rng.choice(B, n_atoms, replace=False))], 0, n_atoms, d)
     D = model.atoms.clone()
     prod, it = [], []
     for _rep in range(2):
+        _sync(device)
         t0 = time.perf_counter()
         C = Y @ D.T
+        _sync(device)
         prod.append(time.perf_counter() - t0)
         del C
         t0 = time.perf_counter()
         model._iteration(Y, 0, n_atoms)
+        _sync(device)
         it.append(time.perf_counter() - t0)
         model._set_atoms(D)
     p, i = min(prod), min(it)
-    print(f"\n## one iteration at d={d}, atoms={n_atoms}, k={k}, batch={B} ({threads} thread(s))")
+    print(f"\n## one iteration at d={d}, atoms={n_atoms}, k={k}, batch={B} ({threads} thread(s), {device})")
     print(f"DᵀY product {p:.2f} s, full iteration (Gram, screened OMP, K-SVD update) {i:.2f} s, "
-          f"iteration / DᵀY = {i / p:.2f} (target <= 2)")
+          f"iteration / DᵀY = {i / p:.2f} (target <= 2)", flush=True)
+    return i / p
+
+
+def print_ratios(iteration_ratios: dict[int, float], store_name: str | None) -> None:
+    """The figures issue 9 asks for, from this run's tables."""
+    print("\n## ratios (issue 9 targets)")
+    for name, table in SUMMARY.items():
+        vit, spams = table.get("vitatlas DBK-SVD"), table.get("SPAMS trainDL (L0)")
+        if vit and spams and name.startswith("planted"):
+            ok = "met" if vit[1] >= spams[1] and spams[0] / vit[0] >= 20 else "NOT met"
+            print(f"{name}: vitatlas {spams[0] / vit[0]:.1f}x SPAMS's speed, recovery {vit[1]:.3f} vs SPAMS "
+                  f"{spams[1]:.3f} (target >= 20x at >= its recovery: {ok})")
+    if store_name and store_name in SUMMARY:
+        table = SUMMARY[store_name]
+        vit, ak = table.get("vitatlas DBK-SVD"), table.get("dictlearn AK-SVD parallel")
+        if vit:
+            peer = f", dictlearn AK-SVD {ak[2]:.4f} in {ak[0]:.0f} s" if ak else ", dictlearn AK-SVD skipped"
+            print(f"real data: vitatlas held-out signal_recovered {vit[2]:.4f} in {vit[0]:.1f} s{peer}; "
+                  f"bar 0.73: {'met' if vit[2] >= 0.73 else 'NOT met'}")
+    for threads, r in iteration_ratios.items():
+        print(f"iteration / DᵀY at {threads} thread(s): {r:.2f} (target <= 2: {'met' if r <= 2 else 'NOT met'})")
 
 
 # ---- memory mode ----------------------------------------------------------------------------------
@@ -236,11 +280,17 @@ def main():
     ap.add_argument("--store", default=None, help="activation store for the real-data comparison")
     ap.add_argument("--store-atoms", type=int, default=None, help="atoms for --store (default 4·d)")
     ap.add_argument("--store-k", type=int, default=8, help="k for --store")
+    ap.add_argument("--store-rows", type=int, default=40_000, help="rows sampled from --store (10%% held out)")
+    ap.add_argument("--problems", default="A,B,C", help="planted problems to run (A, B, C; empty: none)")
+    ap.add_argument("--iter-threads", default="1,2", help="thread counts for the iteration/DᵀY timing")
+    ap.add_argument("--device", default="cpu", help="device for vitatlas: cpu, or cuda when present")
     ap.add_argument("--threads", type=int, default=1, help="threads for every learner (default 1: shared CPUs)")
     ap.add_argument("--iter-batch", type=int, default=None, help="batch for the iteration/DᵀY timing")
     ap.add_argument("--memory", action="store_true", help="run only the ~4 GB float16 store memory check")
     ap.add_argument("--memory-gb", type=float, default=4.2)
+    ap.add_argument("--peers", default=",".join(PEER_KEYS), help="peers to run (sklearn, ksvd, aksvd, spams)")
     args = ap.parse_args()
+    PEERS.intersection_update(p.strip() for p in args.peers.split(","))
     torch.set_num_threads(args.threads)
     try:
         from threadpoolctl import threadpool_limits
@@ -252,33 +302,53 @@ def main():
         if args.memory:
             memory_check(args.memory_gb, args.threads)
             return
+        vit_opts = {"device": args.device}
         if args.quick:
             problems = [("planted small", 64, 256, 4, 8000, dict(sklearn=10, ksvd=5, aksvd=10, spams=10))]
         else:
-            problems = [
-                ("planted A", 128, 512, 5, 20_000, dict(sklearn=45, ksvd=6, aksvd=12, spams=45)),
-                ("planted B", 384, 1536, 8, 100_000, dict(sklearn=90, ksvd=1, aksvd=1, spams=90)),
-            ]
+            every = {
+                "A": ("planted A", 128, 512, 5, 20_000, dict(sklearn=45, ksvd=6, aksvd=12, spams=45)),
+                "B": ("planted B", 384, 1536, 8, 100_000, dict(sklearn=90, ksvd=1, aksvd=1, spams=90)),
+                "C": ("planted C", 160, 640, 6, 24_000, dict(sklearn=30, ksvd=2, aksvd=4, spams=60)),
+            }
+            problems = [every[p.strip().upper()] for p in args.problems.split(",") if p.strip()]
         for name, d, n, k, N, budgets in problems:
             X, D = planted(d, n, k, N + 2000, seed=1)
-            compare(name, X[:N], X[N:], D, n, k, budgets, args.threads, {})
+            compare(name, X[:N], X[N:], D, n, k, budgets, args.threads, vit_opts)
             print("(peers ran with the time/iteration budgets in 'note' so the run stays under ~15 min; "
                   "vitatlas with its defaults)")
+        store_name = None
         if args.store:
             from vitatlas import ActivationStore
 
             store = ActivationStore(args.store)
-            data = store.to_numpy()
             rng = np.random.default_rng(0)
+            ids = np.sort(rng.choice(store.n_rows, min(args.store_rows, store.n_rows), replace=False))
+            data = store.rows(ids)
             perm = rng.permutation(data.shape[0])
-            n_test = min(5000, data.shape[0] // 10)
+            n_test = data.shape[0] // 10
             Xtr, Xte = data[perm[n_test:]], data[perm[:n_test]]
             n_atoms = args.store_atoms or 4 * store.d
-            budgets = dict(sklearn=60, ksvd=2, aksvd=4, spams=60) if not args.quick else dict(sklearn=10, ksvd=1,
-                                                                                               aksvd=1, spams=10)
-            compare(f"store {args.store}", Xtr, Xte, None, n_atoms, args.store_k, budgets, args.threads,
-                    {"epochs": 2} if args.quick else {})
-        time_iteration(args.iter_batch or (16_384 if args.quick else 100_000), args.threads)
+            budgets = dict(sklearn=60, ksvd=2, aksvd=10, spams=60) if not args.quick else dict(sklearn=10, ksvd=1,
+                                                                                                aksvd=1, spams=10)
+            store_name = f"store {args.store}"
+            compare(store_name, Xtr, Xte, None, n_atoms, args.store_k, budgets, args.threads,
+                    {**vit_opts, "epochs": 2} if args.quick else vit_opts)
+        ratios = {}
+        for threads in [int(t) for t in args.iter_threads.split(",") if t.strip()]:
+            with _threads(threads):
+                ratios[threads] = time_iteration(args.iter_batch or (16_384 if args.quick else 100_000), threads,
+                                                 device=args.device)
+        torch.set_num_threads(args.threads)
+        print_ratios(ratios, store_name)
+
+
+def _threads(n: int):
+    try:
+        from threadpoolctl import threadpool_limits
+        return threadpool_limits(n)
+    except ImportError:
+        return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

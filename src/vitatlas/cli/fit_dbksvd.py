@@ -3,6 +3,11 @@
 Checkpoints go to RUN/checkpoint (re-running the same command resumes there); the fitted dictionary
 is saved into RUN (config.json + dictionary.safetensors) and a last line reports signal_recovered and
 explained_variance over the whole store and the time taken.
+
+Under ``torchrun --nproc-per-node N -m vitatlas fit dbksvd ...`` the fit is data-parallel (each rank
+codes its slice of every global batch, see ``learners.dbksvd``); rank 0 alone writes the checkpoints
+and the run directory and prints the last line, the evaluation splits its rows over the ranks.
+Test hook: ``VITATLAS_TEST_EXIT_AT=RANK:STEP`` makes rank RANK exit abruptly after iteration STEP.
 """
 
 from __future__ import annotations
@@ -28,13 +33,15 @@ from . import parse_groups
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Iterations between checkpoints.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, approx, candidates, groups, device, dtype,
-           seed, no_progress):
+           seed, checkpoint_every, no_progress):
     """Fit a Double-Batch K-SVD dictionary (resumes from OUT/checkpoint when re-run)."""
     import time
     from pathlib import Path
 
+    from .. import distributed
     from ..data.store import ActivationStore
     from ..errors import VitatlasError
     from ..evaluation.metrics import reconstruction_metrics
@@ -51,14 +58,37 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, appro
             raise VitatlasError(f"--candidates must be 'auto', 'exact' or an integer, got {candidates!r}") from None
     # the options are checked by DBKSVDConfig's declared constraints before the store is opened
     model = DBKSVD(n_atoms, k, coder=coder, epochs=epochs, sample_batch=sample_batch, atom_batch=atom_batch,
-                   approx=approx, candidates=cand, groups=parse_groups(groups), device=device, dtype=dtype, seed=seed)
+                   approx=approx, candidates=cand, groups=parse_groups(groups), device=device, dtype=dtype, seed=seed,
+                   checkpoint_every=checkpoint_every)
     store = ActivationStore(acts)
     start = time.perf_counter()
     out = Path(out)
-    model.fit(store, checkpoint_dir=out / "checkpoint", progress=not no_progress)
-    model.save(out)
+    model.fit(store, checkpoint_dir=out / "checkpoint", progress=not no_progress, callback=_exit_hook())
+    main = distributed.is_main()
+    if main:
+        model.save(out)
     fit_s = time.perf_counter() - start
-    m = reconstruction_metrics(model, store)
-    click.echo(f"saved {out}: signal_recovered={m['signal_recovered']:.4f} "
-               f"explained_variance={m['explained_variance']:.4f} l0={m['l0']:.2f} "
-               f"fit_seconds={fit_s:.1f} total_seconds={time.perf_counter() - start:.1f}")
+    m = reconstruction_metrics(model, store)  # every rank: the evaluation splits its rows when data-parallel
+    distributed.barrier("waiting for rank 0 to save the dictionary")
+    if main:
+        click.echo(f"saved {out}: signal_recovered={m['signal_recovered']:.4f} "
+                   f"explained_variance={m['explained_variance']:.4f} l0={m['l0']:.2f} "
+                   f"fit_seconds={fit_s:.1f} total_seconds={time.perf_counter() - start:.1f}")
+
+
+def _exit_hook():
+    """The ``VITATLAS_TEST_EXIT_AT=RANK:STEP`` test hook (module docstring), or None."""
+    import os
+
+    from .. import distributed
+
+    spec = os.environ.get("VITATLAS_TEST_EXIT_AT")
+    if not spec:
+        return None
+    rank, at = (int(v) for v in spec.split(":"))
+
+    def hook(step: int, signal_recovered: float) -> None:
+        if step == at and distributed.world().rank == rank:
+            os._exit(1)
+
+    return hook

@@ -20,6 +20,14 @@ Handling of edge cases: zero rows get zero codes; NaN/Inf rows are refused (Vita
 row); ``k >= d`` is refused (the codes would not be sparse: every sample is fitted exactly);
 ``n_atoms < k`` is refused.
 
+Data-parallel under ``torchrun`` (``vitatlas.distributed``): every rank walks the same global batch
+order and codes its own contiguous slice (``distributed.shard``) of each global batch against the same
+dictionary; the K-SVD update all-reduces the per-atom products Eᵀw and the usage counts, and the rows
+that replace unused atoms are the worst ones over all ranks (``ksvd_update``), so every rank keeps the
+same atoms (checked, and rank 0's copy broadcast, at every checkpoint). The batch signal_recovered is
+reduced. Rank 0 alone writes checkpoints; on resume rank 0 reads the checkpoint and broadcasts it. A
+single process runs no collective and is unchanged. ``partial_fit`` is not split across ranks.
+
 Options are the frozen dataclass ``DBKSVDConfig`` (``dbksvd_config``; each field declares its
 constraint; ``DBKSVD(...)`` is a thin wrapper over it). Checkpoints go through the shared
 ``checkpoint.Checkpoint`` (state.json as the commit point, atoms and the generator state in safetensors).
@@ -46,6 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed
 from ..arrays import ArrayLike, as_tensor
 from ..data.batches import data_fingerprint, iter_batches, n_rows_and_width, rows_of
 from ..dictionary import Dictionary
@@ -183,8 +192,12 @@ class DBKSVD(Dictionary):
         return self.config.memory * min(1.0, self._step / max(1, self._ramp))
 
     @torch.no_grad()
-    def _iteration(self, Y: torch.Tensor, lo: int, hi: int, redraw: bool = True) -> float:
-        """One DBK-SVD iteration on batch Y, updating atoms [lo, hi); returns the batch signal_recovered."""
+    def _iteration(self, Y: torch.Tensor, lo: int, hi: int, redraw: bool = True, split: bool = False) -> float:
+        """One DBK-SVD iteration on batch Y, updating atoms [lo, hi); returns the batch signal_recovered.
+
+        With ``split`` (data-parallel), Y is this rank's slice of the global batch: the update and the
+        returned signal_recovered are over the whole global batch (module docstring).
+        """
         D = self._D[:hi].clone()
         G = D @ D.T
         idx, val = self._code(Y, D, G, self._fit_candidates(hi))
@@ -193,13 +206,17 @@ class DBKSVD(Dictionary):
         ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable,
                     n_power=self.config.n_power,
                     approx=self.config.approx, generator=self._gen, G=G, redraw=redraw,
-                    memory=self._memory_weight())
+                    memory=self._memory_weight(), distributed=split)
         self._D[lo:hi] = D[lo:hi]
         self._G = None
         ynorm = Y.norm(dim=1)
         nz = ynorm > 0
         rel = torch.where(nz, R.norm(dim=1) / ynorm.clamp(min=torch.finfo(Y.dtype).tiny), torch.zeros_like(ynorm))
-        return float(1 - rel.mean())
+        if not split:
+            return float(1 - rel.mean())
+        total = distributed.all_reduce_(torch.stack([rel.sum(), torch.tensor(rel.numel(), dtype=rel.dtype,
+                                                                               device=rel.device)]).double())
+        return float(1 - total[0] / total[1])
 
     def _init_atoms(self, X: ArrayLike, n: int, d: int) -> None:
         """Atoms = random data rows (normalised); random directions for zero rows or n < n_atoms."""
@@ -255,7 +272,13 @@ class DBKSVD(Dictionary):
         self._gen = torch.Generator().manual_seed(self.seed)
         self._step, self.history = 0, []
         ckpt = self._checkpoint(checkpoint_dir)
-        if ckpt is not None and ckpt.exists():
+        w = distributed.world()
+        if w.distributed:
+            distributed.check_same({"fingerprint": fingerprint, "rows": n, "d": d,
+                                    "checkpoint": None if checkpoint_dir is None else str(Path(checkpoint_dir))},
+                                   "the DBK-SVD options, data and run directory")
+            self._start_distributed(X, n, d, ckpt, fingerprint)
+        elif ckpt is not None and ckpt.exists():
             self._load_checkpoint(ckpt, fingerprint)
         else:
             self._init_atoms(X, n, d)
@@ -264,8 +287,8 @@ class DBKSVD(Dictionary):
         epochs = self._epochs(n)
         total = len(stages) * epochs * per_epoch
         self._ramp = total
-        bar = tqdm(total=total, initial=self._step, disable=not progress, desc="dbksvd", unit="batch",
-                   dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self._step, disable=not progress or not w.is_main, desc="dbksvd",
+                   unit="batch", dynamic_ncols=True)
         try:
             for s, (lo, hi) in enumerate(stages):
                 for epoch in range(epochs):
@@ -279,13 +302,17 @@ class DBKSVD(Dictionary):
                             self._init_stage_from_residual(Y, lo, hi)
                         # no re-draw in a stage's last iteration: it would leave untrained atoms
                         last = epoch == epochs - 1 and first + b == first + per_epoch - 1
-                        sr = self._iteration(Y, lo, hi, redraw=not last)
+                        if w.distributed:
+                            part = distributed.shard(Y.shape[0])
+                            sr = self._iteration(Y[part.start:part.stop], lo, hi, redraw=not last, split=True)
+                        else:
+                            sr = self._iteration(Y, lo, hi, redraw=not last)
                         self.history.append(sr)
                         self._step += 1
                         bar.update(1)
                         bar.set_postfix(signal_recovered=f"{sr:.4f}", refresh=False)
                         if ckpt is not None and self._step % self.config.checkpoint_every == 0:
-                            self._save_checkpoint(ckpt, fingerprint)
+                            self._save_checkpoint(ckpt, fingerprint, w)
                         if callback is not None:
                             callback(self._step, sr)
         except VitatlasError:
@@ -293,8 +320,10 @@ class DBKSVD(Dictionary):
             raise
         finally:
             bar.close()
+        if w.distributed:
+            self._agree_on_atoms()
         if ckpt is not None:
-            self._save_checkpoint(ckpt, fingerprint)
+            self._save_checkpoint(ckpt, fingerprint, w)
         return self
 
     def partial_fit(self, X: ArrayLike) -> DBKSVD:
@@ -324,9 +353,56 @@ class DBKSVD(Dictionary):
                           "the fit starts over", stacklevel=3)
         return ckpt
 
-    def _save_checkpoint(self, ckpt: Checkpoint, fingerprint: str) -> None:
-        ckpt.save(self._step, {"atoms": self._D, "rng": self._gen.get_state()},
-                  {"identity": fingerprint, "history": self.history, "d": self.d})
+    def _save_checkpoint(self, ckpt: Checkpoint, fingerprint: str, w: distributed.World | None = None) -> None:
+        if w is None or not w.distributed:
+            ckpt.save(self._step, {"atoms": self._D, "rng": self._gen.get_state()},
+                      {"identity": fingerprint, "history": self.history, "d": self.d})
+            return
+        self._agree_on_atoms()
+        if w.is_main:
+            ckpt.save(self._step, {"atoms": self._D, "rng": self._gen.get_state()},
+                      {"identity": fingerprint, "history": self.history, "d": self.d})
+        distributed.barrier("writing the DBK-SVD checkpoint")
+
+    # ---- data-parallel --------------------------------------------------------------------------
+    DRIFT_TOL = 1e-4  # atoms are unit vectors: ranks that differ by more than this have diverged
+
+    def _agree_on_atoms(self) -> None:
+        """Guard against drift: every rank must hold rank 0's atoms (to round-off); adopt rank 0's copy."""
+        main = self._D.clone()
+        distributed.broadcast_(main, 0)
+        drift = distributed.all_reduce_((main - self._D).abs().max().reshape(1).double().cpu(), "max")
+        if float(drift) > self.DRIFT_TOL:
+            raise VitatlasError(f"the ranks' DBK-SVD atoms diverged (max difference {float(drift):.2e}); this is a "
+                                "bug: please report it, and run a single process meanwhile")
+        self._D.copy_(main)
+        self._G = None
+
+    def _start_distributed(self, X: ArrayLike, n: int, d: int, ckpt: Checkpoint | None, fingerprint: str) -> None:
+        """Every rank starts from the same state: the seeded initial atoms, or rank 0's checkpoint."""
+        w = distributed.world()
+        resume = distributed.broadcast_object(ckpt is not None and ckpt.exists())
+        if not resume:
+            self._init_atoms(X, n, d)  # the same seeded rows on every rank
+            self._agree_on_atoms()
+            return
+        state, error = None, None
+        if w.is_main:
+            try:
+                self._load_checkpoint(ckpt, fingerprint)
+                state = {"step": self._step, "history": self.history}
+            except VitatlasError as exc:
+                error = str(exc)
+        state, error = distributed.broadcast_object((state, error))
+        if error is not None:
+            raise VitatlasError(error)
+        if not w.is_main:
+            self._set_atoms(torch.zeros(self.n_atoms, d, dtype=self.dtype))
+            self._step, self.history = int(state["step"]), list(state["history"])
+        distributed.broadcast_(self._D, 0)
+        rng = self._gen.get_state()
+        distributed.broadcast_(rng, 0)
+        self._gen.set_state(rng)
 
     def _load_checkpoint(self, ckpt: Checkpoint, fingerprint: str) -> None:
         meta, t = ckpt.load(fingerprint)

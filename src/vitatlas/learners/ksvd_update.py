@@ -13,13 +13,22 @@ Atoms are shuffled and split into batches; all atoms of a batch are updated at o
 residual snapshot (vectorised over the non-zeros that belong to the batch — no Python loop per atom),
 then the residual is corrected and the next batch sees it. Atoms no sample used are re-drawn from
 the residuals of the worst-reconstructed samples.
+
+Data-parallel (``distributed=True``, under torchrun): each rank holds its own slice of the batch
+(its rows of R, idx, val) and the same D. The power iteration only needs Eᵀw (a sum over samples:
+all-reduced) and E·u (per sample: local); usage counts are all-reduced and the replacement rows of
+re-drawn atoms are chosen from the worst rows gathered from every rank, so every rank makes the same
+decisions and D stays identical. ``distributed=False`` (one process) runs no collective at all.
 """
 
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
+
+from .. import distributed as dist
 
 
 def _normalise_rows(U: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,12 +50,15 @@ def _ptr(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                  a: torch.Tensor, atoms: torch.Tensor, n_power: int, approx: bool, memory: float = 0.0) -> None:
+                  a: torch.Tensor, atoms: torch.Tensor, n_power: int, approx: bool, memory: float = 0.0,
+                  distributed: bool = False) -> None:
     """Rank-1 updates of ``atoms`` from their non-zeros (rows, cols) sorted by batch slot ``a``.
 
     The restricted residuals E_j = R[Ω_j] + γ_j d_jᵀ are never formed: with S the (m, B) sparse
     pattern of (atom slot, sample), E·u is a sampled dense product (SDDMM) plus a rank-1 term and
     Eᵀ·w is a sparse-dense product S_w R plus a rank-1 term — O(nnz·d) work in fast sparse kernels.
+    With ``distributed`` the sums over samples (Eᵀ·w, the memory energies) are all-reduced; a rank
+    with no non-zero of these atoms still takes part (its share is zero).
     """
     m, B = atoms.numel(), R.shape[0]
     ptr = _ptr(a, m)
@@ -58,6 +70,8 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
     pattern = _csr(_ptr(key // m, B), key % m, torch.ones_like(v_old), (B, m))
 
     def e_dot(U: torch.Tensor) -> torch.Tensor:  # (P,): E_p · u_{a_p}
+        if distributed and not rows.numel():
+            return v_old.clone()  # empty: this rank has no non-zero of these atoms
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sd = torch.sparse.sampled_addmm(pattern, R, U.T, beta=0.0).values()
@@ -67,7 +81,12 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
 
     def et_times(w: torch.Tensor) -> torch.Tensor:  # (m, d): Σ_{p in atom} w_p E_p
         coef = torch.zeros(m, dtype=w.dtype, device=w.device).index_add_(0, a, w * v_old)
-        return _csr(ptr, rows, w, (m, B)) @ R + coef.unsqueeze(1) * D_old
+        if not distributed:
+            return _csr(ptr, rows, w, (m, B)) @ R + coef.unsqueeze(1) * D_old
+        out = coef.unsqueeze(1) * D_old
+        if rows.numel():
+            out += _csr(ptr, rows, w, (m, B)) @ R
+        return dist.all_reduce_(out)
 
     if approx:
         U, _ = _normalise_rows(et_times(v_old), D_old)
@@ -79,12 +98,17 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
             if prior is None and memory > 0:
                 # energy along the old atom in this batch (U is D_old at the first step)
                 prior = memory * torch.zeros(m, dtype=ev.dtype, device=ev.device).index_add_(0, a, ev * ev)
+                if distributed:
+                    dist.all_reduce_(prior)
             W = et_times(ev)
             if prior is not None:
                 W = W + (prior * (D_old * U).sum(dim=1)).unsqueeze(1) * D_old
             U, _ = _normalise_rows(W, U)
     # an atom whose restricted residual is zero keeps its direction; its codes become E·u = 0 anyway
     v_new = e_dot(U)
+    if distributed and not rows.numel():
+        D[atoms] = U  # none of this rank's samples uses these atoms: only the atoms change
+        return
     # R += Σ_p (v_old_p d_old − v_new_p u) on row rows_p, as one (B, 2m) sparse × (2m, d) product
     key = torch.cat([rows * (2 * m) + a, rows * (2 * m) + a + m])
     key, order = torch.sort(key)
@@ -115,11 +139,13 @@ def update_atom_batch(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: 
 
 @torch.no_grad()
 def replace_unused(D: torch.Tensor, R: torch.Tensor, unused: torch.Tensor,
-                   generator: torch.Generator | None = None) -> int:
+                   generator: torch.Generator | None = None, distributed: bool = False) -> int:
     """Re-draw the atoms ``unused`` (1-D ids) from the largest residual rows (normalised), in place.
 
     Returns how many atoms were replaced. When there are more unused atoms than samples with a
-    non-zero residual, the rest get random unit directions.
+    non-zero residual, the rest get random unit directions. With ``distributed`` (each rank holds a
+    slice of R; ``unused`` and ``generator`` agree on every rank) the rows are the largest over all
+    ranks: each rank's candidates are gathered and every rank picks the same ones.
     """
     n = unused.numel()
     if n == 0:
@@ -128,10 +154,26 @@ def replace_unused(D: torch.Tensor, R: torch.Tensor, unused: torch.Tensor,
     take = min(n, R.shape[0])
     top = torch.topk(energy, take).indices
     top = top[energy[top] > torch.finfo(R.dtype).tiny]
+    rows = R[top]
+    if distributed:
+        rows = _worst_over_ranks(energy[top], rows, n)
     new = torch.randn(n, D.shape[1], generator=generator, dtype=D.dtype, device="cpu").to(D.device)
-    new[: top.numel()] = R[top]
+    new[: rows.shape[0]] = rows
     D[unused] = new / new.norm(dim=1, keepdim=True)
     return n
+
+
+def _worst_over_ranks(energy: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` rows of largest energy among every rank's candidates (rows, energy), the same on all ranks.
+
+    Candidates are gathered in rank order and sorted by (energy descending, rank, local order), so
+    ties are broken identically everywhere; the winners' rows then travel as plain arrays.
+    """
+    parts = dist.all_gather_object((energy.cpu().numpy(), rows.cpu().numpy()))
+    e = np.concatenate([p[0] for p in parts])
+    r = np.concatenate([p[1].reshape(-1, rows.shape[1]) for p in parts])
+    best = np.argsort(-e, kind="stable")[:n]
+    return torch.from_numpy(np.ascontiguousarray(r[best])).to(rows.device, rows.dtype)
 
 
 def duplicates(G: torch.Tensor, counts: torch.Tensor, trainable: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -153,7 +195,7 @@ def duplicates(G: torch.Tensor, counts: torch.Tensor, trainable: torch.Tensor, t
 def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, *, atom_batch: int,
                 trainable: torch.Tensor | None = None, n_power: int = 3, approx: bool = False,
                 generator: torch.Generator | None = None, redraw: bool = True, G: torch.Tensor | None = None,
-                dup_threshold: float = 0.97, memory: float = 0.0) -> torch.Tensor:
+                dup_threshold: float = 0.97, memory: float = 0.0, distributed: bool = False) -> torch.Tensor:
     """One K-SVD sweep over the dictionary, in place on R, D and val.
 
     R (B, d) residual for codes (idx, val) (B, k); D (n_atoms, d). ``trainable`` (1-D ids, default all)
@@ -163,9 +205,14 @@ def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.
     With ``redraw``, trainable atoms that no sample used are re-drawn, and so is the less used atom of
     every pair whose |cos| in ``G`` (the Gram matrix used for coding, D Dᵀ before the update) exceeds
     ``dup_threshold`` — two atoms splitting one direction would otherwise stay stuck.
+
+    With ``distributed`` (module docstring) R, idx and val are this rank's slice of the batch, the
+    counts returned are global, and D, ``generator`` and every decision stay identical on all ranks.
     """
     n_atoms = D.shape[0]
     counts = torch.bincount(idx[idx >= 0], minlength=n_atoms)
+    if distributed:
+        dist.all_reduce_(counts)
     if trainable is None:
         trainable = torch.arange(n_atoms, device=D.device)
     order = trainable[torch.randperm(trainable.numel(), generator=generator).to(D.device)]
@@ -182,9 +229,9 @@ def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.
     for b, start in enumerate(range(0, order.numel(), step)):
         lo, hi = bounds[b], bounds[b + 1]
         atoms = order[start:start + step]
-        if hi > lo:
+        if hi > lo or distributed:  # under torchrun every rank takes part in every batch's reductions
             _update_slice(R, D, val, rows[lo:hi], cols[lo:hi], r_sorted[lo:hi] - start, atoms, n_power, approx,
-                          memory)
+                          memory, distributed)
     if redraw:
         stale = counts == 0
         hit = None
@@ -195,7 +242,7 @@ def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.
         ids = trainable[stale[trainable]]
         D_old = D[ids].clone()
         # targets come from the residual *with* the twins' share removed, so a twin is not re-drawn as itself
-        replace_unused(D, R, ids, generator)
+        replace_unused(D, R, ids, generator, distributed)
         if hit is not None and bool(hit.any()):
             # the re-drawn twins were used: drop their codes and give their share back to the residual
             slot = torch.full((n_atoms,), -1, dtype=torch.long, device=D.device)
