@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -157,12 +158,16 @@ def test_torchrun_fit_writes_one_run_equal_to_one_process_and_resumes_after_a_ki
     assert res.returncode != 0
     state = json.loads((killed / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4 and not state["complete"]
+    shutil.copytree(killed, tmp_path / "killed-1")
     res = torchrun(_cli_args(store, killed), nproc=2)
     assert res.returncode == 0, res.stderr[-3000:]
-    resumed = _saved(killed)
-    for name in single:
-        np.testing.assert_allclose(resumed[name], single[name], err_msg=name, **TOL)
-    assert json.loads((killed / "checkpoint" / "state.json").read_text())["complete"]
+    # the checkpoint holds global sums: it also resumes in one process (another world size), to the same SAE
+    _single_run(store, tmp_path / "killed-1")
+    for run in (killed, tmp_path / "killed-1"):
+        resumed = _saved(run)
+        for name in single:
+            np.testing.assert_allclose(resumed[name], single[name], err_msg=name, **TOL)
+        assert json.loads((run / "checkpoint" / "state.json").read_text())["complete"]
 
 
 def test_single_process_path_takes_no_collective(monkeypatch):
