@@ -264,9 +264,13 @@ s = ActivationStore({tmp!r})
 t = time.perf_counter()
 m = DBKSVD(1024, 8, epochs=1).fit(s, progress=False)
 time.sleep(0.3)
+import resource
+hwm = [int(line.split()[1]) / 2 ** 20 for line in open('/proc/self/status') if line.startswith('VmHWM')][0]
+maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 print(f"fit 1 epoch: {{time.perf_counter() - t:.0f}} s, {{len(m.history)}} iterations of {{m._sample_batch()}} rows; "
-      f"peak GiB: anonymous (heap) {{peak['RssAnon']:.2f}}, mmap'd store pages {{peak['RssFile']:.2f}}, "
-      f"total RSS {{peak['VmRSS']:.2f}}")
+      f"peak GiB (sampled every 0.1 s): anonymous (heap) {{peak['RssAnon']:.2f}}, file pages {{peak['RssFile']:.2f}}, "
+      f"total RSS {{peak['VmRSS']:.2f}}; kernel's peak RSS: VmHWM {{hwm:.2f}} GiB, ru_maxrss {{maxrss:.2f}} GiB "
+      f"(target < 2 GiB: {{'met' if max(hwm, maxrss) < 2 else 'NOT met'}})")
 """
         subprocess.run([sys.executable, "-c", code], check=True)
     finally:

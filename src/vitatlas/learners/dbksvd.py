@@ -56,7 +56,7 @@ import torch
 
 from .. import distributed
 from ..arrays import ArrayLike, as_tensor
-from ..data.batches import data_fingerprint, iter_batches, n_rows_and_width, rows_of
+from ..data.batches import data_fingerprint, is_store, iter_batches, n_rows_and_width, rows_of
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from .checkpoint import Checkpoint
@@ -223,7 +223,12 @@ class DBKSVD(Dictionary):
         m = self._stages()[0][1]
         rng = np.random.default_rng(self.seed)
         ids = np.sort(rng.choice(n, size=min(n, m), replace=False))
-        rows = as_tensor(rows_of(X, ids), d=d, dtype=self.dtype)
+        # a store is read through a throwaway reader: random rows fault in pages all over its shards, and
+        # the store's cached memory maps would keep them in this process's RSS for the whole fit
+        # (a 4 GB store: +1.6 GB of peak RSS); the reader's maps close with it
+        source = type(X)(X.path, allow_incomplete=True) if is_store(X) else X
+        rows = as_tensor(rows_of(source, ids), d=d, dtype=self.dtype)
+        del source
         self._init_from_rows(rows, 0, m, d)
 
     def _init_from_rows(self, rows: torch.Tensor, lo: int, hi: int, d: int) -> None:
@@ -246,8 +251,8 @@ class DBKSVD(Dictionary):
         perm = torch.randperm(R.shape[0], generator=self._gen).to(R.device)
         self._init_from_rows(R[perm], lo, hi, Y.shape[1])
 
-    def _batches(self, X: ArrayLike, epoch_seed: int):
-        return iter_batches(X, self._sample_batch(), shuffle=True, seed=epoch_seed, device=self.device,
+    def _batches(self, X: ArrayLike, epoch_seed: int, device: str | None = None):
+        return iter_batches(X, self._sample_batch(), shuffle=True, seed=epoch_seed, device=device or self.device,
                             dtype=self.dtype, d=self.d)
 
     def fit(self, X: ArrayLike, *, checkpoint_dir: str | Path | None = None, progress: bool = True,
@@ -295,16 +300,20 @@ class DBKSVD(Dictionary):
                     first = (s * epochs + epoch) * per_epoch
                     if self._step >= first + per_epoch:
                         continue
-                    for b, Y in enumerate(self._batches(X, self.seed * 100003 + s * 1009 + epoch)):
+                    # data-parallel: the global batch stays on the CPU, each rank moves its slice to its device
+                    batches = self._batches(X, self.seed * 100003 + s * 1009 + epoch,
+                                            device="cpu" if w.distributed else None)
+                    for b, Y in enumerate(batches):
                         if first + b < self._step:
                             continue  # already done before the checkpoint we resumed from
                         if s > 0 and epoch == 0 and b == 0:
-                            self._init_stage_from_residual(Y, lo, hi)
+                            self._init_stage_from_residual(Y.to(self.device), lo, hi)
                         # no re-draw in a stage's last iteration: it would leave untrained atoms
                         last = epoch == epochs - 1 and first + b == first + per_epoch - 1
                         if w.distributed:
                             part = distributed.shard(Y.shape[0])
-                            sr = self._iteration(Y[part.start:part.stop], lo, hi, redraw=not last, split=True)
+                            sr = self._iteration(Y[part.start:part.stop].to(self.device), lo, hi, redraw=not last,
+                                                 split=True)
                         else:
                             sr = self._iteration(Y, lo, hi, redraw=not last)
                         self.history.append(sr)
