@@ -104,6 +104,24 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
     return world()
 
 
+def raise_on_sigterm() -> None:
+    """Under torchrun, turn the launcher's SIGTERM into a one-line VitatlasError (``[rank r] error: ...``).
+
+    torchrun stops every process of a job with SIGTERM as soon as one fails or is killed; without this
+    the others would vanish without a word, or print a gloo traceback.
+    """
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: this error is already on its way out
+        raise VitatlasError("stopped by torchrun because another process of the job failed or was stopped; "
+                            "re-run the same command to resume")
+
+    if world().distributed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def shutdown() -> None:
     """Leave the process group (a no-op when there is none)."""
     if dist.is_available() and dist.is_initialized():

@@ -81,6 +81,7 @@ def run() -> None:
     try:
         if distributed.launched_by_torchrun():
             prefix = f"[rank {distributed.init().rank}] "
+            distributed.raise_on_sigterm()
         main(standalone_mode=False)
     except VitatlasError as exc:
         click.echo(f"{prefix}error: {exc}", err=True)

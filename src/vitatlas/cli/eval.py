@@ -77,9 +77,7 @@ def eval_cmd(runs, acts, out, baselines, k, n_atoms, max_rows, layer, batch_size
     from ..evaluation import evaluate
     from ..evaluation.report import RunResult, safe_name, write_report
     from ..learners.baselines import BASELINES, make_baseline
-    from .extract import stop_cleanly_on_sigterm
 
-    stop_cleanly_on_sigterm()
     main = distributed.is_main()
 
     def echo(message: str, **kwargs) -> None:  # one voice under torchrun: rank 0's

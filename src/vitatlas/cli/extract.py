@@ -13,27 +13,6 @@ from __future__ import annotations
 import click
 
 
-def stop_cleanly_on_sigterm() -> None:
-    """Under torchrun, turn the launcher's SIGTERM into a one-line error (``[rank r] error: ...``).
-
-    torchrun stops every process of a job with SIGTERM as soon as one fails or is killed; without this
-    the others would vanish without a word, or print a gloo traceback.
-    """
-    import signal
-    import threading
-
-    from .. import distributed
-    from ..errors import VitatlasError
-
-    def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: this error is already on its way out
-        raise VitatlasError("stopped by torchrun because another process of the job failed or was stopped; "
-                            "re-run the same command to resume")
-
-    if distributed.world().distributed and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop)
-
-
 @click.command()
 @click.option("--model", "model_name", required=True, metavar="M",
               help="embedded:dinov2-s, or hf:<repo-or-local-path> (CLIP, SigLIP, DINOv2, ViT).")
@@ -67,7 +46,6 @@ def extract(model_name, data, layers, tokens, caption_column, out, limit, batch_
     from ..data.extract import extract as run_extract
     from ..errors import VitatlasError
 
-    stop_cleanly_on_sigterm()
     if shard_mb <= 0:
         raise VitatlasError(f"--shard-mb must be positive, got {shard_mb}")
     result = run_extract(model_name, data, list(layers), list(tokens), out, limit=limit, batch_size=batch_size,

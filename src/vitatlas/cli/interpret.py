@@ -44,9 +44,7 @@ def interpret(run, acts, out, top, rank, vocab, caption_column, max_atoms, layer
     from ..dictionary import load
     from ..interpret.api import interpret as make_cards
     from ..io import read_json
-    from .extract import stop_cleanly_on_sigterm
 
-    stop_cleanly_on_sigterm()
     if top <= 0:
         raise VitatlasError(f"--top must be a positive integer, got {top}")
     if max_atoms is not None and max_atoms <= 0:
