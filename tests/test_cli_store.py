@@ -40,6 +40,7 @@ def test_from_npy_info_verify(tmp_path, capsys):
     assert store.shape == (50, 8) and store.class_names == ["cat", "dog"] and store.labels[1] == 1
     code, out, _ = run_cli(["store", "info", tmp_path / "s"], capsys)
     assert code == 0 and "50 x d=8" in out and "cat=25" in out
+    assert "written by 1 process(es) in its last run\n" in out
     code, out, _ = run_cli(["store", "verify", tmp_path / "s"], capsys)
     assert code == 0 and out.startswith("ok:")
 

@@ -32,6 +32,8 @@ def info(path, layer):
     click.echo(f"data       {source.get('spec', source.get('name', '-'))}")
     click.echo(f"rows       {s.n_rows} x d={s.d} ({s.dtype}), {len(s.shards)} shard(s), {size / 2**20:.1f} MiB")
     click.echo(f"images     {s.manifest.get('n_images', 0)} ({s.manifest.get('n_skipped', 0)} skipped)")
+    click.echo(f"written by {s.manifest.get('world_size', 1)} process(es) in its last run"
+               + ("" if "world_size" in s.manifest else " (not recorded: an older store)"))
     if s.has_labels and s.n_rows:
         counts = np.bincount(s.labels[s.labels >= 0]) if (s.labels >= 0).any() else np.zeros(0, int)
         names = s.class_names or [str(i) for i in range(len(counts))]
