@@ -55,6 +55,7 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, bat
     from ..evaluation.metrics import reconstruction_metrics
     from ..learners.sae import SAE
     from ..learners.sae_train import SAESweep
+    from .fit_summary import metric_sample
 
     # every option is checked by the SAE's own declared constraints (one line each, naming the option);
     # options a family does not use (--k on relu, --groups on topk) are refused there too
@@ -73,14 +74,16 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, bat
                        callback=_exit_hook())
     fit_s = time.perf_counter() - start
     main = distributed.is_main()
+    sample, measured_on = metric_sample(store)
     for s in saes:
         where = out if len(saes) == 1 else out / s.name
         if main:
             s.save(where)
-        m = reconstruction_metrics(s, store)  # every rank: the evaluation splits its rows when data-parallel
+        m = reconstruction_metrics(s, sample)  # every rank: the evaluation splits its rows when data-parallel
         if main:
             click.echo(f"saved {where}: explained_variance={m['explained_variance']:.4f} l0={m['l0']:.2f} "
-                       f"dead_fraction={m['dead_fraction']:.4f} signal_recovered={m['signal_recovered']:.4f}")
+                       f"dead_fraction={m['dead_fraction']:.4f} signal_recovered={m['signal_recovered']:.4f} "
+                       f"(on {measured_on})")
     distributed.barrier("waiting for rank 0 to save the SAEs")
     if main:
         click.echo(f"fit_seconds={fit_s:.1f} total_seconds={time.perf_counter() - start:.1f}")

@@ -516,7 +516,11 @@ class SAESweep:
             bar.set_postfix(ev=f"{min(ev):.3f}..{max(ev):.3f}")
 
     def _identity(self, d: int, fingerprint: str) -> dict:
-        return {"configs": [s._config() for s in self.saes], "d": d, "data": fingerprint}
+        """What a checkpoint must match to be resumed: the options that shape the training and the data (not
+        where it runs or how often it saves, so a CPU checkpoint resumes on a GPU)."""
+        configs = [{k: v for k, v in s._config().items() if k not in ("device", "checkpoint_every")}
+                   for s in self.saes]
+        return {"configs": configs, "d": d, "data": fingerprint}
 
     @staticmethod
     def _save(ckpt: Checkpoint, members, identity, step, epoch, pos, complete) -> None:
