@@ -46,6 +46,7 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, appro
     from ..errors import VitatlasError
     from ..evaluation.metrics import reconstruction_metrics
     from ..learners.dbksvd import DBKSVD
+    from .fit_summary import metric_sample
 
     if candidates == "exact":
         cand = None
@@ -68,12 +69,13 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, appro
     if main:
         model.save(out)
     fit_s = time.perf_counter() - start
-    m = reconstruction_metrics(model, store)  # every rank: the evaluation splits its rows when data-parallel
+    sample, measured_on = metric_sample(store)
+    m = reconstruction_metrics(model, sample)  # every rank: the evaluation splits its rows when data-parallel
     distributed.barrier("waiting for rank 0 to save the dictionary")
     if main:
         click.echo(f"saved {out}: signal_recovered={m['signal_recovered']:.4f} "
                    f"explained_variance={m['explained_variance']:.4f} l0={m['l0']:.2f} "
-                   f"fit_seconds={fit_s:.1f} total_seconds={time.perf_counter() - start:.1f}")
+                   f"(on {measured_on}) fit_seconds={fit_s:.1f} total_seconds={time.perf_counter() - start:.1f}")
 
 
 def _exit_hook():
