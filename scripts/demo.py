@@ -1,10 +1,13 @@
-"""The main job on the embedded default: extract -> fit DBK-SVD and a TopK SAE -> evaluate -> report ->
-atom cards -> the segmentation intervention test -> the command that opens the explorer.
+"""The main job on the embedded default: extract -> fit DBK-SVD and TopK SAEs at several k -> evaluate ->
+report (trade-off curves over k) -> atom cards -> the segmentation intervention test -> the command that
+opens the explorer.
 
 Runs the same `vitatlas` commands a user would type (see README). Re-running resumes: a finished
-extraction, fit, card set or probe is not redone. Environment knobs: DEMO_IMAGES (default 1500),
-DEMO_OUT (demo-out), DEMO_TOP (top images per atom card, default 9), DEMO_PROBE_IMAGES (500),
-DEMO_INTERVENE_IMAGES (200).
+extraction, fit, card set or probe is not redone. DBK-SVD is fitted once per k; the SAEs are one sweep
+(`--k 4 --k 8 ...`: one pass over the data trains them all). The k=8 run of each learner is the one that
+gets atom cards, interventions and the explorer. Environment knobs: DEMO_IMAGES (default 1500),
+DEMO_KS (4,8,16,32), DEMO_OUT (demo-out), DEMO_TOP (top images per atom card, default 9),
+DEMO_EVAL_ROWS (rows the report evaluates on, 20000), DEMO_PROBE_IMAGES (500), DEMO_INTERVENE_IMAGES (200).
 """
 
 from __future__ import annotations
@@ -20,7 +23,17 @@ from pathlib import Path
 from vitatlas.data.sources import fashion_mnist_available
 
 ATOMS, K = 1536, 8
-RUNS = ("dbksvd", "sae-topk")
+RUNS = ("dbksvd", "sae-topk")  # names of the k=8 runs that get cards, interventions and the explorer
+
+
+def sweep_ks() -> list[int]:
+    ks = sorted({int(v) for v in os.environ.get("DEMO_KS", "4,8,16,32").split(",") if v.strip()} | {K})
+    return ks
+
+
+def main_run(runs: Path, name: str) -> Path:
+    """Where the k=8 run of learner ``name`` lives inside its sweep directory."""
+    return runs / "dbksvd" / f"dbksvd-k{K}" if name == "dbksvd" else runs / "sae" / f"topk-k{K}-n{ATOMS}"
 
 
 def run(*args: str) -> None:
@@ -46,23 +59,25 @@ def main() -> None:
     patches = acts / "patches"
     run("store", "info", str(patches))
     runs = out / "runs"
-    if not (runs / "dbksvd" / "config.json").exists():
-        run("fit", "dbksvd", "--acts", str(patches), "--atoms", str(ATOMS), "--k", str(K),
-            "--out", str(runs / "dbksvd"))
-    if not (runs / "sae-topk" / "config.json").exists():
-        run("fit", "sae", "--kind", "topk", "--acts", str(patches), "--atoms", str(ATOMS), "--k", str(K),
-            "--out", str(runs / "sae-topk"))
+    ks = sweep_ks()
+    for k in ks:
+        if not (runs / "dbksvd" / f"dbksvd-k{k}" / "config.json").exists():
+            run("fit", "dbksvd", "--acts", str(patches), "--atoms", str(ATOMS), "--k", str(k),
+                "--out", str(runs / "dbksvd" / f"dbksvd-k{k}"))
+    if not all((runs / "sae" / f"topk-k{k}-n{ATOMS}" / "config.json").exists() for k in ks):
+        run("fit", "sae", "--kind", "topk", "--acts", str(patches), "--atoms", str(ATOMS),
+            *(a for k in ks for a in ("--k", str(k))), "--out", str(runs / "sae"))
     report = out / "report"
     shutil.rmtree(report, ignore_errors=True)
-    run("eval", str(runs / "dbksvd"), str(runs / "sae-topk"), "--acts", str(patches), "--out", str(report),
-        "--max-rows", "100000")
+    run("eval", str(runs / "dbksvd"), str(runs / "sae"), "--acts", str(patches), "--out", str(report),
+        "--k", str(K), "--max-rows", os.environ.get("DEMO_EVAL_ROWS", "20000"))
 
     metrics = json.loads((report / "metrics.json").read_text())
     rows = metrics if isinstance(metrics, list) else metrics.get("runs", metrics)
 
     cards = out / "cards"
     for name in RUNS:
-        run("interpret", str(runs / name), "--acts", str(patches), "--out", str(cards / name),
+        run("interpret", str(main_run(runs, name)), "--acts", str(patches), "--out", str(cards / name),
             "--top", os.environ.get("DEMO_TOP", "9"))
     link_specific_atoms(report, cards)
 
@@ -72,7 +87,7 @@ def main() -> None:
             run("probe", "train", "--model", "embedded:dinov2-s", "--data", "embedded:fashion-mnist:train",
                 "--task", "segmentation", "--limit", os.environ.get("DEMO_PROBE_IMAGES", "500"), "--out", str(probe))
         shutil.rmtree(out / "intervene", ignore_errors=True)
-        run("intervene", *(str(runs / n) for n in RUNS), "--model", "embedded:dinov2-s", "--data", data,
+        run("intervene", *(str(main_run(runs, n)) for n in RUNS), "--model", "embedded:dinov2-s", "--data", data,
             "--task", "segmentation", "--probe", str(probe), *_cards_args(cards),
             "--limit", os.environ.get("DEMO_INTERVENE_IMAGES", "200"), "--out", str(out / "intervene"))
 
@@ -105,7 +120,7 @@ def link_specific_atoms(report: Path, cards: Path) -> None:
 
 def explore_command(out: Path, runs: Path, patches: Path, cards: Path, probe: Path) -> str:
     """The command that opens the explorer on the demo's runs (printed, not run: it serves until Ctrl-C)."""
-    cmd = ["vitatlas", "explore", *(str(runs / n) for n in RUNS), "--acts", str(patches)]
+    cmd = ["vitatlas", "explore", *(str(main_run(runs, n)) for n in RUNS), "--acts", str(patches)]
     for n in RUNS:
         if (cards / n / "cards.json").is_file():
             cmd += ["--cards", str(cards / n)]
