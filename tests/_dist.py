@@ -75,3 +75,21 @@ def torchrun(args: list[str], nproc: int = 2, timeout_s: float = 300, env: dict 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "vitatlas", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=full_env, **kwargs)
+
+
+def run_until_a_rank_dies(fn, *args, world_size: int = 2, timeout_s: float = 60) -> tuple[int, str, object]:
+    """Run ``fn(rank, *args)`` on ``world_size`` ranks of which some leave with ``os._exit`` (a killed process);
+    returns the first survivor's ``(rank, "ok" | "error", value)``."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        return queue.get()
+    finally:
+        for p in procs:
+            p.join(timeout=timeout_s)
+            if p.is_alive():
+                p.kill()

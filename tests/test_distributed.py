@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _dist import run_ranks, torchrun
+from _dist import run_ranks, run_until_a_rank_dies, torchrun
 
 from vitatlas import distributed
 from vitatlas.errors import VitatlasError
@@ -81,18 +81,7 @@ def _peer_dies(rank: int):
 
 
 def test_a_dead_peer_is_a_one_line_error_that_says_how_to_resume():
-    import torch.multiprocessing as mp
-    from _dist import _rank_main, free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, _peer_dies, (), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    rank, status, message = queue.get()
-    for p in procs:
-        p.join(timeout=60)
+    rank, status, message = run_until_a_rank_dies(_peer_dies)
     assert (rank, status) == (0, "ok"), message
     assert "rank 0 lost contact with the other processes" in message
     assert "re-run the same command to resume" in message and "\n" not in message

@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _dist import run_ranks, torchrun
+from _dist import run_ranks, run_until_a_rank_dies, torchrun
 from _planted import planted
 
 from vitatlas import ActivationStore, VitatlasError
@@ -136,18 +136,7 @@ def _killed_after(rank: int, at: int):
 
 
 def test_a_killed_rank_stops_the_job_with_a_one_line_error():
-    import torch.multiprocessing as mp
-    from _dist import _rank_main, free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, _killed_after, (3,), queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    rank, status, message = queue.get()
-    for p in procs:
-        p.join(timeout=60)
+    rank, status, message = run_until_a_rank_dies(_killed_after, 3)
     assert (rank, status) == (0, "ok"), message
     assert "lost contact with the other processes" in message and "re-run the same command" in message
     assert "\n" not in message

@@ -45,32 +45,15 @@ def extract(model_name, data, layers, tokens, caption_column, out, limit, batch_
     from .. import distributed
     from ..data.extract import extract as run_extract
     from ..errors import VitatlasError
+    from .test_hooks import exit_hook
 
     if shard_mb <= 0:
         raise VitatlasError(f"--shard-mb must be positive, got {shard_mb}")
     result = run_extract(model_name, data, list(layers), list(tokens), out, limit=limit, batch_size=batch_size,
                          dtype=dtype, shard_bytes=int(shard_mb * (1 << 20)), device=device,
-                         caption_column=caption_column, on_shard=_exit_hook())
+                         caption_column=caption_column, on_shard=exit_hook())
     if not distributed.is_main():
         return
     what = ", ".join([f"layer {layer}" for layer in result.layers] + (["embedding"] if "embedding" in tokens else []))
     click.echo(f"extracted {result.n_rows} new rows from {result.n_images} images ({what}) in {result.seconds:.1f} s "
                f"({result.rows_per_second:.0f} rows/s, {result.n_skipped} skipped) -> {result.out}")
-
-
-def _exit_hook():
-    """The ``VITATLAS_TEST_EXIT_AT=RANK:SHARD`` test hook (module docstring), or None."""
-    import os
-
-    from .. import distributed
-
-    spec = os.environ.get("VITATLAS_TEST_EXIT_AT")
-    if not spec:
-        return None
-    rank, at = (int(v) for v in spec.split(":"))
-
-    def hook(shard: int) -> None:
-        if shard == at and distributed.world().rank == rank:
-            os._exit(1)
-
-    return hook

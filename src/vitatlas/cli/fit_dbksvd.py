@@ -47,6 +47,7 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, appro
     from ..evaluation.metrics import reconstruction_metrics
     from ..learners.dbksvd import DBKSVD
     from .fit_summary import metric_sample
+    from .test_hooks import exit_hook
 
     if candidates == "exact":
         cand = None
@@ -64,7 +65,7 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, appro
     store = ActivationStore(acts)
     start = time.perf_counter()
     out = Path(out)
-    model.fit(store, checkpoint_dir=out / "checkpoint", progress=not no_progress, callback=_exit_hook())
+    model.fit(store, checkpoint_dir=out / "checkpoint", progress=not no_progress, callback=exit_hook())
     main = distributed.is_main()
     if main:
         model.save(out)
@@ -76,21 +77,3 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, appro
         click.echo(f"saved {out}: signal_recovered={m['signal_recovered']:.4f} "
                    f"explained_variance={m['explained_variance']:.4f} l0={m['l0']:.2f} "
                    f"(on {measured_on}) fit_seconds={fit_s:.1f} total_seconds={time.perf_counter() - start:.1f}")
-
-
-def _exit_hook():
-    """The ``VITATLAS_TEST_EXIT_AT=RANK:STEP`` test hook (module docstring), or None."""
-    import os
-
-    from .. import distributed
-
-    spec = os.environ.get("VITATLAS_TEST_EXIT_AT")
-    if not spec:
-        return None
-    rank, at = (int(v) for v in spec.split(":"))
-
-    def hook(step: int, signal_recovered: float) -> None:
-        if step == at and distributed.world().rank == rank:
-            os._exit(1)
-
-    return hook

@@ -56,6 +56,7 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, bat
     from ..learners.sae import SAE
     from ..learners.sae_train import SAESweep
     from .fit_summary import metric_sample
+    from .test_hooks import exit_hook
 
     # every option is checked by the SAE's own declared constraints (one line each, naming the option);
     # options a family does not use (--k on relu, --groups on topk) are refused there too
@@ -71,7 +72,7 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, bat
     out = Path(out)
     start = time.perf_counter()
     SAESweep(saes).fit(store, checkpoint_dir=out / "checkpoint", progress=not no_progress, log_dir=out,
-                       callback=_exit_hook())
+                       callback=exit_hook())
     fit_s = time.perf_counter() - start
     main = distributed.is_main()
     sample, measured_on = metric_sample(store)
@@ -87,21 +88,3 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, bat
     distributed.barrier("waiting for rank 0 to save the SAEs")
     if main:
         click.echo(f"fit_seconds={fit_s:.1f} total_seconds={time.perf_counter() - start:.1f}")
-
-
-def _exit_hook():
-    """The ``VITATLAS_TEST_EXIT_AT=RANK:STEP`` test hook (module docstring), or None."""
-    import os
-
-    from .. import distributed
-
-    spec = os.environ.get("VITATLAS_TEST_EXIT_AT")
-    if not spec:
-        return None
-    rank, at = (int(v) for v in spec.split(":"))
-
-    def hook(step: int, metrics: dict) -> None:
-        if step == at and distributed.world().rank == rank:
-            os._exit(1)
-
-    return hook
