@@ -139,7 +139,7 @@ def _memory_child(n_images: int, n_atoms: int, top: int, device: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", help="a fitted run directory (e.g. demo-out/runs/dbksvd)")
+    ap.add_argument("--run", help="a fitted run directory (e.g. demo-out/runs/dbksvd/dbksvd-k8)")
     ap.add_argument("--store", help="the store it was fitted on (e.g. demo-out/acts/patches)")
     ap.add_argument("--out", default=None, help="where to write the cards (default: a temporary directory)")
     ap.add_argument("--memory", action="store_true", help="peak memory for 16,384 atoms x 16 images")
