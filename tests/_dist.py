@@ -11,6 +11,7 @@ Each rank runs with one intra-op thread, so 2 ranks fit this machine's 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -44,24 +45,31 @@ def _rank_main(rank: int, world_size: int, port: int, fn, args, queue) -> None:
         distributed.shutdown()
 
 
-def run_ranks(fn, *args, world_size: int = 2, timeout_s: float = 120) -> list:
-    """``fn(rank, *args)`` on ``world_size`` processes in one gloo group; their results in rank order."""
+@contextlib.contextmanager
+def _ranks(fn, args, world_size: int, timeout_s: float):
+    """Start ``fn(rank, *args)`` on ``world_size`` spawned ranks; yields the queue their results arrive on."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
-    results: dict[int, tuple[str, object]] = {}
     try:
-        for _ in range(world_size):
-            rank, status, value = queue.get()
-            results[rank] = (status, value)
+        yield queue
     finally:
         for p in procs:
             p.join(timeout=timeout_s)
             if p.is_alive():
                 p.kill()
+
+
+def run_ranks(fn, *args, world_size: int = 2, timeout_s: float = 120) -> list:
+    """``fn(rank, *args)`` on ``world_size`` processes in one gloo group; their results in rank order."""
+    results: dict[int, tuple[str, object]] = {}
+    with _ranks(fn, args, world_size, timeout_s) as queue:
+        for _ in range(world_size):
+            rank, status, value = queue.get()
+            results[rank] = (status, value)
     errors = [f"rank {r}: {v}" for r, (s, v) in sorted(results.items()) if s != "ok"]
     if errors:
         raise AssertionError("\n".join(errors))
@@ -80,16 +88,13 @@ def torchrun(args: list[str], nproc: int = 2, timeout_s: float = 300, env: dict 
 def run_until_a_rank_dies(fn, *args, world_size: int = 2, timeout_s: float = 60) -> tuple[int, str, object]:
     """Run ``fn(rank, *args)`` on ``world_size`` ranks of which some leave with ``os._exit`` (a killed process);
     returns the first survivor's ``(rank, "ok" | "error", value)``."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    try:
+    with _ranks(fn, args, world_size, timeout_s) as queue:
         return queue.get()
-    finally:
-        for p in procs:
-            p.join(timeout=timeout_s)
-            if p.is_alive():
-                p.kill()
+
+
+def assert_survivor_stopped_cleanly(result: tuple[int, str, object]) -> None:
+    """Rank 0 outlived the killed rank and got the one-line 'lost contact ... re-run' VitatlasError."""
+    rank, status, message = result
+    assert (rank, status) == (0, "ok"), message
+    assert "lost contact with the other processes" in message and "re-run the same command" in message
+    assert "\n" not in message
