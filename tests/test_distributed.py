@@ -91,3 +91,13 @@ def test_the_cli_under_torchrun_joins_one_group():
     res = torchrun(["--version"], nproc=2, timeout_s=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("version") == 2
+
+
+def test_merge_top_orders_by_value_then_id_like_a_plain_sort():
+    rng = np.random.default_rng(0)
+    values = torch.from_numpy(rng.integers(0, 4, (12, 3)).astype(np.float32))  # many ties
+    ids = torch.from_numpy(rng.permutation(36).reshape(12, 3).astype(np.int64))
+    pick = distributed.merge_top(values, ids, 5)
+    for a in range(3):
+        expected = sorted(range(12), key=lambda i: (-float(values[i, a]), int(ids[i, a])))[:5]
+        assert pick[:, a].tolist() == expected

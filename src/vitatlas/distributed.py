@@ -213,6 +213,17 @@ def check_same(value: Any, what: str) -> None:
                             "the same command")
 
 
+def merge_top(values: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (k, A) of each column's ``k`` best candidates among every rank's gathered top lists.
+
+    ``values`` and ``ids`` (M, A) are the concatenated lists; the order is value descending, ties by id
+    ascending, so the merged lists do not depend on how many ranks the rows were split over.
+    """
+    by_id = torch.argsort(ids, dim=0, stable=True)
+    by_value = torch.argsort(values.gather(0, by_id), dim=0, descending=True, stable=True)[:k]
+    return by_id.gather(0, by_value)
+
+
 def shard(n: int, rank: int | None = None, size: int | None = None) -> range:
     """This rank's contiguous part of ``range(n)``: sizes differ by at most one, lower ranks get more."""
     w = world()

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..arrays import ArrayLike, as_tensor, not_2d
 from ..errors import VitatlasError
 from .store import ActivationStore
@@ -76,6 +77,17 @@ def iter_row_range(X: ArrayLike, rows: range, batch_size: int, *, device: str | 
         chunk = X[start:min(start + batch_size, rows.stop)]
         chunk = chunk if isinstance(X, torch.Tensor) else np.asarray(chunk)
         yield start, as_tensor(chunk, d=d, device=device, dtype=dtype, first_row=start)
+
+
+def iter_rank_batches(X: ArrayLike, batch_size: int, *, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, d: int | None = None) -> tuple[range, Iterator[torch.Tensor]]:
+    """(rows, batches): the rows this process streams in order, and their checked batches. Under torchrun a
+    contiguous share of the rows (``distributed.shard``); for one process all rows, through ``iter_batches``."""
+    n, _ = n_rows_and_width(X)
+    if not distributed.world().distributed:
+        return range(n), iter_batches(X, batch_size, shuffle=False, seed=0, device=device, dtype=dtype, d=d)
+    rows = distributed.shard(n)
+    return rows, (x for _, x in iter_row_range(X, rows, batch_size, device=device, dtype=dtype, d=d))
 
 
 def rows_of(X: ArrayLike, ids: np.ndarray) -> np.ndarray:

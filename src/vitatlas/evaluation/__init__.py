@@ -22,7 +22,7 @@ import torch
 
 from .. import distributed
 from ..arrays import ArrayLike
-from ..data.batches import is_store, iter_batches, iter_row_range, n_rows_and_width
+from ..data.batches import is_store, iter_rank_batches, n_rows_and_width
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from .labels import image_activations, label_atoms, label_quality
@@ -59,10 +59,8 @@ class TopActivations:
         parts = distributed.all_gather_object((self.values.numpy(), self.rows.numpy()))
         values = torch.from_numpy(np.concatenate([v for v, _ in parts]))
         rows = torch.from_numpy(np.concatenate([r for _, r in parts]))
-        by_row = torch.argsort(rows, dim=0, stable=True)
-        values, rows = values.gather(0, by_row), rows.gather(0, by_row)
-        by_value = torch.argsort(values, dim=0, descending=True, stable=True)[:self.values.shape[0]]
-        self.values, self.rows = values.gather(0, by_value), rows.gather(0, by_value)
+        pick = distributed.merge_top(values, rows, self.values.shape[0])
+        self.values, self.rows = values.gather(0, pick), rows.gather(0, pick)
         return self
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,14 +214,8 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
     from tqdm.auto import tqdm
 
     world = distributed.world()
-    if world.distributed:  # torchrun: this rank's contiguous rows, then the statistics are combined
-        rows = distributed.shard(n)
-        batches = (x for _, x in iter_row_range(X, rows, batch_size, device=dictionary.device,
-                                                dtype=dictionary.dtype, d=d))
-    else:
-        rows = range(n)
-        batches = iter_batches(X, batch_size, shuffle=False, seed=0, device=dictionary.device,
-                               dtype=dictionary.dtype, d=d)
+    # torchrun: this rank's contiguous rows, then the statistics are combined
+    rows, batches = iter_rank_batches(X, batch_size, device=dictionary.device, dtype=dictionary.dtype, d=d)
     bar = tqdm(total=len(rows), desc=f"eval {dictionary.learner}", unit="row", disable=not progress or not world.is_main)
     start = rows.start
     for x in batches:

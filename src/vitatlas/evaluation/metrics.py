@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..data.batches import iter_batches, iter_row_range, n_rows_and_width
+from ..data.batches import iter_rank_batches
 
 DENSE_THRESHOLD = 0.01
 
@@ -148,12 +148,7 @@ def reconstruction_metrics(model, X, batch_size: int = 4096) -> dict:
     """
     model._check_fitted()
     stats = ReconstructionStats(int(model.n_atoms))
-    if distributed.world().distributed:
-        n, _ = n_rows_and_width(X)
-        batches = (x for _, x in iter_row_range(X, distributed.shard(n), batch_size, device=model.device,
-                                                dtype=model.dtype, d=model.d))
-    else:
-        batches = iter_batches(X, batch_size, shuffle=False, seed=0, device=model.device, dtype=model.dtype, d=model.d)
+    _, batches = iter_rank_batches(X, batch_size, device=model.device, dtype=model.dtype, d=model.d)
     for x in batches:
         codes = model._encode(x)
         stats.update(x, model._decode(codes), codes)

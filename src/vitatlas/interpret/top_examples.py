@@ -328,12 +328,10 @@ def all_reduce_state(state: dict, s: PassSettings) -> dict[str, torch.Tensor]:
         parts = distributed.all_gather_object([state[k].cpu().numpy() for k in keys])
         values = torch.from_numpy(np.concatenate([p[0] for p in parts]))           # (W·N, A)
         ids = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-        by_id = torch.argsort(ids, dim=0, stable=True)
-        values, ids = values.gather(0, by_id), ids.gather(0, by_id)
-        pick = by_id.gather(0, torch.argsort(values, dim=0, descending=True, stable=True)[:s.top])  # (N, A)
+        pick = distributed.merge_top(values, ids, s.top)                             # (N, A)
         device = state[keys[0]].device
-        out[keys[0]] = torch.from_numpy(np.concatenate([p[0] for p in parts])).gather(0, pick).to(device)
-        out[keys[1]] = torch.from_numpy(np.concatenate([p[1] for p in parts])).gather(0, pick).to(device)
+        out[keys[0]] = values.gather(0, pick).to(device)
+        out[keys[1]] = ids.gather(0, pick).to(device)
         if s.patches:
             patches = torch.from_numpy(np.concatenate([p[2] for p in parts], axis=1))  # (A, W·N, P)
             index = pick.T.unsqueeze(-1).expand(-1, -1, patches.shape[2])
