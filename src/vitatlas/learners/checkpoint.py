@@ -34,6 +34,14 @@ from ..errors import VitatlasError
 from ..io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
 STATE = "state.json"
+# options that say where a run trains and how often it saves, not what it computes: a checkpoint made with
+# other values of these resumes (a CPU checkpoint on a GPU, a different --checkpoint-every)
+RUN_ONLY_OPTIONS = ("device", "checkpoint_every")
+
+
+def resume_options(config: dict) -> dict:
+    """The options a checkpoint must match to be resumed: ``config`` without ``RUN_ONLY_OPTIONS``."""
+    return {k: v for k, v in config.items() if k not in RUN_ONLY_OPTIONS}
 
 
 def _jsonable(obj: Any) -> Any:

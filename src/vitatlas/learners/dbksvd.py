@@ -59,7 +59,7 @@ from ..arrays import ArrayLike, as_tensor
 from ..data.batches import data_fingerprint, is_store, iter_batches, n_rows_and_width, rows_of
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, resume_options
 from .coders import code_signals, residual, to_dense
 from .dbksvd_config import DBKSVDConfig
 from .ksvd_update import ksvd_update
@@ -321,7 +321,7 @@ class DBKSVD(Dictionary):
                         bar.update(1)
                         bar.set_postfix(signal_recovered=f"{sr:.4f}", refresh=False)
                         if ckpt is not None and self._step % self.config.checkpoint_every == 0:
-                            self._save_checkpoint(ckpt, fingerprint, w)
+                            self._save_checkpoint(ckpt, fingerprint)
                         if callback is not None:
                             callback(self._step, sr)
         except VitatlasError:
@@ -332,7 +332,7 @@ class DBKSVD(Dictionary):
         if w.distributed:
             self._agree_on_atoms()
         if ckpt is not None:
-            self._save_checkpoint(ckpt, fingerprint, w)
+            self._save_checkpoint(ckpt, fingerprint)
         return self
 
     def partial_fit(self, X: ArrayLike) -> DBKSVD:
@@ -362,16 +362,16 @@ class DBKSVD(Dictionary):
                           "the fit starts over", stacklevel=3)
         return ckpt
 
-    def _save_checkpoint(self, ckpt: Checkpoint, fingerprint: str, w: distributed.World | None = None) -> None:
-        if w is None or not w.distributed:
-            ckpt.save(self._step, {"atoms": self._D, "rng": self._gen.get_state()},
-                      {"identity": fingerprint, "history": self.history, "d": self.d})
-            return
-        self._agree_on_atoms()
+    def _save_checkpoint(self, ckpt: Checkpoint, fingerprint: str) -> None:
+        """Rank 0 writes, once every rank agrees on the atoms (one process: just writes, no collective)."""
+        w = distributed.world()
+        if w.distributed:
+            self._agree_on_atoms()
         if w.is_main:
             ckpt.save(self._step, {"atoms": self._D, "rng": self._gen.get_state()},
                       {"identity": fingerprint, "history": self.history, "d": self.d})
-        distributed.barrier("writing the DBK-SVD checkpoint")
+        if w.distributed:
+            distributed.barrier("writing the DBK-SVD checkpoint")
 
     # ---- data-parallel --------------------------------------------------------------------------
     DRIFT_TOL = 1e-4  # atoms are unit vectors: ranks that differ by more than this have diverged
@@ -426,7 +426,6 @@ class DBKSVD(Dictionary):
 @torch.no_grad()
 def _fingerprint(X: ArrayLike, n: int, d: int, config: dict) -> str:
     """Hash of the options that shape the fit and of the data (see ``data_fingerprint``)."""
-    opts = {k: v for k, v in config.items() if k not in ("device", "checkpoint_every")}
-    h = hashlib.sha256(json.dumps({"opts": opts}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"opts": resume_options(config)}, sort_keys=True).encode())
     h.update(data_fingerprint(X, n, d).encode())
     return h.hexdigest()

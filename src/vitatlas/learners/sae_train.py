@@ -75,7 +75,7 @@ from ..data.batches import data_fingerprint, iter_batches, n_rows_and_width
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
 from . import sae_kernels as K
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, resume_options
 from .options import resolve_device, resolve_dtype
 from .sae_config import SPARSE_KINDS, TrainConfig
 from .sae_model import SAEModule
@@ -215,7 +215,7 @@ class _Member:
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if (sae.train_config.amp and x.device.type == "cuda") \
             else contextlib.nullcontext()
         with amp:
-            out = self.objective(m, x, dead, self.aux_k) if rows is None else self.objective(m, x, dead, self.aux_k, rows)
+            out = self.objective(m, x, dead, self.aux_k, rows)
         out.loss.backward()
         if rows is not None:
             self._all_reduce_grads()
@@ -518,9 +518,7 @@ class SAESweep:
     def _identity(self, d: int, fingerprint: str) -> dict:
         """What a checkpoint must match to be resumed: the options that shape the training and the data (not
         where it runs or how often it saves, so a CPU checkpoint resumes on a GPU)."""
-        configs = [{k: v for k, v in s._config().items() if k not in ("device", "checkpoint_every")}
-                   for s in self.saes]
-        return {"configs": configs, "d": d, "data": fingerprint}
+        return {"configs": [resume_options(s._config()) for s in self.saes], "d": d, "data": fingerprint}
 
     @staticmethod
     def _save(ckpt: Checkpoint, members, identity, step, epoch, pos, complete) -> None:
