@@ -135,11 +135,32 @@ def test_full_sweep_reduces_residual_and_redraws_unused_and_duplicates():
     assert (val[idx == loser] == 0).all()  # the re-drawn twin lost its codes
 
 
-def test_replace_unused_takes_worst_residual_rows():
-    R = torch.tensor([[0.1, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, -2.0], [0.5, 0.5, 0.0]], dtype=torch.float64)
-    D = torch.eye(3, dtype=torch.float64)
-    assert replace_unused(D, R, torch.tensor([0, 2])) == 2
-    torch.testing.assert_close(D, torch.tensor([[0, 1.0, 0], [0, 1, 0], [0, 0, -1]], dtype=torch.float64))
+def test_replace_unused_draws_rows_in_proportion_to_their_residual_energy():
+    # one atom re-drawn 4,000 times with different seeds: each row's frequency ~ ‖r‖² / Σ‖r‖²
+    R = torch.tensor([[0.1, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, -2.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]],
+                     dtype=torch.float64)
+    energy = (R ** 2).sum(1)
+    p = (energy / energy.sum()).numpy()
+    counts = np.zeros(R.shape[0])
+    trials = 4000
+    for seed in range(trials):
+        D = torch.eye(3, dtype=torch.float64)
+        assert replace_unused(D, R, torch.tensor([1]), torch.Generator().manual_seed(seed)) == 1
+        row = int(np.argmax(np.abs(R.numpy() @ D[1].numpy()) / np.maximum(R.norm(dim=1).numpy(), 1e-12)))
+        torch.testing.assert_close(D[1], R[row] / R[row].norm())
+        counts[row] += 1
+    assert counts[3] == 0  # a row without residual is never drawn
+    sigma = np.sqrt(trials * p * (1 - p))
+    assert (np.abs(counts - trials * p) <= 4 * sigma + 1).all(), (counts, trials * p)
+
+
+def test_replace_unused_takes_every_nonzero_row_when_it_needs_them_all():
+    R = torch.tensor([[0.1, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, -2.0]], dtype=torch.float64)
+    D = torch.zeros(4, 3, dtype=torch.float64)
+    assert replace_unused(D, R, torch.tensor([0, 1, 2, 3]), torch.Generator().manual_seed(0)) == 4
+    got = {tuple(np.round(row, 6)) for row in D[:3].numpy()}  # the three non-zero rows, in some order
+    assert got == {(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, -1.0)}
+    assert abs(float(D[3].norm()) - 1) < 1e-12  # the fourth: a random unit direction
 
 
 def test_replace_unused_with_zero_residual_uses_random_unit_atoms():

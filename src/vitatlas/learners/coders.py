@@ -11,10 +11,11 @@ value 0. Every step is a tensor operation over all samples at once, so the same 
 CUDA, in float32 or float64.
 
 Candidate screening (``candidates=M``): instead of tracking the residual correlation with all
-n_atoms atoms, each sample keeps only its M atoms of largest |DᵀY| and the greedy algorithm runs
-inside that set (the Gram entries it needs are gathered from G). Per-step work falls from
-B·n_atoms to B·M, so coding costs a small fraction of the product DᵀY. It is an approximation: an
-atom outside the top-M initial correlations can never be chosen. ``candidates=None`` gives the
+n_atoms atoms, each sample keeps only M atoms — its first greedy choice and the M − 1 atoms most
+correlated with its residual after that choice (``_screen``) — and the greedy algorithm runs inside
+that set (the Gram entries it needs are gathered from G). Per-step work falls from B·n_atoms to B·M,
+so coding costs a small fraction of the product DᵀY. It is an approximation: an atom outside the
+candidates can never be chosen. ``candidates=None`` gives the
 exact algorithms (tested against scikit-learn's ``orthogonal_mp_gram`` and a numpy MP).
 
 Stopping rules (both coders): at most ``k`` distinct atoms per sample; stop a sample early when its
@@ -55,15 +56,25 @@ def _top_abs(C: torch.Tensor, M: int, group: int = 8) -> torch.Tensor:
     return torch.gather(cols, 1, best)
 
 
-def _screen(C: torch.Tensor, candidates: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Restrict each row to its ``candidates`` atoms of largest |correlation|.
+def _screen(C: torch.Tensor, G: torch.Tensor, candidates: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Restrict each row to ``candidates`` atoms: its first greedy choice and the atoms most correlated after it.
+
+    Both coders first take the atom of largest |DᵀY|, exactly (over all atoms). The candidates are that
+    atom and the atoms of largest |correlation with the residual after it|, C − c_j·G_j: screening on
+    |DᵀY| itself keeps the atoms aligned with y's dominant direction, which on activations with a large
+    shared component (the mean token) are the same few atoms for every sample, so atoms for the finer
+    structure never make the list and go unused (measured on DINOv2-S patch tokens, 1,536 atoms, k=8,
+    32 candidates: 350 atoms unused per batch and held-out signal_recovered 0.714, against 0.722 this way).
 
     Returns (cc (B, M) correlations in candidate space, cand (B, M) global atom ids or None = all).
     """
     n = C.shape[1]
     if candidates is None or candidates >= n:
         return C, None
-    cand = _top_abs(C, candidates)
+    first = C.abs().argmax(dim=1, keepdim=True)  # (B, 1)
+    after = G.index_select(0, first.squeeze(1)).mul_(-torch.gather(C, 1, first)).add_(C)  # C − c_j·G_j
+    after.scatter_(1, first, float("inf"))  # the first choice is always a candidate
+    cand = _top_abs(after, candidates)
     return torch.gather(C, 1, cand), cand
 
 
@@ -116,7 +127,7 @@ def matching_pursuit(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int
     B = C.shape[0]
     k = min(k, C.shape[1])
     max_steps = 4 * k if max_steps is None else max_steps
-    cc, cand = _screen(C, candidates)
+    cc, cand = _screen(C, G, candidates)
     M = cc.shape[1]
     rc = cc.clone()
     sup = torch.full((B, k), -1, dtype=torch.long, device=C.device)
@@ -191,7 +202,7 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
     B = C.shape[0]
     k = min(k, C.shape[1])
     dev, dt = C.device, C.dtype
-    cc, cand = _screen(C, candidates)
+    cc, cand = _screen(C, G, candidates)
     M = cc.shape[1]
     rc = cc.clone()  # DᵀR over the candidates
     sup = torch.full((B, k), -1, dtype=torch.long, device=dev)

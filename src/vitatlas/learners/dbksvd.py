@@ -23,8 +23,8 @@ row); ``k >= d`` is refused (the codes would not be sparse: every sample is fitt
 Data-parallel under ``torchrun`` (``vitatlas.distributed``): every rank walks the same global batch
 order and codes its own contiguous slice (``distributed.shard``) of each global batch against the same
 dictionary; the K-SVD update all-reduces the per-atom products Eᵀw and the usage counts, and the rows
-that replace unused atoms are the worst ones over all ranks (``ksvd_update``), so every rank keeps the
-same atoms (checked, and rank 0's copy broadcast, at every checkpoint). The batch signal_recovered is
+that replace unused atoms are drawn over all ranks with the same random numbers (``ksvd_update``), so
+every rank keeps the same atoms (checked, and rank 0's copy broadcast, at every checkpoint). The batch signal_recovered is
 reduced. Rank 0 alone writes checkpoints; on resume rank 0 reads the checkpoint and broadcasts it. A
 single process runs no collective and is unchanged. ``partial_fit`` is not split across ranks.
 

@@ -12,12 +12,12 @@ K-SVD (AK-SVD, Rubinstein et al. 2008): one step u ∝ E_jᵀγ_j, then γ_j = E
 Atoms are shuffled and split into batches; all atoms of a batch are updated at once against the same
 residual snapshot (vectorised over the non-zeros that belong to the batch — no Python loop per atom),
 then the residual is corrected and the next batch sees it. Atoms no sample used are re-drawn from
-the residuals of the worst-reconstructed samples.
+residual rows sampled in proportion to their energy (``replace_unused``).
 
 Data-parallel (``distributed=True``, under torchrun): each rank holds its own slice of the batch
 (its rows of R, idx, val) and the same D. The power iteration only needs Eᵀw (a sum over samples:
 all-reduced) and E·u (per sample: local); usage counts are all-reduced and the replacement rows of
-re-drawn atoms are chosen from the worst rows gathered from every rank, so every rank makes the same
+re-drawn atoms are drawn from every rank's rows with the same random numbers, so every rank makes the same
 decisions and D stays identical. ``distributed=False`` (one process) runs no collective at all.
 """
 
@@ -140,36 +140,53 @@ def update_atom_batch(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: 
 @torch.no_grad()
 def replace_unused(D: torch.Tensor, R: torch.Tensor, unused: torch.Tensor,
                    generator: torch.Generator | None = None, distributed: bool = False) -> int:
-    """Re-draw the atoms ``unused`` (1-D ids) from the largest residual rows (normalised), in place.
+    """Re-draw the atoms ``unused`` (1-D ids) from residual rows drawn with probability ∝ ‖r‖², in place.
 
-    Returns how many atoms were replaced. When there are more unused atoms than samples with a
-    non-zero residual, the rest get random unit directions. With ``distributed`` (each rank holds a
-    slice of R; ``unused`` and ``generator`` agree on every rank) the rows are the largest over all
-    ranks: each rank's candidates are gathered and every rank picks the same ones.
+    Weighted sampling without replacement (k-means++'s D² seeding): mostly rows the dictionary fits
+    badly, but not only the very worst. The worst rows are outliers; an atom aimed at one is unused
+    again in the next batch, so it is re-drawn forever (measured on DINOv2-S patch tokens, 1,536 atoms,
+    k=8: about 100 atoms re-drawn every iteration that way, about 20 this way, and held-out
+    signal_recovered 0.7213 against 0.7232). Rows without residual are never drawn; the atoms left over
+    when there are fewer such rows get random unit directions. Returns how many atoms were replaced.
+
+    With ``distributed`` (each rank holds its contiguous slice of the batch, in rank order; ``unused`` and
+    ``generator`` agree on every rank) every rank draws the same uniforms for the whole batch and the
+    rows are the best over all ranks: the same rows as one process would take.
     """
     n = unused.numel()
     if n == 0:
         return 0
-    energy = torch.linalg.vector_norm(R, dim=1) ** 2  # no (B, d) temporary
-    take = min(n, R.shape[0])
-    top = torch.topk(energy, take).indices
-    top = top[energy[top] > torch.finfo(R.dtype).tiny]
+    energy = torch.linalg.vector_norm(R, dim=1).double() ** 2  # no (B, d) temporary
+    offset, total = _batch_position(R.shape[0], distributed)
+    u = torch.rand(total, generator=generator, dtype=torch.float64)[offset:offset + R.shape[0]].to(R.device)
+    # Efraimidis–Spirakis: the n largest log(u)/w are a sample without replacement with probabilities ∝ w
+    key = torch.where(energy > torch.finfo(R.dtype).tiny, torch.log(u) / energy, -torch.inf)
+    top = torch.topk(key, min(n, R.shape[0])).indices
+    top = top[key[top] > -torch.inf]
     rows = R[top]
     if distributed:
-        rows = _worst_over_ranks(energy[top], rows, n)
+        rows = _best_over_ranks(key[top], rows, n)
     new = torch.randn(n, D.shape[1], generator=generator, dtype=D.dtype, device="cpu").to(D.device)
     new[: rows.shape[0]] = rows
     D[unused] = new / new.norm(dim=1, keepdim=True)
     return n
 
 
-def _worst_over_ranks(energy: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n`` rows of largest energy among every rank's candidates (rows, energy), the same on all ranks.
+def _batch_position(rows: int, distributed: bool) -> tuple[int, int]:
+    """(first row of this rank's slice, rows of the whole batch); (0, rows) for one process."""
+    if not distributed:
+        return 0, rows
+    sizes = dist.all_gather_object(rows)
+    return sum(sizes[:dist.world().rank]), sum(sizes)
 
-    Candidates are gathered in rank order and sorted by (energy descending, rank, local order), so
+
+def _best_over_ranks(score: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` rows of largest score among every rank's candidates (rows, score), the same on all ranks.
+
+    Candidates are gathered in rank order and sorted by (score descending, rank, local order), so
     ties are broken identically everywhere; the winners' rows then travel as plain arrays.
     """
-    parts = dist.all_gather_object((energy.cpu().numpy(), rows.cpu().numpy()))
+    parts = dist.all_gather_object((score.cpu().numpy(), rows.cpu().numpy()))
     e = np.concatenate([p[0] for p in parts])
     r = np.concatenate([p[1].reshape(-1, rows.shape[1]) for p in parts])
     best = np.argsort(-e, kind="stable")[:n]
