@@ -276,6 +276,35 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
         DBKSVD(40, 3, **opts).fit(X + 1, checkpoint_dir=tmp_path / "ck", progress=False)
 
 
+def test_fit_ends_once_the_atoms_settle_and_stop_tol_zero_runs_the_whole_schedule():
+    X, D = planted()  # 8,192 rows, batches of 4,096: the default schedule plans 80 epochs = 160 iterations
+    settled = DBKSVD(256, 4).fit(X, progress=False)
+    assert 10 < len(settled.history) < 80 and settled._step == 160  # the rest of the schedule was skipped
+    assert recovered(settled.atoms.numpy(), D) >= 0.99
+    every = DBKSVD(256, 4, epochs=20, stop_tol=0).fit(X, progress=False)
+    assert len(every.history) == 40
+
+
+def test_matryoshka_fit_that_ends_stages_early_resumes_exactly(tmp_path):
+    X, _ = planted(n=2048, m=64)
+    # a loose tolerance so that both stages end early on this small problem
+    opts = dict(groups=(16, 64), epochs=10, sample_batch=512, checkpoint_every=2, stop_tol=0.02, seed=3)
+    steps = []
+    full = DBKSVD(64, 4, **opts).fit(X, progress=False, callback=lambda s, sr: steps.append(s))
+    planned = 10 * 4  # slots per stage
+    stage0, stage1 = [s for s in steps if s <= planned], [s for s in steps if s > planned]
+    assert stage0[-1] < planned and steps[-1] < 2 * planned and len(stage1) >= 3  # both stages ended early
+
+    def kill(step, sr):
+        if step == stage1[2]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        DBKSVD(64, 4, **opts).fit(X, checkpoint_dir=tmp_path / "ck", progress=False, callback=kill)
+    resumed = DBKSVD(64, 4, **opts).fit(X, checkpoint_dir=tmp_path / "ck", progress=False)
+    assert torch.equal(resumed.atoms, full.atoms) and resumed.history == full.history
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     X = small()
     DBKSVD(40, 3, epochs=1, checkpoint_every=1).fit(X, checkpoint_dir=tmp_path, progress=False)

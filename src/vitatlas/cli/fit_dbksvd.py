@@ -23,9 +23,11 @@ from . import parse_groups
 @click.option("--k", required=True, type=int, help="Atoms per sample (sparsity).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--coder", type=click.Choice(["omp", "mp"]), default="omp", show_default=True)
-@click.option("--epochs", type=int, default=None, help="Passes over the store (default: at least 40 iterations).")
+@click.option("--epochs", type=int, default=None, help="Passes over the store (default: at least 160 iterations, ending early once the atoms settle).")
 @click.option("--sample-batch", type=int, default=None, help="Samples per iteration (default: 8·atoms, >= 4096).")
 @click.option("--atom-batch", type=int, default=None, help="Atoms updated in parallel (default: atoms/8).")
+@click.option("--stop-tol", type=float, default=5e-5, show_default=True,
+              help="End once the atoms move less than this (median 1-|cos| per iteration) 3 times in a row; 0: never.")
 @click.option("--approx", is_flag=True, help="Approximate K-SVD (one power step).")
 @click.option("--candidates", default="auto", show_default=True,
               help="Screening width while fitting: 'auto', 'exact' or an integer.")
@@ -35,7 +37,7 @@ from . import parse_groups
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Iterations between checkpoints.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, approx, candidates, groups, device, dtype,
+def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, stop_tol, approx, candidates, groups, device, dtype,
            seed, checkpoint_every, no_progress):
     """Fit a Double-Batch K-SVD dictionary (resumes from OUT/checkpoint when re-run)."""
     import time
@@ -60,7 +62,7 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, appro
             raise VitatlasError(f"--candidates must be 'auto', 'exact' or an integer, got {candidates!r}") from None
     # the options are checked by DBKSVDConfig's declared constraints before the store is opened
     model = DBKSVD(n_atoms, k, coder=coder, epochs=epochs, sample_batch=sample_batch, atom_batch=atom_batch,
-                   approx=approx, candidates=cand, groups=parse_groups(groups), device=device, dtype=dtype, seed=seed,
+                   stop_tol=stop_tol, approx=approx, candidates=cand, groups=parse_groups(groups), device=device, dtype=dtype, seed=seed,
                    checkpoint_every=checkpoint_every)
     store = ActivationStore(acts)
     start = time.perf_counter()

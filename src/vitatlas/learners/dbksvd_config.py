@@ -39,7 +39,7 @@ class DBKSVDConfig(Options):
     k: int = option(rule=Int(min=1), doc="atoms per sample")
     coder: str = option("omp", Choice(tuple(CODERS), what="coder"),
                         "'omp' (Batch-OMP) or 'mp' (matching pursuit, up to mp_steps = 4k steps)")
-    epochs: int | None = option(None, Int(min=1, optional=True), "passes over the data (None: >= 40 iterations)")
+    epochs: int | None = option(None, Int(min=1, optional=True), "passes over the data (None: >= 160 iterations)")
     sample_batch: int | None = option(None, Int(min=1, optional=True),
                                       "samples per iteration (None: 8·n_atoms in [4096, 2²⁸/n_atoms])")
     atom_batch: int | None = option(None, Int(min=1, optional=True),
@@ -47,13 +47,16 @@ class DBKSVDConfig(Options):
     n_power: int = option(2, Int(min=1), "power-iteration steps of the rank-1 update")
     memory: float = option(3.0, Real(min=0), "weight of an atom's old direction in its update, in units of this "
                            "batch's energy along it, ramped up from 0 over the fit (0: plain K-SVD)")
+    stop_tol: float = option(5e-5, Real(min=0, max=1, max_open=True),
+                             "end a stage once the atoms move less than this (median 1 − |cos| between iterations) "
+                             "for 3 iterations in a row with every atom used; 0: run every iteration")
     approx: bool = option(False, Flag(), "AK-SVD (one step from the codes)")
     refit: bool = option(True, Flag(), "least-squares refit after matching pursuit")
     tol: float = option(0.0, Real(min=0, max=1, max_open=True), "stop coding a sample at this relative residual")
     mp_steps: int | None = option(None, Int(min=1, optional=True), "matching-pursuit steps (None: 4k)")
     candidates: int | str | None = option("auto", Either((Choice(("auto",)), Int(min=1)), optional=True,
                                                          none_means="exact coding"),
-                                          "screening width while fitting ('auto': max(4k, 32); None: exact)")
+                                          "screening width while fitting ('auto': max(4k, 64); None: exact)")
     groups: tuple[int, ...] | None = option(None, Ints(min=1, optional=True), "Matryoshka prefix sizes")
     device: str = option("cpu", Device(), "'cpu' or 'cuda[:N]'")
     dtype: str = option("float32", DType(), "'float32' or 'float64'")
