@@ -5,16 +5,21 @@ One *iteration* takes one batch of samples Y (B, d) and the current atoms D (n_a
 1. the products C = Y Dᵀ (the one large dense product, formed in row chunks that are screened and
    coded while still in cache, so the (B, n_atoms) matrix never exists) and G = D Dᵀ;
 2. sparse coding in the Gram domain (``coder="omp"`` Batch-OMP or ``"mp"`` matching pursuit), with
-   each sample screened to its ``candidates`` atoms of largest |DᵀY| so coding stays a small
-   fraction of the product (see ``coders``);
+   each sample screened to ``candidates`` atoms (its first greedy choice and the atoms most correlated
+   with the residual after it) so coding stays a small fraction of the product (see ``coders``);
 3. the K-SVD update: atoms shuffled, updated in parallel batches of ``atom_batch`` against one
-   residual snapshot, with their codes; unused atoms re-drawn from badly reconstructed samples.
+   residual snapshot, with their codes; unused atoms re-drawn from residual rows sampled in
+   proportion to their energy.
 
 Sample batches are streamed (array, tensor or ActivationStore through ``iter_batches``), each gets one
-iteration warm-started from the previous dictionary, for ``epochs`` passes: the data never has to fit
-in memory. With ``groups=[64, 256, 1024]`` (Matryoshka), the atoms are fitted group by group: stage g
-codes with the prefix D[:groups[g]] but only updates its new atoms (initialised from residuals of the
-previous prefix), so every prefix is a usable dictionary on its own.
+iteration warm-started from the previous dictionary, for ``epochs`` passes (default: at least 160
+iterations): the data never has to fit in memory. A stage ends early once its atoms settle: their
+median movement 1 − |cos| between iterations stays below ``stop_tol`` for 3 iterations in a row with
+every atom used (planted problems settle; real activations usually run the whole schedule).
+
+With ``groups=[64, 256, 1024]`` (Matryoshka), the atoms are fitted group by group: stage g codes with
+the prefix D[:groups[g]] but only updates its new atoms (initialised from residuals of the previous
+prefix), so every prefix is a usable dictionary on its own.
 
 Handling of edge cases: zero rows get zero codes; NaN/Inf rows are refused (VitatlasError naming the
 row); ``k >= d`` is refused (the codes would not be sparse: every sample is fitted exactly);
@@ -24,9 +29,10 @@ Data-parallel under ``torchrun`` (``vitatlas.distributed``): every rank walks th
 order and codes its own contiguous slice (``distributed.shard``) of each global batch against the same
 dictionary; the K-SVD update all-reduces the per-atom products Eᵀw and the usage counts, and the rows
 that replace unused atoms are drawn over all ranks with the same random numbers (``ksvd_update``), so
-every rank keeps the same atoms (checked, and rank 0's copy broadcast, at every checkpoint). The batch signal_recovered is
-reduced. Rank 0 alone writes checkpoints; on resume rank 0 reads the checkpoint and broadcasts it. A
-single process runs no collective and is unchanged. ``partial_fit`` is not split across ranks.
+every rank keeps the same atoms (checked, and rank 0's copy broadcast, at every checkpoint). The batch
+signal_recovered and the atom movement (the early stop's measure) are reduced. Rank 0 alone writes
+checkpoints; on resume rank 0 reads the checkpoint and broadcasts it. A single process runs no
+collective and is unchanged. ``partial_fit`` is not split across ranks.
 
 Options are the frozen dataclass ``DBKSVDConfig`` (``dbksvd_config``; each field declares its
 constraint; ``DBKSVD(...)`` is a thin wrapper over it). Checkpoints go through the shared
@@ -333,8 +339,7 @@ class DBKSVD(Dictionary):
                         self._quiet = self._quiet + 1 if quiet else 0
                         bar.update(1)
                         bar.set_postfix(signal_recovered=f"{sr:.4f}", refresh=False)
-                        if callback is not None:
-                            callback(self._step, sr)
+                        done = self._step
                         converged = self._quiet >= STOP_PATIENCE
                         if converged:  # the rest of this stage's schedule is skipped, also on resume
                             end = (s + 1) * epochs * per_epoch
@@ -343,6 +348,8 @@ class DBKSVD(Dictionary):
                             self._step, self._quiet = end, 0
                         if ckpt is not None and (converged or self._step % self.config.checkpoint_every == 0):
                             self._save_checkpoint(ckpt, fingerprint)
+                        if callback is not None:
+                            callback(done, sr)
                         if converged:
                             break
                     if self._step >= (s + 1) * epochs * per_epoch:
