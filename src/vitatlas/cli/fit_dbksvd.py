@@ -26,7 +26,7 @@ from . import parse_groups
 @click.option("--epochs", type=int, default=None, help="Passes over the store (default: at least 160 iterations, ending early once the atoms settle).")
 @click.option("--sample-batch", type=int, default=None, help="Samples per iteration (default: 8·atoms, >= 4096).")
 @click.option("--atom-batch", type=int, default=None, help="Atoms updated in parallel (default: atoms/8).")
-@click.option("--stop-tol", type=float, default=5e-5, show_default=True,
+@click.option("--stop-tol", type=float, default=1e-4, show_default=True,
               help="End once the atoms move less than this (median 1-|cos| per iteration) 3 times in a row; 0: never.")
 @click.option("--approx", is_flag=True, help="Approximate K-SVD (one power step).")
 @click.option("--candidates", default="auto", show_default=True,

@@ -73,7 +73,8 @@ def _screen(C: torch.Tensor, G: torch.Tensor, candidates: int | None) -> tuple[t
         return C, None
     hi, lo = C.max(dim=1, keepdim=True), C.min(dim=1, keepdim=True)  # argmax |C| without a |C| temporary
     first = torch.where(hi.values >= -lo.values, hi.indices, lo.indices)  # (B, 1)
-    after = G.index_select(0, first.squeeze(1)).mul_(-torch.gather(C, 1, first)).add_(C)  # C − c_j·G_j
+    gj = G.index_select(0, first.squeeze(1))
+    after = torch.addcmul(C, gj, torch.gather(C, 1, first), value=-1, out=gj)  # C − c_j·G_j, in one pass
     after.scatter_(1, first, float("inf"))  # the first choice is always a candidate
     cand = _top_abs(after, candidates)
     return torch.gather(C, 1, cand), cand

@@ -47,7 +47,7 @@ class DBKSVDConfig(Options):
     n_power: int = option(2, Int(min=1), "power-iteration steps of the rank-1 update")
     memory: float = option(3.0, Real(min=0), "weight of an atom's old direction in its update, in units of this "
                            "batch's energy along it, ramped up from 0 over the fit (0: plain K-SVD)")
-    stop_tol: float = option(5e-5, Real(min=0, max=1, max_open=True),
+    stop_tol: float = option(1e-4, Real(min=0, max=1, max_open=True),
                              "end a stage once the atoms move less than this (median 1 − |cos| between iterations) "
                              "for 3 iterations in a row with every atom used; 0: run every iteration")
     approx: bool = option(False, Flag(), "AK-SVD (one step from the codes)")
