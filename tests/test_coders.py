@@ -219,3 +219,29 @@ def test_two_level_top_abs_is_exact():
         got = torch.sort(_top_abs(C, M), 1).values
         ref = torch.sort(torch.topk(C.abs(), M, dim=1).indices, 1).values
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("n", [512, 509])  # strided runs, and the fallback when n is not a multiple of 8
+def test_argmax_abs_matches_numpy(n):
+    from vitatlas.learners.coders import _argmax_abs
+
+    C = torch.randn(300, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    C[::3] *= -1  # the largest |value| is often a negative one
+    want = np.abs(C.numpy()).argmax(axis=1)
+    assert np.array_equal(_argmax_abs(C).squeeze(1).numpy(), want)
+
+
+def test_screen_keeps_the_first_choice_and_the_atoms_most_correlated_after_it():
+    from vitatlas.learners.coders import _screen
+
+    D, Y = problem(seed=11)
+    C, G, _ = products(D, Y)
+    M = 6
+    cc, cand = _screen(C, G, M)
+    Cn, Gn = C.numpy(), G.numpy()
+    for b in range(C.shape[0]):
+        j = int(np.abs(Cn[b]).argmax())
+        after = np.abs(Cn[b] - Cn[b, j] * Gn[j])
+        after[j] = np.inf
+        assert set(cand[b].tolist()) == set(np.argsort(-after)[:M].tolist())
+        np.testing.assert_array_equal(cc[b].numpy(), Cn[b, cand[b].numpy()])

@@ -36,6 +36,11 @@ from ..errors import VitatlasError
 CODERS = ("mp", "omp")
 
 
+def _run_abs_max(runs: torch.Tensor) -> torch.Tensor:
+    """max |x| over dim 1 of (B, group, stride) as two reductions, without writing a |x| copy of the input."""
+    return torch.maximum(runs.amax(dim=1), runs.amin(dim=1).neg_())
+
+
 def _top_abs(C: torch.Tensor, M: int, group: int = 8) -> torch.Tensor:
     """Column ids of the M largest |C| per row (any order), exactly, in about half of topk's time.
 
@@ -48,12 +53,23 @@ def _top_abs(C: torch.Tensor, M: int, group: int = 8) -> torch.Tensor:
     if n % group or n // group <= M or not C.is_contiguous():
         return torch.topk(C.abs(), M, dim=1, sorted=False).indices
     stride = n // group
-    run_max = C.view(B, group, stride).abs().amax(dim=1)  # (B, stride)
-    runs = torch.topk(run_max, M, dim=1, sorted=False).indices  # (B, M)
+    runs = torch.topk(_run_abs_max(C.view(B, group, stride)), M, dim=1, sorted=False).indices  # (B, M)
     offsets = torch.arange(0, n, stride, device=C.device).view(1, group, 1)
     cols = (runs.unsqueeze(1) + offsets).view(B, group * M)
     best = torch.topk(torch.gather(C, 1, cols).abs_(), M, dim=1, sorted=False).indices
     return torch.gather(cols, 1, best)
+
+
+def _argmax_abs(C: torch.Tensor, group: int = 8) -> torch.Tensor:
+    """(B, 1) column of the largest |C| per row: the best strided run (as in ``_top_abs``), then inside it."""
+    B, n = C.shape
+    if n % group or not C.is_contiguous():
+        hi, lo = C.max(dim=1, keepdim=True), C.min(dim=1, keepdim=True)
+        return torch.where(hi.values >= -lo.values, hi.indices, lo.indices)
+    stride = n // group
+    run = _run_abs_max(C.view(B, group, stride)).argmax(dim=1, keepdim=True)  # (B, 1)
+    cols = run + torch.arange(0, n, stride, device=C.device).view(1, group)  # (B, group)
+    return torch.gather(cols, 1, torch.gather(C, 1, cols).abs_().argmax(dim=1, keepdim=True))
 
 
 def _screen(C: torch.Tensor, G: torch.Tensor, candidates: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,8 +87,7 @@ def _screen(C: torch.Tensor, G: torch.Tensor, candidates: int | None) -> tuple[t
     n = C.shape[1]
     if candidates is None or candidates >= n:
         return C, None
-    hi, lo = C.max(dim=1, keepdim=True), C.min(dim=1, keepdim=True)  # argmax |C| without a |C| temporary
-    first = torch.where(hi.values >= -lo.values, hi.indices, lo.indices)  # (B, 1)
+    first = _argmax_abs(C)  # (B, 1)
     gj = G.index_select(0, first.squeeze(1))
     after = torch.addcmul(C, gj, torch.gather(C, 1, first), value=-1, out=gj)  # C − c_j·G_j, in one pass
     after.scatter_(1, first, float("inf"))  # the first choice is always a candidate
