@@ -250,6 +250,7 @@ def test_fit_cli_reports_option_errors_in_one_line(tmp_path):
     ActivationStore.from_array(tmp_path / "acts", np.ones((10, 4), np.float32))
     for args, match in ((["dbksvd", "--atoms", "0", "--k", "2"], "n_atoms must be a positive integer"),
                         (["dbksvd", "--atoms", "8", "--k", "2", "--sample-batch", "-5"], "sample_batch must be"),
+                        (["dbksvd", "--atoms", "8", "--k", "2", "--stop-tol", "-1"], "stop_tol must be a number in [0, 1)"),
                         (["sae", "--kind", "relu", "--atoms", "8", "--l1", "nan"], "l1 must be a finite number"),
                         (["sae", "--kind", "relu", "--atoms", "8", "--base", "topk"], "base is not used")):
         res = CliRunner().invoke(main, ["fit", *args, "--acts", str(tmp_path / "acts"), "--out", str(tmp_path / "o")],

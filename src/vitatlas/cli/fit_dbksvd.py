@@ -23,7 +23,8 @@ from . import parse_groups
 @click.option("--k", required=True, type=int, help="Atoms per sample (sparsity).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--coder", type=click.Choice(["omp", "mp"]), default="omp", show_default=True)
-@click.option("--epochs", type=int, default=None, help="Passes over the store (default: at least 160 iterations, ending early once the atoms settle).")
+@click.option("--epochs", type=int, default=None,
+              help="Passes over the store (default: at least 160 iterations, ending early once the atoms settle).")
 @click.option("--sample-batch", type=int, default=None, help="Samples per iteration (default: 8·atoms, >= 4096).")
 @click.option("--atom-batch", type=int, default=None, help="Atoms updated in parallel (default: atoms/8).")
 @click.option("--stop-tol", type=float, default=1e-4, show_default=True,
@@ -37,8 +38,8 @@ from . import parse_groups
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Iterations between checkpoints.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, stop_tol, approx, candidates, groups, device, dtype,
-           seed, checkpoint_every, no_progress):
+def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, stop_tol, approx, candidates, groups,
+           device, dtype, seed, checkpoint_every, no_progress):
     """Fit a Double-Batch K-SVD dictionary (resumes from OUT/checkpoint when re-run)."""
     import time
     from pathlib import Path
@@ -62,8 +63,8 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, stop_
             raise VitatlasError(f"--candidates must be 'auto', 'exact' or an integer, got {candidates!r}") from None
     # the options are checked by DBKSVDConfig's declared constraints before the store is opened
     model = DBKSVD(n_atoms, k, coder=coder, epochs=epochs, sample_batch=sample_batch, atom_batch=atom_batch,
-                   stop_tol=stop_tol, approx=approx, candidates=cand, groups=parse_groups(groups), device=device, dtype=dtype, seed=seed,
-                   checkpoint_every=checkpoint_every)
+                   stop_tol=stop_tol, approx=approx, candidates=cand, groups=parse_groups(groups), device=device,
+                   dtype=dtype, seed=seed, checkpoint_every=checkpoint_every)
     store = ActivationStore(acts)
     start = time.perf_counter()
     out = Path(out)

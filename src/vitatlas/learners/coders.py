@@ -15,8 +15,8 @@ n_atoms atoms, each sample keeps only M atoms — its first greedy choice and th
 correlated with its residual after that choice (``_screen``) — and the greedy algorithm runs inside
 that set (the Gram entries it needs are gathered from G). Per-step work falls from B·n_atoms to B·M,
 so coding costs a small fraction of the product DᵀY. It is an approximation: an atom outside the
-candidates can never be chosen. ``candidates=None`` gives the
-exact algorithms (tested against scikit-learn's ``orthogonal_mp_gram`` and a numpy MP).
+candidates can never be chosen. ``candidates=None`` gives the exact algorithms (tested against
+scikit-learn's ``orthogonal_mp_gram`` and a numpy MP).
 
 Stopping rules (both coders): at most ``k`` distinct atoms per sample; stop a sample early when its
 relative residual ‖y − Dγ‖/‖y‖ ≤ ``tol``, when the best remaining correlation is at round-off level

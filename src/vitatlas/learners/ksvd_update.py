@@ -17,8 +17,8 @@ residual rows sampled in proportion to their energy (``replace_unused``).
 Data-parallel (``distributed=True``, under torchrun): each rank holds its own slice of the batch
 (its rows of R, idx, val) and the same D. The power iteration only needs Eᵀw (a sum over samples:
 all-reduced) and E·u (per sample: local); usage counts are all-reduced and the replacement rows of
-re-drawn atoms are drawn from every rank's rows with the same random numbers, so every rank makes the same
-decisions and D stays identical. ``distributed=False`` (one process) runs no collective at all.
+re-drawn atoms are drawn from every rank's rows with the same random numbers, so every rank makes the
+same decisions and D stays identical. ``distributed=False`` (one process) runs no collective at all.
 """
 
 from __future__ import annotations
