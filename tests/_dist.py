@@ -92,6 +92,25 @@ def run_until_a_rank_dies(fn, *args, world_size: int = 2, timeout_s: float = 60)
         return queue.get()
 
 
+def vanish_on_rank_1(rank: int, at: int):
+    """A fit callback that makes rank 1 leave with ``os._exit`` at step ``at``, as a killed process would."""
+    def stop(step, _progress):
+        if rank == 1 and step == at:
+            os._exit(1)
+    return stop
+
+
+def error_or_finished(fit) -> str:
+    """Run ``fit()``: its VitatlasError's message, or "finished" when it ran to the end."""
+    from vitatlas.errors import VitatlasError
+
+    try:
+        fit()
+    except VitatlasError as exc:
+        return str(exc)
+    return "finished"
+
+
 def assert_survivor_stopped_cleanly(result: tuple[int, str, object]) -> None:
     """Rank 0 outlived the killed rank and got the one-line 'lost contact ... re-run' VitatlasError."""
     rank, status, message = result

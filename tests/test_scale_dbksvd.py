@@ -12,15 +12,21 @@ reduction or a rank-local re-draw moves atoms by more than 1e-2).
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from _dist import assert_survivor_stopped_cleanly, run_ranks, run_until_a_rank_dies, torchrun
+from _dist import (
+    assert_survivor_stopped_cleanly,
+    error_or_finished,
+    run_ranks,
+    run_until_a_rank_dies,
+    torchrun,
+    vanish_on_rank_1,
+)
 from _planted import planted
 
-from vitatlas import ActivationStore, VitatlasError
+from vitatlas import ActivationStore
 from vitatlas.learners.coders import batch_omp, sparse_decode
 from vitatlas.learners.dbksvd import DBKSVD
 from vitatlas.learners.ksvd_update import ksvd_update
@@ -125,14 +131,8 @@ def test_single_process_path_takes_no_collective_and_is_unchanged(monkeypatch, t
 
 
 def _killed_after(rank: int, at: int):
-    def stop(step, sr):
-        if rank == 1 and step == at:
-            os._exit(1)  # vanish mid-job, as a killed process would
-    try:
-        DBKSVD(32, 3, **OPTS).fit(_data(), progress=False, callback=stop)
-    except VitatlasError as exc:
-        return str(exc)
-    return "finished"
+    stop = vanish_on_rank_1(rank, at)
+    return error_or_finished(lambda: DBKSVD(32, 3, **OPTS).fit(_data(), progress=False, callback=stop))
 
 
 def test_a_killed_rank_stops_the_job_with_a_one_line_error():

@@ -11,16 +11,22 @@ from "another trajectory" (a wrong normalisation or a missing reduction moves pa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from _dist import assert_survivor_stopped_cleanly, run_ranks, run_until_a_rank_dies, torchrun
+from _dist import (
+    assert_survivor_stopped_cleanly,
+    error_or_finished,
+    run_ranks,
+    run_until_a_rank_dies,
+    torchrun,
+    vanish_on_rank_1,
+)
 from _planted import planted
 
-from vitatlas import ActivationStore, VitatlasError
+from vitatlas import ActivationStore
 from vitatlas.learners.sae import SAE, SAESweep
 
 TOL = dict(rtol=1e-7, atol=1e-7)
@@ -75,14 +81,8 @@ def test_two_ranks_train_the_same_saes_as_one_process(specs):
 
 
 def _killed_after(rank: int, at: int):
-    def stop(step, metrics):
-        if rank == 1 and step == at:
-            os._exit(1)  # vanish mid-job, as a killed process would
-    try:
-        _make("topk", epochs=4).fit(_data(), progress=False, callback=stop)
-    except VitatlasError as exc:
-        return str(exc)
-    return "finished"
+    stop = vanish_on_rank_1(rank, at)
+    return error_or_finished(lambda: _make("topk", epochs=4).fit(_data(), progress=False, callback=stop))
 
 
 def test_a_killed_rank_stops_the_job_with_a_one_line_error():
