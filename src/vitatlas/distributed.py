@@ -99,9 +99,21 @@ def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
                                 "use --nproc-per-node at most the number of GPUs")
         torch.cuda.set_device(local)
         backend = "cpu:gloo,cuda:nccl"
+    _import_before_joining()
     with collective("joining the process group"):
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return world()
+
+
+def _import_before_joining() -> None:
+    """Import ``torch._dynamo`` before the group exists (torch.optim imports it at its first step).
+
+    Imported after, it keeps the group alive past ``destroy_process_group`` (torch 2.13): gloo's worker
+    threads are never joined, and one of them releasing a finished collective's tensor while the
+    interpreter exits aborts the process ("terminate called without an active exception") after the
+    job's work is done. Imported before, ``shutdown`` joins them (``tests/test_distributed.py``).
+    """
+    import torch._dynamo  # noqa: F401
 
 
 def raise_on_sigterm() -> None:
