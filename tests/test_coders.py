@@ -198,6 +198,10 @@ def test_residual_matches_decode():
     idx, val = batch_omp(C, G, ysq, 5)
     Yt, Dt = torch.from_numpy(Y), torch.from_numpy(D)
     torch.testing.assert_close(residual(Yt, idx, val, Dt), Yt - sparse_decode(idx, val, Dt))
+    buf = torch.full((Yt.shape[0] + 3, Yt.shape[1]), float("nan"), dtype=Yt.dtype)  # a reused, larger buffer
+    got = residual(Yt, idx, val, Dt, out=buf[:Yt.shape[0]])
+    assert got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(got, Yt - sparse_decode(idx, val, Dt))
 
 
 def test_bad_arguments():

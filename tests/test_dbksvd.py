@@ -111,6 +111,27 @@ def test_batch_update_uses_one_snapshot():
     torch.testing.assert_close(Rb, Y - sparse_decode(idx, vb, Db))
 
 
+def test_duplicates_match_the_pairwise_definition():
+    rng = np.random.default_rng(5)
+    n = 40
+    D = rng.normal(size=(n, 12))
+    for a, b in [(1, 2), (3, 4), (4, 5), (7, 30), (10, 11)]:  # near-twins, a chain, and a sign-flipped one
+        D[b] = (-1 if b == 11 else 1) * D[a] + 0.01 * rng.normal(size=12)
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    G = D @ D.T
+    counts = rng.integers(0, 3, size=n)  # ties in usage are frequent
+    counts[[1, 2, 10, 11]] = [2, 2, 2, 1]
+    trainable = np.setdiff1d(np.arange(n), [7])  # atom 7 is frozen: its twin 30 always loses
+    rank = np.where(np.isin(np.arange(n), trainable), counts, np.inf)
+    want = np.zeros(n, dtype=bool)
+    for i in trainable:
+        want[i] = any(abs(G[i, j]) > 0.97 and (rank[j] > rank[i] or (rank[j] == rank[i] and j < i))
+                      for j in range(n) if j != i)
+    got = duplicates(torch.from_numpy(G), torch.from_numpy(counts), torch.from_numpy(trainable), 0.97)
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert want[[2, 30, 11]].all() and not want[[1, 7, 10]].any()
+
+
 def test_full_sweep_reduces_residual_and_redraws_unused_and_duplicates():
     Y, D, idx, val, R = coded(seed=3)
     D = D.clone()

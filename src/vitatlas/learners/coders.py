@@ -36,6 +36,19 @@ from ..errors import VitatlasError
 CODERS = ("mp", "omp")
 
 
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}
+
+
+def _topk_nonneg(x: torch.Tensor, M: int) -> torch.Tensor:
+    """Column ids of the M largest entries per row of a non-negative float tensor (any order).
+
+    Non-negative IEEE floats order like their bit patterns read as integers, and topk over the integer
+    view is about 30% faster on CPU than over the floats (no NaN handling in the comparisons).
+    """
+    return torch.topk(x.view(_SAME_WIDTH_INT[x.dtype]), M, dim=1, sorted=False).indices
+
+
 def _run_abs_max(runs: torch.Tensor) -> torch.Tensor:
     """max |x| over dim 1 of (B, group, stride) as two reductions, without writing a |x| copy of the input."""
     return torch.maximum(runs.amax(dim=1), runs.amin(dim=1).neg_())
@@ -51,12 +64,12 @@ def _top_abs(C: torch.Tensor, M: int, group: int = 8) -> torch.Tensor:
     """
     B, n = C.shape
     if n % group or n // group <= M or not C.is_contiguous():
-        return torch.topk(C.abs(), M, dim=1, sorted=False).indices
+        return _topk_nonneg(C.abs(), M)
     stride = n // group
-    runs = torch.topk(_run_abs_max(C.view(B, group, stride)), M, dim=1, sorted=False).indices  # (B, M)
+    runs = _topk_nonneg(_run_abs_max(C.view(B, group, stride)), M)  # (B, M)
     offsets = torch.arange(0, n, stride, device=C.device).view(1, group, 1)
     cols = (runs.unsqueeze(1) + offsets).view(B, group * M)
-    best = torch.topk(torch.gather(C, 1, cols).abs_(), M, dim=1, sorted=False).indices
+    best = _topk_nonneg(torch.gather(C, 1, cols).abs_(), M)
     return torch.gather(cols, 1, best)
 
 
@@ -329,6 +342,11 @@ def sparse_decode(idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torc
     return _codes_csr(idx, val, D.shape[0], D.dtype) @ D
 
 
-def residual(Y: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-    """Y − sparse_decode(idx, val, D), as one in-place sparse addmm on a copy of Y (no (B, d) temporary)."""
-    return Y.clone().addmm_(_codes_csr(idx, val, D.shape[0], D.dtype), D, alpha=-1)
+def residual(Y: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Y − sparse_decode(idx, val, D), as one in-place sparse addmm on a copy of Y (no (B, d) temporary).
+
+    ``out``: a tensor shaped like Y to write it into (a reused buffer), instead of a new one.
+    """
+    R = Y.clone() if out is None else out.copy_(Y)
+    return R.addmm_(_codes_csr(idx, val, D.shape[0], D.dtype), D, alpha=-1)
