@@ -316,53 +316,34 @@ class DBKSVD(Dictionary):
             self._load_checkpoint(ckpt, fingerprint)
         else:
             self._init_atoms(X, n, d)
-        per_epoch = math.ceil(n / self._sample_batch())
-        stages = self._stages()
-        epochs = self._epochs(n)
-        total = len(stages) * epochs * per_epoch
+        per_epoch, epochs = math.ceil(n / self._sample_batch()), self._epochs(n)
+        total = len(self._stages()) * epochs * per_epoch
         self._ramp = total
         bar = tqdm(total=total, initial=self._step, disable=not progress or not w.is_main, desc="dbksvd",
                    unit="batch", dynamic_ncols=True)
         try:
-            for s, (lo, hi) in enumerate(stages):
-                stage_end = (s + 1) * epochs * per_epoch
-                for epoch in range(epochs):
-                    first = (s * epochs + epoch) * per_epoch
-                    if self._step >= first + per_epoch:
-                        continue  # done before the checkpoint we resumed from, or the stage ended early
-                    # data-parallel: the global batch stays on the CPU, each rank moves its slice to its device
-                    batches = self._batches(X, self.seed * 100003 + s * 1009 + epoch,
-                                            device="cpu" if w.distributed else None)
-                    for b, Y in enumerate(batches):
-                        if first + b < self._step:
-                            continue  # already done before the checkpoint we resumed from
-                        if s > 0 and epoch == 0 and b == 0:
-                            self._init_stage_from_residual(Y.to(self.device), lo, hi)
-                        # no re-draw in a stage's last iteration: it would leave untrained atoms
-                        last = epoch == epochs - 1 and b == per_epoch - 1
-                        if w.distributed:
-                            part = distributed.shard(Y.shape[0])
-                            sr, quiet = self._iteration(Y[part.start:part.stop].to(self.device), lo, hi,
-                                                        redraw=not last, split=True)
-                        else:
-                            sr, quiet = self._iteration(Y, lo, hi, redraw=not last)
-                        self.history.append(sr)
-                        self._step += 1
-                        self._quiet = self._quiet + 1 if quiet else 0
-                        bar.update(1)
-                        bar.set_postfix(signal_recovered=f"{sr:.4f}", refresh=False)
-                        done = self._step
-                        converged = self._quiet >= STOP_PATIENCE
-                        if converged:  # the rest of this stage's schedule is skipped, also on resume
-                            bar.update(stage_end - self._step)
-                            bar.set_postfix(signal_recovered=f"{sr:.4f}", converged=len(self.history), refresh=False)
-                            self._step, self._quiet = stage_end, 0
-                        if ckpt is not None and (converged or self._step % self.config.checkpoint_every == 0):
-                            self._save_checkpoint(ckpt, fingerprint)
-                        if callback is not None:
-                            callback(done, sr)
-                        if converged:
-                            break
+            for lo, hi, Y, last, stage_end in self._pending_iterations(X, per_epoch, epochs, w.distributed):
+                if w.distributed:
+                    part = distributed.shard(Y.shape[0])
+                    sr, quiet = self._iteration(Y[part.start:part.stop].to(self.device), lo, hi,
+                                                redraw=not last, split=True)
+                else:
+                    sr, quiet = self._iteration(Y, lo, hi, redraw=not last)
+                self.history.append(sr)
+                self._step += 1
+                self._quiet = self._quiet + 1 if quiet else 0
+                done = self._step
+                bar.update(1)
+                bar.set_postfix(signal_recovered=f"{sr:.4f}", refresh=False)
+                converged = self._quiet >= STOP_PATIENCE
+                if converged:  # the rest of this stage's schedule is skipped, also on resume
+                    bar.update(stage_end - self._step)
+                    bar.set_postfix(signal_recovered=f"{sr:.4f}", converged=len(self.history), refresh=False)
+                    self._step, self._quiet = stage_end, 0
+                if ckpt is not None and (converged or self._step % self.config.checkpoint_every == 0):
+                    self._save_checkpoint(ckpt, fingerprint)
+                if callback is not None:
+                    callback(done, sr)
         except VitatlasError:
             self.d, self._D, self._G = None, None, None  # bad data: leave no half-fitted dictionary behind
             raise
@@ -374,6 +355,31 @@ class DBKSVD(Dictionary):
         if ckpt is not None:
             self._save_checkpoint(ckpt, fingerprint)
         return self
+
+    def _pending_iterations(self, X: ArrayLike, per_epoch: int, epochs: int, split: bool):
+        """The planned schedule's iterations from ``self._step`` on: (lo, hi, batch, last, stage_end).
+
+        Each stage (atoms [lo, hi) trainable) runs ``epochs`` passes of ``per_epoch`` batches; ``last``
+        marks a stage's last iteration (no re-draw there: it would leave untrained atoms). Iterations
+        done before the checkpoint we resumed from are skipped, and so is the rest of a stage once
+        ``self._step`` jumps to its end (it stopped early). Data-parallel (``split``) batches stay on the
+        CPU: each rank moves its own slice to its device.
+        """
+        for s, (lo, hi) in enumerate(self._stages()):
+            stage_end = (s + 1) * epochs * per_epoch
+            for epoch in range(epochs):
+                first = (s * epochs + epoch) * per_epoch
+                if self._step >= first + per_epoch:
+                    continue  # done before the checkpoint we resumed from, or the stage ended early
+                batches = self._batches(X, self.seed * 100003 + s * 1009 + epoch, device="cpu" if split else None)
+                for b, Y in enumerate(batches):
+                    if first + b < self._step:
+                        continue  # done before the checkpoint we resumed from
+                    if s > 0 and epoch == 0 and b == 0:
+                        self._init_stage_from_residual(Y.to(self.device), lo, hi)
+                    yield lo, hi, Y, epoch == epochs - 1 and b == per_epoch - 1, stage_end
+                    if self._step >= stage_end:
+                        break  # the stage ended early
 
     def partial_fit(self, X: ArrayLike) -> DBKSVD:
         """One iteration per ``sample_batch`` rows of X, warm-started from the current atoms."""
