@@ -1,11 +1,14 @@
 """Sparse coders against slow references: scikit-learn's orthogonal_mp_gram and a numpy MP."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp_gram
 
 from vitatlas.errors import VitatlasError
+from vitatlas.learners import coders
 from vitatlas.learners.coders import batch_omp, code, code_signals, matching_pursuit, residual, sparse_decode, to_dense
 
 
@@ -190,6 +193,48 @@ def test_code_signals_matches_code_on_the_full_product(coder, candidates):
     got = code_signals(torch.from_numpy(Y), torch.from_numpy(D), G, 5, coder=coder, candidates=candidates, chunk=16)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+@pytest.mark.parametrize("coder", ["mp", "omp"])
+def test_code_signals_on_single_threaded_workers_equals_one_thread(coder, monkeypatch):
+    # with 2 torch threads the chunks go to 2 workers of one thread each: every chunk is the same
+    # single-threaded computation as with 1 thread, so the codes are bit-identical
+    D, Y = problem(B=203, d=32, n=96, seed=9, dtype=np.float32)
+    Yt, Dt = torch.from_numpy(Y), torch.from_numpy(D)
+    G = Dt @ Dt.T
+    want = code_signals(Yt, Dt, G, 5, coder=coder, candidates=20, chunk=16)  # 1 thread (the suite's setting)
+    torch.set_num_threads(2)
+    calls = []
+    monkeypatch.setattr(coders, "_on_single_threaded_workers",
+                        lambda work, n: calls.append(n) or real_workers(work, n))
+    got = code_signals(Yt, Dt, G, 5, coder=coder, candidates=20, chunk=16)
+    assert calls == [2] and torch.get_num_threads() == 2  # the workers ran; the caller's count is back
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+real_workers = coders._on_single_threaded_workers
+
+
+def test_a_failing_chunk_stops_the_workers_and_restores_the_thread_count(monkeypatch):
+    D, Y = problem(B=400, d=32, n=96, seed=10, dtype=np.float32)
+    Yt, Dt = torch.from_numpy(Y), torch.from_numpy(D)
+    calls = itertools.count(1)  # next() on it is atomic: exactly one call is the third
+    seen = []
+
+    def failing_code(C, *args, **kwargs):
+        n = next(calls)
+        seen.append(n)
+        if n == 3:
+            raise VitatlasError("chunk 3 failed")
+        return real_code(C, *args, **kwargs)
+
+    real_code = coders.code
+    monkeypatch.setattr(coders, "code", failing_code)
+    torch.set_num_threads(2)
+    with pytest.raises(VitatlasError, match="chunk 3 failed"):
+        code_signals(Yt, Dt, Dt @ Dt.T, 5, candidates=20, chunk=8)  # 50 chunks
+    assert torch.get_num_threads() == 2
+    assert len(seen) < 10  # the other worker stopped instead of coding the remaining chunks
 
 
 def test_residual_matches_decode():

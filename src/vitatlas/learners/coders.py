@@ -26,6 +26,7 @@ chosen ones. Zero samples get zero codes (never NaN).
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -301,25 +302,78 @@ def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, c
                  candidates: int | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Code signals Y (B, d) over atoms D (n_atoms, d): the product C = Y Dᵀ and the coder, in row chunks.
 
-    With screening, each chunk's slice of C is formed in one reused buffer and coded while it is still
+    With screening, each chunk's slice of C is formed in a reused buffer and coded while it is still
     in cache, so the (B, n_atoms) product is never materialised: that saves page faults and memory
-    passes, and the product runs as fast as one large one. Exact coding (``candidates=None``) keeps
-    ``code``'s own chunking.
+    passes, and the product runs as fast as one large one. On the CPU with several threads, the chunks
+    are spread over that many workers of one thread each (``_chunk_workers``). Exact coding
+    (``candidates=None``) keeps ``code``'s own chunking.
     """
     if candidates is None or candidates >= D.shape[0]:
         return code(Y @ D.T, G, torch.linalg.vector_norm(Y, dim=1) ** 2, k, coder=coder, tol=tol, refit=refit,
                     max_steps=max_steps, candidates=candidates)
     B = Y.shape[0]
-    buf = torch.empty(min(chunk, B), D.shape[0], dtype=Y.dtype, device=Y.device)
     idx = torch.empty(B, min(k, D.shape[0]), dtype=torch.long, device=Y.device)
     val = torch.empty(B, idx.shape[1], dtype=Y.dtype, device=Y.device)
-    for s in range(0, B, chunk):
-        y = Y[s:s + chunk]
-        C = torch.matmul(y, D.T, out=buf[:y.shape[0]])
-        ysq = torch.linalg.vector_norm(y, dim=1) ** 2
-        idx[s:s + chunk], val[s:s + chunk] = code(C, G, ysq, k, coder=coder, tol=tol, refit=refit,
-                                                  max_steps=max_steps, candidates=candidates, chunk=chunk)
+    starts = iter(range(0, B, chunk))
+    lock = threading.Lock()
+
+    def next_start() -> int | None:
+        with lock:
+            return next(starts, None)
+
+    def code_chunks(stop: threading.Event | None = None) -> None:
+        buf = torch.empty(min(chunk, B), D.shape[0], dtype=Y.dtype, device=Y.device)
+        while (stop is None or not stop.is_set()) and (s := next_start()) is not None:
+            y = Y[s:s + chunk]
+            C = torch.matmul(y, D.T, out=buf[:y.shape[0]])
+            ysq = torch.linalg.vector_norm(y, dim=1) ** 2
+            idx[s:s + chunk], val[s:s + chunk] = code(C, G, ysq, k, coder=coder, tol=tol, refit=refit,
+                                                      max_steps=max_steps, candidates=candidates, chunk=chunk)
+
+    workers = _chunk_workers(Y, -(-B // chunk))
+    if workers == 1:
+        code_chunks()
+    else:
+        _on_single_threaded_workers(code_chunks, workers)
     return idx, val
+
+
+def _chunk_workers(Y: torch.Tensor, n_chunks: int) -> int:
+    """How many single-threaded workers code the chunks: torch's thread count on the CPU, else 1.
+
+    The coders run ~40 small tensor operations per greedy step on (chunk, candidates) tensors; split
+    over 2 threads, each of them waits for both. At d=768, 3,072 atoms, k=10, 2 threads, screening and
+    coding took ~1.8 s per 100k rows that way (2.9 s at 1 thread) and ~1.5 s on 2 single-threaded
+    workers, whose GEMMs together run as fast as one 2-thread GEMM (measured on 2 AMD EPYC cores).
+    """
+    if Y.device.type != "cpu" or n_chunks < 2:
+        return 1
+    return min(torch.get_num_threads(), n_chunks)
+
+
+def _on_single_threaded_workers(work, workers: int) -> None:
+    """Run ``work(stop)`` on ``workers`` threads at once, torch single-threaded in each.
+
+    ``torch.set_num_threads`` sets OpenMP's count for the calling thread only (and MKL's globally), so
+    each worker sets its own; the caller's count is restored afterwards. ``work`` must return when the
+    ``stop`` event is set: it is, as soon as one worker fails or the caller is interrupted, so an error
+    or Ctrl-C does not wait for the other workers' remaining chunks.
+    """
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    before = torch.get_num_threads()
+    stop = threading.Event()
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            futures = [pool.submit(work, stop) for _ in range(workers)]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            finally:
+                stop.set()
+            for f in futures:
+                f.result()  # the first failure, re-raised here
+    finally:
+        torch.set_num_threads(before)
 
 
 def _codes_csr(idx: torch.Tensor, val: torch.Tensor, n_atoms: int, dtype: torch.dtype) -> torch.Tensor:
