@@ -111,6 +111,15 @@ def test_batch_update_uses_one_snapshot():
     torch.testing.assert_close(Rb, Y - sparse_decode(idx, vb, Db))
 
 
+@pytest.mark.parametrize("n,length", [(1, 0), (5, 0), (7, 30), (100, 1000), (3, 10)])
+def test_csr_row_pointer_counts_the_ids_before_each_row(n, length):
+    from vitatlas.learners.ksvd_update import _ptr
+
+    ids = np.sort(np.random.default_rng(n + length).integers(0, n, size=length))
+    want = np.searchsorted(ids, np.arange(n + 1))  # ptr[i] = how many ids are < i
+    np.testing.assert_array_equal(_ptr(torch.from_numpy(ids), n).numpy(), want)
+
+
 def test_duplicates_match_the_pairwise_definition():
     rng = np.random.default_rng(5)
     n = 40

@@ -44,8 +44,10 @@ def _csr(ptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tup
 
 
 def _ptr(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
-    """CSR row pointer of ``sorted_ids`` (ascending ints in [0, n))."""
-    return torch.searchsorted(sorted_ids, torch.arange(n + 1, device=sorted_ids.device))
+    """CSR row pointer of ``sorted_ids`` (ascending ints in [0, n)): counts and a running sum, O(len + n)."""
+    ptr = torch.zeros(n + 1, dtype=torch.long, device=sorted_ids.device)
+    torch.cumsum(torch.bincount(sorted_ids, minlength=n), 0, out=ptr[1:])
+    return ptr
 
 
 @torch.no_grad()
