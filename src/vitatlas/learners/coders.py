@@ -117,6 +117,12 @@ def _gram_columns(G: torch.Tensor, cand: torch.Tensor | None, j_local: torch.Ten
     return torch.take(G, j_global * G.shape[1] + cand)  # G[j_global, cand], faster than 2-D fancy indexing
 
 
+def _gram_diagonal(G: torch.Tensor, cand: torch.Tensor | None, j_local: torch.Tensor) -> torch.Tensor:
+    """G_jj of each row's chosen atom: (B,) (the entry ``_gram_columns`` holds at the atom's own slot)."""
+    j = j_local if cand is None else torch.gather(cand, 1, j_local.unsqueeze(1)).squeeze(1)
+    return torch.take(G, j * (G.shape[1] + 1))
+
+
 def _to_global(sup: torch.Tensor, cand: torch.Tensor | None) -> torch.Tensor:
     if cand is None:
         return sup
@@ -252,20 +258,25 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
             break
         best, j = rc.abs().masked_fill_(in_sup, -1.0).max(dim=1)
         active &= best > floor
-        g = _gram_columns(G, cand, j)  # (B, M)
+        # the last step feeds no further one: it needs only G_jj, not the Gram column and DᵀR update
+        last = t == k - 1
         jj = j.unsqueeze(1)
+        g = None if last else _gram_columns(G, cand, j)  # (B, M)
+        gjj = _gram_diagonal(G, cand, j) if last else torch.gather(g, 1, jj).squeeze(1)
         w = torch.gather(Q[:, :t], 2, jj.unsqueeze(1).expand(B, t, 1)).squeeze(2)  # (B, t)
-        ell2 = torch.gather(g, 1, jj).squeeze(1) - (w * w).sum(dim=1)
+        ell2 = gjj - (w * w).sum(dim=1)
         active &= ell2 > dep
         scale = torch.where(active, ell2.clamp(min=dep).rsqrt(), torch.zeros_like(ell2))  # 1/ℓ, 0 if done
         zt = torch.gather(rc, 1, jj).squeeze(1) * scale
-        q = torch.baddbmm(g.unsqueeze(1), w.unsqueeze(1), Q[:, :t], alpha=-1).squeeze(1) * scale.unsqueeze(1)
-        Q[:, t] = q
-        rc.addcmul_(zt.unsqueeze(1), q, value=-1)
         z[:, t] = zt
         L[:, t, :t] = w * active.unsqueeze(1)
         L[:, t, t] = torch.where(active, ell2.clamp(min=dep).sqrt(), L[:, t, t])
         sup[:, t] = torch.where(active, j, sup[:, t])
+        if last:
+            break
+        q = torch.baddbmm(g.unsqueeze(1), w.unsqueeze(1), Q[:, :t], alpha=-1).squeeze(1) * scale.unsqueeze(1)
+        Q[:, t] = q
+        rc.addcmul_(zt.unsqueeze(1), q, value=-1)
         in_sup[rows, j] |= active
         energy -= zt * zt
         active &= energy > stop_energy
@@ -363,9 +374,17 @@ def _on_single_threaded_workers(work, workers: int) -> None:
 
     before = torch.get_num_threads()
     stop = threading.Event()
+
+    def run() -> None:
+        try:
+            work(stop)
+        except BaseException:
+            stop.set()  # at once, not when the caller gets to look
+            raise
+
     try:
         with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            futures = [pool.submit(work, stop) for _ in range(workers)]
+            futures = [pool.submit(run) for _ in range(workers)]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
             finally:
