@@ -191,9 +191,12 @@ def test_code_signals_matches_code_on_the_full_product(coder, candidates):
     D, Y = problem(B=50, seed=7)
     C, G, ysq = products(D, Y)
     want = code(C, G, ysq, 5, coder=coder, candidates=candidates)
-    got = code_signals(torch.from_numpy(Y), torch.from_numpy(D), G, 5, coder=coder, candidates=candidates, chunk=16)
+    Yt, Dt = torch.from_numpy(Y), torch.from_numpy(D)
+    R = torch.full_like(Yt, float("nan"))
+    got = code_signals(Yt, Dt, G, 5, coder=coder, candidates=candidates, chunk=16, residual_out=R)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(R, Yt - sparse_decode(got[0], got[1], Dt))  # every chunk's rows written
 
 
 @pytest.mark.parametrize("coder", ["mp", "omp"])
@@ -203,14 +206,15 @@ def test_code_signals_on_single_threaded_workers_equals_one_thread(coder, monkey
     D, Y = problem(B=203, d=32, n=96, seed=9, dtype=np.float32)
     Yt, Dt = torch.from_numpy(Y), torch.from_numpy(D)
     G = Dt @ Dt.T
-    want = code_signals(Yt, Dt, G, 5, coder=coder, candidates=20, chunk=16)  # 1 thread (the suite's setting)
+    R1, R2 = torch.empty_like(Yt), torch.empty_like(Yt)
+    want = code_signals(Yt, Dt, G, 5, coder=coder, candidates=20, chunk=16, residual_out=R1)  # 1 thread
     torch.set_num_threads(2)
     calls = []
     monkeypatch.setattr(coders, "_on_single_threaded_workers",
                         lambda work, n: calls.append(n) or real_workers(work, n))
-    got = code_signals(Yt, Dt, G, 5, coder=coder, candidates=20, chunk=16)
+    got = code_signals(Yt, Dt, G, 5, coder=coder, candidates=20, chunk=16, residual_out=R2)
     assert calls == [2] and torch.get_num_threads() == 2  # the workers ran; the caller's count is back
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(R2, R1)
 
 
 real_workers = coders._on_single_threaded_workers

@@ -310,18 +310,23 @@ def code(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, coder: 
 
 def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, coder: str = "omp",
                  tol: float = 0.0, refit: bool = True, max_steps: int | None = None,
-                 candidates: int | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                 candidates: int | None = None, chunk: int = 1024,
+                 residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Code signals Y (B, d) over atoms D (n_atoms, d): the product C = Y Dᵀ and the coder, in row chunks.
 
     With screening, each chunk's slice of C is formed in a reused buffer and coded while it is still
     in cache, so the (B, n_atoms) product is never materialised: that saves page faults and memory
     passes, and the product runs as fast as one large one. On the CPU with several threads, the chunks
     are spread over that many workers of one thread each (``_chunk_workers``). Exact coding
-    (``candidates=None``) keeps ``code``'s own chunking.
+    (``candidates=None``) keeps ``code``'s own chunking. ``residual_out`` (shaped like Y): also write
+    the residual Y − decode(codes) there, each chunk's while its rows are still in cache.
     """
     if candidates is None or candidates >= D.shape[0]:
-        return code(Y @ D.T, G, torch.linalg.vector_norm(Y, dim=1) ** 2, k, coder=coder, tol=tol, refit=refit,
-                    max_steps=max_steps, candidates=candidates)
+        idx, val = code(Y @ D.T, G, torch.linalg.vector_norm(Y, dim=1) ** 2, k, coder=coder, tol=tol,
+                        refit=refit, max_steps=max_steps, candidates=candidates)
+        if residual_out is not None:
+            residual(Y, idx, val, D, out=residual_out)
+        return idx, val
     B = Y.shape[0]
     idx = torch.empty(B, min(k, D.shape[0]), dtype=torch.long, device=Y.device)
     val = torch.empty(B, idx.shape[1], dtype=Y.dtype, device=Y.device)
@@ -338,8 +343,11 @@ def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, c
             y = Y[s:s + chunk]
             C = torch.matmul(y, D.T, out=buf[:y.shape[0]])
             ysq = torch.linalg.vector_norm(y, dim=1) ** 2
-            idx[s:s + chunk], val[s:s + chunk] = code(C, G, ysq, k, coder=coder, tol=tol, refit=refit,
-                                                      max_steps=max_steps, candidates=candidates, chunk=chunk)
+            i, v = code(C, G, ysq, k, coder=coder, tol=tol, refit=refit, max_steps=max_steps,
+                        candidates=candidates, chunk=chunk)
+            idx[s:s + chunk], val[s:s + chunk] = i, v
+            if residual_out is not None:
+                residual(y, i, v, D, out=residual_out[s:s + chunk])
 
     workers = _chunk_workers(Y, -(-B // chunk))
     if workers == 1:

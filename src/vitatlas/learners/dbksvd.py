@@ -154,9 +154,10 @@ class DBKSVD(Dictionary):
             self._G = self._D @ self._D.T
         return self._G
 
-    def _code(self, Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, candidates: int | None):
+    def _code(self, Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, candidates: int | None,
+              residual_out: torch.Tensor | None = None):
         return code_signals(Y, D, G, self.k, coder=self.config.coder, tol=self.config.tol, refit=self.config.refit,
-                            max_steps=self.config.mp_steps, candidates=candidates)
+                            max_steps=self.config.mp_steps, candidates=candidates, residual_out=residual_out)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         idx, val = self._code(x, self._D, self._gram(), None)  # encoding is exact
@@ -218,8 +219,8 @@ class DBKSVD(Dictionary):
         """
         D = self._D[:hi].clone()
         G = D @ D.T
-        idx, val = self._code(Y, D, G, self._fit_candidates(hi))
-        R = residual(Y, idx, val, D, out=self._residual_buffer(Y))
+        R = self._residual_buffer(Y)
+        idx, val = self._code(Y, D, G, self._fit_candidates(hi), residual_out=R)
         trainable = torch.arange(lo, hi, device=D.device)
         counts = ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable,
                              n_power=self.config.n_power, approx=self.config.approx, generator=self._gen, G=G,
