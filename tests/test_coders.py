@@ -2,6 +2,7 @@
 
 import itertools
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -212,8 +213,10 @@ def test_code_signals_on_single_threaded_workers_equals_one_thread(coder, monkey
     calls = []
     monkeypatch.setattr(coders, "_on_single_threaded_workers",
                         lambda work, n: calls.append(n) or real_workers(work, n))
+    filters = list(warnings.filters)
     got = code_signals(Yt, Dt, G, 5, coder=coder, candidates=20, chunk=16, residual_out=R2)
     assert calls == [2] and torch.get_num_threads() == 2  # the workers ran; the caller's count is back
+    assert warnings.filters == filters  # the workers never touch the process-wide warning filters
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(R2, R1)
 
 

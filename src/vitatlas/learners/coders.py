@@ -350,6 +350,7 @@ def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, c
                 residual(y, i, v, D, out=residual_out[s:s + chunk])
 
     workers = _chunk_workers(Y, -(-B // chunk))
+    _spend_csr_warnings()  # here, not on a worker (its residuals build CSR tensors)
     if workers == 1:
         code_chunks()
     else:
@@ -410,9 +411,27 @@ def _codes_csr(idx: torch.Tensor, val: torch.Tensor, n_atoms: int, dtype: torch.
     used = idx >= 0
     ptr = torch.zeros(idx.shape[0] + 1, dtype=torch.long, device=idx.device)
     ptr[1:] = torch.cumsum(used.sum(dim=1), 0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(ptr, idx[used], val[used].to(dtype), size=(idx.shape[0], n_atoms))
+    _spend_csr_warnings()
+    return torch.sparse_csr_tensor(ptr, idx[used], val[used].to(dtype), size=(idx.shape[0], n_atoms))
+
+
+_csr_warnings_spent = False
+
+
+def _spend_csr_warnings() -> None:
+    """Let torch's once-per-process CSR warnings ("beta", "invariant checks") fire now, silenced.
+
+    Later CSR tensors then build without touching the warning filters: ``warnings.catch_warnings``
+    swaps process-wide state and is not safe on the coding workers' threads (two overlapping ones can
+    leave an "ignore everything" filter behind). Called on the caller's thread before workers start.
+    """
+    global _csr_warnings_spent
+    if not _csr_warnings_spent:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            one = torch.ones(1)
+            torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), one, size=(1, 1)) @ one.view(1, 1)
+        _csr_warnings_spent = True
 
 
 def sparse_decode(idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
