@@ -7,6 +7,7 @@ coders, learners and evaluation exchange.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -53,6 +54,33 @@ def to_dense(idx: torch.Tensor, val: torch.Tensor, n_atoms: int) -> torch.Tensor
 
 
 # ---- input checking ------------------------------------------------------------------------------
+
+def csr_tensor(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int],
+               **kwargs) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` without its once-per-process "beta" and "invariant checks" warnings.
+
+    vitatlas uses CSR tensors as kernels (sparse codes, K-SVD patterns), so the warnings say nothing to
+    its users. They are spent once, silenced (``spend_csr_warnings``), instead of wrapping every
+    construction in ``warnings.catch_warnings``, which swaps process-wide state and is not safe on the
+    coders' worker threads.
+    """
+    spend_csr_warnings()
+    return torch.sparse_csr_tensor(crow, cols, values, size=size, **kwargs)
+
+
+_csr_warnings_spent = False
+
+
+def spend_csr_warnings() -> None:
+    """Let torch's once-per-process CSR warnings fire now, silenced (call it before starting threads)."""
+    global _csr_warnings_spent
+    if not _csr_warnings_spent:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            one = torch.ones(1)
+            torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), one, size=(1, 1)) @ one.view(1, 1)
+        _csr_warnings_spent = True
+
 
 def as_tensor(X: ArrayLike, *, d: int | None = None, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32, name: str = "X", first_row: int = 0) -> torch.Tensor:

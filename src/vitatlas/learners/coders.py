@@ -27,11 +27,14 @@ chosen ones. Zero samples get zero codes (never NaN).
 from __future__ import annotations
 
 import threading
-import warnings
 
 import torch
 
-from ..arrays import to_dense  # noqa: F401  (re-exported: the coders' padded form)
+from ..arrays import (
+    csr_tensor,
+    spend_csr_warnings,
+    to_dense,  # noqa: F401  (re-exported: the coders' padded form)
+)
 from ..errors import VitatlasError
 
 CODERS = ("mp", "omp")
@@ -350,7 +353,7 @@ def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, c
                 residual(y, i, v, D, out=residual_out[s:s + chunk])
 
     workers = _chunk_workers(Y, -(-B // chunk))
-    _spend_csr_warnings()  # here, not on a worker (its residuals build CSR tensors)
+    spend_csr_warnings()  # here, not on a worker (its residuals build CSR tensors)
     if workers == 1:
         code_chunks()
     else:
@@ -411,27 +414,7 @@ def _codes_csr(idx: torch.Tensor, val: torch.Tensor, n_atoms: int, dtype: torch.
     used = idx >= 0
     ptr = torch.zeros(idx.shape[0] + 1, dtype=torch.long, device=idx.device)
     ptr[1:] = torch.cumsum(used.sum(dim=1), 0)
-    _spend_csr_warnings()
-    return torch.sparse_csr_tensor(ptr, idx[used], val[used].to(dtype), size=(idx.shape[0], n_atoms))
-
-
-_csr_warnings_spent = False
-
-
-def _spend_csr_warnings() -> None:
-    """Let torch's once-per-process CSR warnings ("beta", "invariant checks") fire now, silenced.
-
-    Later CSR tensors then build without touching the warning filters: ``warnings.catch_warnings``
-    swaps process-wide state and is not safe on the coding workers' threads (two overlapping ones can
-    leave an "ignore everything" filter behind). Called on the caller's thread before workers start.
-    """
-    global _csr_warnings_spent
-    if not _csr_warnings_spent:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            one = torch.ones(1)
-            torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), one, size=(1, 1)) @ one.view(1, 1)
-        _csr_warnings_spent = True
+    return csr_tensor(ptr, idx[used], val[used].to(dtype), (idx.shape[0], n_atoms))
 
 
 def sparse_decode(idx: torch.Tensor, val: torch.Tensor, D: torch.Tensor) -> torch.Tensor:

@@ -23,24 +23,17 @@ same decisions and D stays identical. ``distributed=False`` (one process) runs n
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
 from .. import distributed as dist
+from ..arrays import csr_tensor
 
 
 def _normalise_rows(U: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     norm = U.norm(dim=1, keepdim=True)
     ok = norm > torch.finfo(U.dtype).tiny ** 0.5
     return torch.where(ok, U / norm.clamp(min=torch.finfo(U.dtype).tiny), fallback), ok.squeeze(1)
-
-
-def _csr(ptr: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(ptr, cols, values, size=shape)
 
 
 def _ptr(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -69,14 +62,12 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
     # E·u is sampled sample-major (rows of R in ascending order, streamed once): 2x faster than
     # atom-major, which jumps between random rows of R; ``by_sample`` maps back to atom order.
     key, by_sample = torch.sort(rows * m + a)
-    pattern = _csr(_ptr(key // m, B), key % m, torch.ones_like(v_old), (B, m))
+    pattern = csr_tensor(_ptr(key // m, B), key % m, torch.ones_like(v_old), (B, m))
 
     def e_dot(U: torch.Tensor) -> torch.Tensor:  # (P,): E_p · u_{a_p}
         if distributed and not rows.numel():
             return v_old.clone()  # empty: this rank has no non-zero of these atoms
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sd = torch.sparse.sampled_addmm(pattern, R, U.T, beta=0.0).values()
+        sd = torch.sparse.sampled_addmm(pattern, R, U.T, beta=0.0).values()
         out = torch.empty_like(sd)
         out[by_sample] = sd
         return out + v_old * (D_old * U).sum(dim=1)[a]
@@ -84,10 +75,10 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
     def et_times(w: torch.Tensor) -> torch.Tensor:  # (m, d): Σ_{p in atom} w_p E_p
         coef = torch.zeros(m, dtype=w.dtype, device=w.device).index_add_(0, a, w * v_old)
         if not distributed:
-            return _csr(ptr, rows, w, (m, B)) @ R + coef.unsqueeze(1) * D_old
+            return csr_tensor(ptr, rows, w, (m, B)) @ R + coef.unsqueeze(1) * D_old
         out = coef.unsqueeze(1) * D_old
         if rows.numel():
-            out += _csr(ptr, rows, w, (m, B)) @ R
+            out += csr_tensor(ptr, rows, w, (m, B)) @ R
         return dist.all_reduce_(out)
 
     if approx:
@@ -115,7 +106,7 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
     key = torch.cat([rows * (2 * m) + a, rows * (2 * m) + a + m])
     key, order = torch.sort(key)
     r_idx = key // (2 * m)
-    delta = _csr(_ptr(r_idx, B), key % (2 * m), torch.cat([v_old, -v_new])[order], (B, 2 * m))
+    delta = csr_tensor(_ptr(r_idx, B), key % (2 * m), torch.cat([v_old, -v_new])[order], (B, 2 * m))
     R.addmm_(delta, torch.cat([D_old, U]))  # in place: 10x faster than R += delta @ M
     val[rows, cols] = v_new
     D[atoms] = U

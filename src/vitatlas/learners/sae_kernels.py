@@ -18,17 +18,16 @@ against autograd on a dense float64 reference in ``tests/test_sae_kernels.py``.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..arrays import csr_tensor
+
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():  # torch warns once that CSR support is "beta"; it is used as a kernel
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+    return csr_tensor(crow, col, values, size, check_invariants=False)
 
 _AMP = dict(device_type="cuda", cast_inputs=torch.float32)  # sparse kernels always run in float32+
 
