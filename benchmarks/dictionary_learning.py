@@ -38,8 +38,8 @@ import warnings
 import numpy as np
 import torch
 
-from vitatlas.learners.coders import batch_omp, sparse_decode
 from vitatlas.learners.dbksvd import DBKSVD
+from vitatlas.learners.dbksvd.coders import batch_omp, sparse_decode
 
 # ---- data and scoring ----------------------------------------------------------------------------
 
@@ -199,7 +199,7 @@ def time_iteration(B: int, threads: int, d=768, n_atoms=3072, k=10, seed=0, devi
         model._iteration(Y, 0, n_atoms)
         _sync(device)
         it.append(time.perf_counter() - t0)
-        model._set_atoms(D)
+        model.set_atoms(D)
     f, p, i = min(fresh), min(warm), min(it)
     print(f"\n## one iteration at d={d}, atoms={n_atoms}, k={k}, batch={B} ({threads} thread(s), {device})")
     print(f"DᵀY product {p:.2f} s into a buffer in memory ({f:.2f} s into a new tensor), full iteration (Gram, "

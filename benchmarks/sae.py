@@ -47,7 +47,7 @@ import torch
 from vitatlas import ActivationStore
 from vitatlas.evaluation.metrics import reconstruction_metrics
 from vitatlas.learners.sae import SAE
-from vitatlas.learners.sae_train import SAESweep, _Member, epoch_seed, training_budget
+from vitatlas.learners.sae.train import SAESweep, _Member, epoch_seed, training_budget
 
 # ---- the peer ---------------------------------------------------------------------------------------
 

@@ -10,8 +10,16 @@ import torch
 from sklearn.linear_model import orthogonal_mp_gram
 
 from vitatlas.errors import VitatlasError
-from vitatlas.learners import coders
-from vitatlas.learners.coders import batch_omp, code, code_signals, matching_pursuit, residual, sparse_decode, to_dense
+from vitatlas.learners.dbksvd import coders
+from vitatlas.learners.dbksvd.coders import (
+    batch_omp,
+    code,
+    code_signals,
+    matching_pursuit,
+    residual,
+    sparse_decode,
+    to_dense,
+)
 
 
 def problem(B=40, d=24, n=60, seed=0, dtype=np.float64):
@@ -271,7 +279,7 @@ def test_bad_arguments():
 
 
 def test_two_level_top_abs_is_exact():
-    from vitatlas.learners.coders import _top_abs
+    from vitatlas.learners.dbksvd.coders import _top_abs
 
     C = torch.randn(200, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for M in (5, 40, 63):
@@ -282,7 +290,7 @@ def test_two_level_top_abs_is_exact():
 
 @pytest.mark.parametrize("n", [512, 509])  # strided runs, and the fallback when n is not a multiple of 8
 def test_argmax_abs_matches_numpy(n):
-    from vitatlas.learners.coders import _argmax_abs
+    from vitatlas.learners.dbksvd.coders import _argmax_abs
 
     C = torch.randn(300, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     C[::3] *= -1  # the largest |value| is often a negative one
@@ -291,7 +299,7 @@ def test_argmax_abs_matches_numpy(n):
 
 
 def test_screen_keeps_the_first_choice_and_the_atoms_most_correlated_after_it():
-    from vitatlas.learners.coders import _screen
+    from vitatlas.learners.dbksvd.coders import _screen
 
     D, Y = problem(seed=11)
     C, G, _ = products(D, Y)

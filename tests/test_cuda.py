@@ -244,7 +244,7 @@ def test_checkpoints_resume_on_the_device(X64, tmp_path):
 
 
 def test_sae_sweep_on_the_device_matches_the_cpu(X64):
-    from vitatlas.learners.sae_train import SAESweep
+    from vitatlas.learners.sae.train import SAESweep
 
     def members(device):
         common = dict(n_latents=48, epochs=2, batch_size=256, seed=3, dtype="float64", device=device)

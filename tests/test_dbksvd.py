@@ -13,9 +13,9 @@ from _planted import recovered
 import vitatlas
 from vitatlas import ActivationStore, VitatlasError
 from vitatlas.evaluation.metrics import reconstruction_metrics
-from vitatlas.learners.coders import batch_omp, sparse_decode
 from vitatlas.learners.dbksvd import DBKSVD
-from vitatlas.learners.ksvd_update import duplicates, ksvd_update, replace_unused, update_atom_batch
+from vitatlas.learners.dbksvd.coders import batch_omp, sparse_decode
+from vitatlas.learners.dbksvd.ksvd_update import duplicates, ksvd_update, replace_unused, update_atom_batch
 
 # K-SVD codes are signed: planted codes have random signs and magnitudes in [1, 2]
 planted = functools.partial(planted_problem, n=8000, low=1.0, high=2.0, signed=True)
@@ -113,7 +113,7 @@ def test_batch_update_uses_one_snapshot():
 
 @pytest.mark.parametrize("n,length", [(1, 0), (5, 0), (7, 30), (100, 1000), (3, 10)])
 def test_csr_row_pointer_counts_the_ids_before_each_row(n, length):
-    from vitatlas.learners.ksvd_update import _ptr
+    from vitatlas.learners.dbksvd.ksvd_update import _ptr
 
     ids = np.sort(np.random.default_rng(n + length).integers(0, n, size=length))
     want = np.searchsorted(ids, np.arange(n + 1))  # ptr[i] = how many ids are < i
@@ -376,7 +376,7 @@ def test_matryoshka_prefixes_are_dictionaries():
 
     def prefix_score(model, p):
         sub = DBKSVD(p, 4)
-        sub._set_atoms(model.atoms[:p].clone())
+        sub.set_atoms(model.atoms[:p].clone())
         return reconstruction_metrics(sub, X[:1000])["signal_recovered"]
 
     assert prefix_score(m, 32) > prefix_score(plain, 32) + 0.02

@@ -32,7 +32,7 @@ from vitatlas.learners.baselines import (
 from vitatlas.learners.dbksvd import DBKSVD, DBKSVDConfig
 from vitatlas.learners.options import Choice, Either, Flag, Int, Ints, Options, Real, check_options, option
 from vitatlas.learners.sae import SAE
-from vitatlas.learners.sae_config import (
+from vitatlas.learners.sae.config import (
     ACTIVATIONS,
     BatchTopK,
     Matryoshka,
@@ -219,7 +219,7 @@ def test_sae_family_classes_hold_only_their_options():
 
 
 def test_sweeps_compare_training_configs_with_equality():
-    from vitatlas.learners.sae_train import SAESweep
+    from vitatlas.learners.sae.train import SAESweep
 
     a = SAE(kind="topk", n_latents=16, k=2, lr=1e-3, batch_size=64)
     b = SAE(kind="relu", n_latents=32, lr=2e-3, batch_size=64)  # other model and optimiser: fine

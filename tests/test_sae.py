@@ -13,7 +13,7 @@ import vitatlas
 from vitatlas import ActivationStore, VitatlasError
 from vitatlas.evaluation.metrics import reconstruction_metrics
 from vitatlas.learners.sae import DEFAULT_L1, SAE
-from vitatlas.learners.sae_train import SAESweep, default_lr, default_rows, training_budget
+from vitatlas.learners.sae.train import SAESweep, default_lr, default_rows, training_budget
 
 
 @pytest.fixture(scope="module")
@@ -325,8 +325,8 @@ def test_defaults():
 
 def test_auxk_dense_and_sparse_paths_agree(monkeypatch):
     # AuxK decodes densely over the dead latents when they are few, sparsely otherwise: same loss and gradients
-    from vitatlas.learners import sae_objectives as O
-    from vitatlas.learners.sae_model import SAEModule
+    from vitatlas.learners.sae import objectives as O
+    from vitatlas.learners.sae.model import SAEModule
 
     cfg = SAE(kind="topk", n_latents=48, k=3).config
     X = torch.randn(64, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitatlas.learners import sae_kernels as K
+from vitatlas.learners.sae import kernels as K
 
 
 def _problem(b=7, n=11, d=5, seed=0):

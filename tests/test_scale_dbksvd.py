@@ -27,9 +27,9 @@ from _dist import (
 from _planted import planted
 
 from vitatlas import ActivationStore
-from vitatlas.learners.coders import batch_omp, sparse_decode
 from vitatlas.learners.dbksvd import DBKSVD
-from vitatlas.learners.ksvd_update import ksvd_update
+from vitatlas.learners.dbksvd.coders import batch_omp, sparse_decode
+from vitatlas.learners.dbksvd.ksvd_update import ksvd_update
 
 TOL = dict(rtol=1e-7, atol=1e-7)
 OPTS = dict(epochs=3, sample_batch=500, seed=1, dtype="float64")

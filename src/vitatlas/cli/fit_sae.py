@@ -7,7 +7,7 @@ re-run of the same command resumes there; metrics are logged to RUN/log.jsonl. T
 explained_variance, l0 and dead_fraction of every SAE over the whole store.
 
 Under ``torchrun --nproc-per-node N -m vitatlas fit sae ...`` the ranks split every global batch
-(data-parallel, see ``learners.sae_train``); rank 0 alone writes the checkpoint, the log and the models.
+(data-parallel, see ``learners.sae.train``); rank 0 alone writes the checkpoint, the log and the models.
 
 Test hook (documented so it is not mistaken for a feature): ``VITATLAS_TEST_EXIT_AT=RANK:STEP`` makes
 that rank leave with ``os._exit(1)`` right after that training step, as a killed process would; the
@@ -53,8 +53,7 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, epochs, tokens, bat
     from ..data.store import ActivationStore
     from ..errors import VitatlasError
     from ..evaluation.metrics import reconstruction_metrics
-    from ..learners.sae import SAE
-    from ..learners.sae_train import SAESweep
+    from ..learners.sae import SAE, SAESweep
     from .fit_summary import metric_sample
     from .test_hooks import exit_hook
 

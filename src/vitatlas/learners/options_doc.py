@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from .baseline_configs import KMeansConfig, PCAConfig, RandomConfig, SklearnDLConfig
-from .dbksvd_config import DBKSVDConfig
+from .baselines.config import KMeansConfig, PCAConfig, RandomConfig, SklearnDLConfig
+from .dbksvd.config import DBKSVDConfig
 from .options import Options
-from .sae_config import ACTIVATIONS, OptimConfig, TrainConfig
+from .sae.config import ACTIVATIONS, OptimConfig, TrainConfig
 
 SECTIONS = [
     ("`DBKSVD(n_atoms, k, **options)` — `DBKSVDConfig`", DBKSVDConfig),

@@ -25,7 +25,7 @@ iterations per sparse code while learning, atoms initialised on data rows): with
 costs 1.5–3.5 s on one core, so the default fit took 9–11 s here (5,000 × 384 rows, 1,536 atoms, k = 8).
 
 Each baseline's options are a frozen dataclass (``PCAConfig``, ``KMeansConfig``, ``RandomConfig``,
-``SklearnDLConfig`` in ``baseline_configs``) checked by ``options.check_options``; the classes are thin
+``SklearnDLConfig`` in ``baselines.config``) checked by ``options.check_options``; the classes are thin
 wrappers over them.
 
     >>> import numpy as np
@@ -42,13 +42,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..arrays import ArrayLike, as_tensor
-from ..data.batches import iter_batches, n_rows_and_width, rows_of
-from ..dictionary import Dictionary
-from ..errors import VitatlasError
-from .baseline_configs import KMeansConfig, PCAConfig, RandomConfig, SklearnDLConfig
-from .coders import code, to_dense
-from .options import Options, resolve_dtype
+from ...arrays import ArrayLike, as_tensor
+from ...data.batches import iter_batches, n_rows_and_width, rows_of
+from ...dictionary import Dictionary
+from ...errors import VitatlasError
+from ..dbksvd.coders import code, to_dense
+from ..options import Options, resolve_dtype
+from .config import KMeansConfig, PCAConfig, RandomConfig, SklearnDLConfig
 
 
 def fit_rows(X: ArrayLike, max_rows: int, seed: int) -> np.ndarray:

@@ -26,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import distributed as dist
-from ..arrays import csr_tensor
+from ... import distributed as dist
+from ...arrays import csr_tensor
 
 
 def _normalise_rows(U: torch.Tensor, fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

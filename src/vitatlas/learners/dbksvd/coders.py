@@ -30,12 +30,12 @@ import threading
 
 import torch
 
-from ..arrays import (
+from ...arrays import (
     csr_tensor,
     spend_csr_warnings,
     to_dense,  # noqa: F401  (re-exported: the coders' padded form)
 )
-from ..errors import VitatlasError
+from ...errors import VitatlasError
 
 CODERS = ("mp", "omp")
 

@@ -3,7 +3,7 @@
 ``SAEModule`` holds W_dec, b_dec, W_enc, b_enc (and JumpReLU's log-thresholds) as parameters and the
 input scale (and BatchTopK's global threshold) as buffers, so ``state_dict()`` / ``named_parameters()``
 give what checkpoints and the optimizer need. Its methods are the model in normalised units; the SAE
-class (``sae``) undoes the input scale at the ``Dictionary`` interface.
+class (``sae.learner``) undoes the input scale at the ``Dictionary`` interface.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import VitatlasError
-from .sae_config import SAEConfig, uses_batch_threshold
+from ...errors import VitatlasError
+from .config import SAEConfig, uses_batch_threshold
 
 CORE = ("W_dec", "b_dec", "W_enc", "b_enc")
 
 
 class SAEModule(nn.Module):
-    """Parameters of one SAE of width d (see the ``sae`` module docstring for the model)."""
+    """Parameters of one SAE of width d (see the ``sae.learner`` docstring for the model)."""
 
     def __init__(self, config: SAEConfig, d: int, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
         super().__init__()

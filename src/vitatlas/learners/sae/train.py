@@ -22,7 +22,7 @@ budget may end part-way through a pass. With a progress bar the trainer prints t
 passes, steps) at the start and, after ``ETA_STEPS`` steps, the measured time per step and the time
 left.
 
-The step is the encoder GEMM, the top-k and O(B·k·d) sparse work (``sae_kernels``); AuxK decodes
+The step is the encoder GEMM, the top-k and O(B·k·d) sparse work (``kernels``); AuxK decodes
 densely over the dead latents when there are few of them (three (B, dead, d) GEMMs beat the sparse
 kernels when aux_k is a large part of them); Adam is the fused (single-pass) implementation; the
 per-step statistics stay on the device (no host sync) in float64 scalars.
@@ -43,7 +43,7 @@ seed, same order) and trains on its contiguous share of each (``distributed.shar
 rank's sums divided by the *global* batch's row count, and each SAE's gradients are summed over the ranks
 in one flat all-reduce, so every rank takes the single-process step on the global batch (up to float
 rounding in the order of the sums). Also reduced: the latents that fired (a max-all-reduce of the mask:
-dead-latent counters, AuxK), BatchTopK's global top-(rows·k) (``sae_objectives.global_batch_topk_pattern``),
+dead-latent counters, AuxK), BatchTopK's global top-(rows·k) (``objectives.global_batch_topk_pattern``),
 the epoch accumulators (when read), the initial mean and scale. Options and data are checked to be the
 same on every rank (``check_same``); rank 0 alone writes checkpoints (holding global sums, so a run resumes
 with any number of processes) and logs; the others wait at a barrier. For one process none of this runs.
@@ -65,24 +65,38 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from .. import distributed
-from ..arrays import ArrayLike
-from ..data.batches import data_fingerprint, iter_batches, n_rows_and_width
-from ..dictionary import Dictionary
-from ..errors import VitatlasError
-from . import sae_kernels as K
-from .checkpoint import Checkpoint, resume_options
-from .options import resolve_device, resolve_dtype
-from .sae_config import SPARSE_KINDS, TrainConfig
-from .sae_model import SAEModule
-from .sae_objectives import OBJECTIVES
+from ... import distributed
+from ...arrays import ArrayLike
+from ...data.batches import data_fingerprint, iter_batches, n_rows_and_width
+from ...dictionary import Dictionary
+from ...errors import VitatlasError
+from ..checkpoint import Checkpoint, resume_options
+from ..options import resolve_device, resolve_dtype
+from . import kernels as K
+from .config import SPARSE_KINDS, OptimConfig, SAEConfig, TrainConfig
+from .model import SAEModule
+from .objectives import OBJECTIVES
 
-if TYPE_CHECKING:  # the SAE imports this trainer; the trainer only uses its configs and module
-    from .sae import SAE
+
+class SAE(Protocol):
+    """What the trainer needs of a ``vitatlas.SAE`` (learner.py imports this trainer, not the reverse)."""
+
+    config: SAEConfig
+    optim: OptimConfig
+    train_config: TrainConfig
+    fit_info: dict
+    device: str
+    dtype: torch.dtype
+    name: str
+    module: SAEModule | None
+
+    def attach(self, module: SAEModule) -> None: ...
+    def record_fit_source(self, X: ArrayLike) -> None: ...
+    def _config(self) -> dict: ...
 
 CHECKPOINT_FORMAT = "vitatlas-sae-checkpoint"
 INIT_ROWS = 32768
@@ -171,7 +185,7 @@ class _Member:
 
     @property
     def module(self) -> SAEModule:
-        return self.sae._module
+        return self.sae.module
 
     def start(self) -> None:
         """Create optimizer and counters for the (initialised) parameters."""
@@ -311,7 +325,7 @@ class _Member:
     def load_state(self, t: dict[str, torch.Tensor], prefix: str, d: int) -> None:
         sae, dev = self.sae, self.sae.device
         saved = {k[len(prefix) + 2:]: v for k, v in t.items() if k.startswith(prefix + "p.")}
-        sae._set_module(SAEModule.from_tensors(sae.config, d, saved, device=dev, dtype=sae.dtype))
+        sae.attach(SAEModule.from_tensors(sae.config, d, saved, device=dev, dtype=sae.dtype))
         self.start()
         for name, param in self.module.named_parameters():
             st = {key.rsplit(".", 1)[1]: v for key, v in t.items() if key.startswith(f"{prefix}adam.{name}.")}
@@ -408,7 +422,7 @@ class SAESweep:
         else:
             mean, scale = self._data_stats(X, d, device, dtype, tc.seed)
             for m in members:
-                m.sae._set_module(SAEModule.initial(m.sae.config, d, mean * scale, scale, seed=tc.seed,
+                m.sae.attach(SAEModule.initial(m.sae.config, d, mean * scale, scale, seed=tc.seed,
                                                     device=device, dtype=dtype))
                 m.start()
 

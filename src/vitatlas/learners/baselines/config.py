@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .options import Device, DType, Int, OptionError, Options, Real, option
+from ..options import Device, DType, Int, OptionError, Options, Real, option
 
 _DEVICE = option("cpu", Device(), "'cpu' or 'cuda[:N]'")
 _DTYPE = option("float32", DType(), "'float32' or 'float64'")

@@ -34,7 +34,7 @@ signal_recovered and the atom movement (the early stop's measure) are reduced. R
 checkpoints; on resume rank 0 reads the checkpoint and broadcasts it. A single process runs no
 collective and is unchanged. ``partial_fit`` is not split across ranks.
 
-Options are the frozen dataclass ``DBKSVDConfig`` (``dbksvd_config``; each field declares its
+Options are the frozen dataclass ``DBKSVDConfig`` (``dbksvd.config``; each field declares its
 constraint; ``DBKSVD(...)`` is a thin wrapper over it). Checkpoints go through the shared
 ``checkpoint.Checkpoint`` (state.json as the commit point, atoms and the generator state in safetensors).
 
@@ -60,16 +60,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import distributed
-from ..arrays import ArrayLike, as_tensor
-from ..data.batches import data_fingerprint, is_store, iter_batches, n_rows_and_width, rows_of
-from ..dictionary import Dictionary
-from ..errors import VitatlasError
-from .checkpoint import Checkpoint, resume_options
+from ... import distributed
+from ...arrays import ArrayLike, as_tensor
+from ...data.batches import data_fingerprint, is_store, iter_batches, n_rows_and_width, rows_of
+from ...dictionary import Dictionary
+from ...errors import VitatlasError
+from ..checkpoint import Checkpoint, resume_options
+from ..options import resolve_dtype
 from .coders import code_signals, residual, to_dense
-from .dbksvd_config import DBKSVDConfig
+from .config import DBKSVDConfig
 from .ksvd_update import ksvd_update
-from .options import resolve_dtype
 
 CHECKPOINT_FORMAT = "vitatlas-dbksvd-checkpoint"
 # Default schedule: passes over the data until at least this many iterations. Held-out signal_recovered of
@@ -142,9 +142,12 @@ class DBKSVD(Dictionary):
         D = tensors["atoms"]
         if D.shape != (self.n_atoms, int(meta["d"])):
             raise VitatlasError(f"saved atoms have shape {tuple(D.shape)}, expected ({self.n_atoms}, {meta['d']})")
-        self._set_atoms(D)
+        self.set_atoms(D)
 
-    def _set_atoms(self, D: torch.Tensor) -> None:
+    def set_atoms(self, D: torch.Tensor) -> None:
+        """Use the rows of ``D`` (n_atoms, d) as the atoms, e.g. a prefix of another dictionary or a warm start."""
+        if D.ndim != 2 or D.shape[0] != self.n_atoms:
+            raise VitatlasError(f"atoms must have shape ({self.n_atoms}, d); got {tuple(D.shape)}")
         self._D = D.to(self.device, self.dtype).contiguous()
         self.d = int(D.shape[1])
         self._G = None
@@ -269,7 +272,7 @@ class DBKSVD(Dictionary):
         init[: rows.shape[0]] = rows
         init /= init.norm(dim=1, keepdim=True)
         if self._D is None:
-            self._set_atoms(torch.zeros(self.n_atoms, d, dtype=self.dtype))
+            self.set_atoms(torch.zeros(self.n_atoms, d, dtype=self.dtype))
         self._D[lo:hi] = init.to(self.device)
         self._G = None
 
@@ -456,7 +459,7 @@ class DBKSVD(Dictionary):
         if error is not None:
             raise VitatlasError(error)
         if not w.is_main:
-            self._set_atoms(torch.zeros(self.n_atoms, d, dtype=self.dtype))
+            self.set_atoms(torch.zeros(self.n_atoms, d, dtype=self.dtype))
             self._step, self.history, self._quiet = int(state["step"]), list(state["history"]), int(state["quiet"])
         distributed.broadcast_(self._D, 0)
         rng = self._gen.get_state()
@@ -467,7 +470,7 @@ class DBKSVD(Dictionary):
         meta, t = ckpt.load(fingerprint)
         if "atoms" not in t or "rng" not in t or not isinstance(meta.get("history"), list):
             raise VitatlasError(f"DBK-SVD checkpoint in {ckpt.dir} is damaged: delete {ckpt.dir} to start over")
-        self._set_atoms(t["atoms"])
+        self.set_atoms(t["atoms"])
         self._gen.set_state(t["rng"])
         self._step = int(meta["step"])
         self.history = list(meta["history"])

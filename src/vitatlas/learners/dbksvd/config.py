@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .coders import CODERS
-from .options import (
+from ..options import (
     Choice,
     Device,
     DType,
@@ -28,6 +27,7 @@ from .options import (
     require_enough_atoms,
     require_prefix_sizes,
 )
+from .coders import CODERS
 
 
 @dataclass(frozen=True)

@@ -44,16 +44,16 @@ Kinds (``KINDS``):
   nested prefixes of the latents (``groups`` = prefix sizes, default n/16, n/8, n/4, n/2, n), so the
   first latents learn coarse concepts alone (Bussmann et al. 2025, Nabeshima 2024).
 
-Options are three frozen dataclasses (``sae_config``): ``SAEConfig`` (the family's activation class
+Options are three frozen dataclasses (``sae.config``): ``SAEConfig`` (the family's activation class
 and ``n_latents``), ``OptimConfig`` (lr, warm-up, clipping, dead-latent window) and ``TrainConfig``
 (epochs, batch size, seed, device, dtype, ...); ``SAE(kind=..., ...)`` is a thin wrapper that routes
-its keyword options to them. Parameters live in a private ``nn.Module`` (``sae_model``); the losses
-are one function per family (``sae_objectives``).
+its keyword options to them. Parameters live in a private ``nn.Module`` (``sae.model``); the losses
+are one function per family (``sae.objectives``).
 
 Training: Adam with linear warm-up then cosine decay to 0, gradient clipping, decoder rows unit-norm
 with the gradient component parallel to each row removed before the step and renormalised after,
 b_dec initialised to the data mean, W_enc initialised to W_dec (the decoder transpose as encoder),
-TopK decoding through sparse kernels (``sae_kernels``). See ``sae_train`` for the loop, checkpoints,
+TopK decoding through sparse kernels (``sae.kernels``). See ``sae.train`` for the loop, checkpoints,
 logging and sweeps.
 """
 
@@ -64,9 +64,10 @@ from typing import Any
 
 import torch
 
-from ..dictionary import ArrayLike, Dictionary
-from .options import resolve_dtype
-from .sae_config import (  # noqa: F401  (public names)
+from ...dictionary import ArrayLike, Dictionary
+from ...errors import VitatlasError
+from ..options import resolve_dtype
+from .config import (  # noqa: F401  (public names)
     DEFAULT_L1,
     KINDS,
     SPARSE_KINDS,
@@ -77,8 +78,8 @@ from .sae_config import (  # noqa: F401  (public names)
     sae_options,
     upgrade_saved_options,
 )
-from .sae_model import SAEModule
-from .sae_train import SAESweep, fit_many  # noqa: F401  (SAESweep is part of this module's API)
+from .model import SAEModule
+from .train import SAESweep, fit_many  # noqa: F401  (SAESweep is part of this module's API)
 
 
 class SAE(Dictionary):
@@ -88,7 +89,7 @@ class SAE(Dictionary):
     the active latents per sample (topk, batchtopk, matryoshka; 0 < k < n_latents), ``l1`` the
     sparsity coefficient (relu: L1 on z·‖W_dec‖/sqrt(d), default 0.15; jumprelu: on L0, default 1e-2).
     The other options, with their constraints and defaults, are the fields of the family's activation
-    class, ``OptimConfig`` and ``TrainConfig`` in ``sae_config`` (see also docs/learners.md); an option
+    class, ``OptimConfig`` and ``TrainConfig`` in ``sae.config`` (see also docs/learners.md); an option
     the family does not use (``aux_coef`` on a relu SAE) is a one-line ``OptionError``. Alternatively
     pass the configs themselves: ``SAE.from_configs(SAEConfig(TopK(k=32), 1536))``.
 
@@ -175,11 +176,19 @@ class SAE(Dictionary):
         return {k: v.detach() for k, v in self.params.items()}
 
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        self._set_module(SAEModule.from_tensors(self.config, int(meta["d"]), tensors, device=self.device,
+        self.attach(SAEModule.from_tensors(self.config, int(meta["d"]), tensors, device=self.device,
                                                 dtype=self.dtype))
 
-    def _set_module(self, module: SAEModule) -> None:
-        """Attach fitted or restored parameters (the trainer calls this)."""
+    @property
+    def module(self) -> SAEModule | None:
+        """The parameters as a torch module (None before fitting or loading)."""
+        return self._module
+
+    def attach(self, module: SAEModule) -> None:
+        """Use ``module``'s parameters from now on: how the trainer installs a fresh or restored model."""
+        if module.config != self.config:
+            raise VitatlasError(f"cannot attach parameters of a {module.config.family} SAE with "
+                                f"{module.config.n_latents} latents to {self.name}")
         self._module, self.d = module, module.d
 
     @torch.no_grad()

@@ -28,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import OptionError
-from .options import (
+from ...errors import OptionError
+from ..options import (
     Choice,
     Device,
     DType,
@@ -51,7 +51,7 @@ L1_KINDS = ("relu", "jumprelu")  # sparsity from a penalty coefficient
 
 @dataclass(frozen=True)
 class ReLU(Options):
-    """z = ReLU(pre); loss = ‖x - x̂‖²/d + l1 · Σ z_i ‖W_dec,i‖ / sqrt(d) (see ``sae`` for the default)."""
+    """z = ReLU(pre); loss = ‖x - x̂‖²/d + l1 · Σ z_i ‖W_dec,i‖ / sqrt(d) (see ``sae.learner`` for the default)."""
 
     family: ClassVar[str] = "relu"
     what: ClassVar[str] = "a relu SAE"

@@ -5,7 +5,7 @@ AuxK (or None), AuxK's width and, when data-parallel, ``rows``: the global batch
 this rank's sums over the global count, so summing the ranks' gradients gives the global batch's; None
 for one process, where the code is exactly the single-process one), and returns the loss to
 back-propagate plus the batch statistics the trainer accumulates (no host sync). Reconstruction terms are ‖x - x̂‖²/d (≈ relative to the signal,
-since mean ‖x‖² = d after normalisation); the penalties are described in the ``sae`` docstring.
+since mean ‖x‖² = d after normalisation); the penalties are described in the ``sae.learner`` docstring.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import distributed
-from . import sae_kernels as K
-from .sae_config import uses_batch_threshold
-from .sae_model import SAEModule
+from ... import distributed
+from . import kernels as K
+from .config import uses_batch_threshold
+from .model import SAEModule
 
 
 @dataclass
