@@ -1,7 +1,7 @@
 """The package's imports run one way: no cycles, and no module imports a higher floor.
 
 Floors, lowest first: errors/io -> arrays -> data, models -> dictionary -> learners -> evaluation,
-interpret, intervene -> explore -> cli. Every import counts: function-local ones (a lazy import is still
+formats, interpret, intervene -> explore -> cli. Every import counts: function-local ones (a lazy import is still
 a dependency) and those inside ``if TYPE_CHECKING:`` (an annotation-only cycle is still a cycle a reader
 has to untangle). Also checked here: no module under ``learners/`` carries its package in a prefix, and
 no code sets another object's private attributes (it calls a public method instead).
@@ -18,7 +18,7 @@ PACKAGE_DIR = Path(vitatlas.__file__).parent
 
 FLOORS = {
     "errors": 0, "io": 0, "distributed": 0, "devices": 0, "arrays": 1, "data": 2, "models": 2, "dictionary": 3, "learners": 4,
-    "evaluation": 5, "interpret": 5, "intervene": 5, "explore": 6, "cli": 7, "__main__": 8,
+    "evaluation": 5, "formats": 5, "interpret": 5, "intervene": 5, "explore": 6, "cli": 7, "__main__": 8,
 }
 
 

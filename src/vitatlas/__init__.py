@@ -10,8 +10,9 @@ __version__ = "0.1.0"
 
 from .arrays import SparseCodes
 from .data.store import ActivationStore
-from .dictionary import Dictionary, load
+from .dictionary import Dictionary
 from .errors import VitatlasError
+from .formats import load  # a vitatlas run or another library's SAE (formats/__init__)
 
 __all__ = ["ActivationStore", "Dictionary", "SparseCodes", "VitatlasError", "load", "DBKSVD", "SAE", "evaluate", "interpret", "intervene", "intervention"]
 

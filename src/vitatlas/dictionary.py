@@ -44,6 +44,7 @@ LEARNERS: dict[str, str] = {
     "kmeans": "vitatlas.learners.baselines:KMeansBaseline",
     "random": "vitatlas.learners.baselines:RandomDictionary",
     "sklearn-dl": "vitatlas.learners.baselines:SklearnDictionaryLearning",
+    "imported": "vitatlas.formats.recipe:ImportedSAE",  # another library's SAE (vitatlas import)
 }
 
 # ---- the interface -------------------------------------------------------------------------------
@@ -239,7 +240,8 @@ def load(path: str | Path, device: str | None = None) -> Dictionary:
         path = path.parent
     meta = read_json(path / "config.json", what="dictionary config")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise VitatlasError(f"{path / 'config.json'} is not a vitatlas dictionary config (missing format={FORMAT!r})")
+        raise VitatlasError(f"{path / 'config.json'} is not a vitatlas dictionary config (missing format={FORMAT!r}); "
+                            "another library's SAE opens with vitatlas.load or `vitatlas import`")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise VitatlasError(f"{path} was saved by a newer vitatlas (format version {meta['version']}); "
                             "upgrade vitatlas")
