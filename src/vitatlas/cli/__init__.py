@@ -41,6 +41,8 @@ class LazyGroup(click.Group):
     "probe": "vitatlas.cli.probe:probe",
     "intervene": "vitatlas.cli.intervene:intervene",
     "interpret": "vitatlas.cli.interpret:interpret",
+    "import": "vitatlas.cli.formats:import_cmd",
+    "export": "vitatlas.cli.formats:export_cmd",
 }, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vitatlas")
 def main() -> None:

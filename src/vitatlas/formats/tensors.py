@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -28,9 +29,11 @@ def load_torch_state(source: str | Path | bytes, what: str) -> dict[str, torch.T
     try:
         state = torch.load(buffer, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = str(exc).split("\n")[0] if str(exc) else "a Python object"
-        raise VitatlasError(f"{what} needs more than torch.load(weights_only=True) can read safely ({found[:160]}): "
-                            f"{CONVERT_HINT}") from None
+        needed = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if needed is None:
+            raise VitatlasError(f"{what} is not a readable torch file: it is corrupt or truncated") from None
+        raise VitatlasError(f"{what} pickles a Python object ({needed.group(1)}) that torch.load(weights_only=True) "
+                            f"refuses to run: {CONVERT_HINT}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise VitatlasError(f"{what} is not a readable torch file ({type(exc).__name__}): it is corrupt or truncated") from None
     return flat_state(state, what)
