@@ -17,6 +17,7 @@ from .. import distributed
 from ..arrays import ArrayLike, as_tensor, not_2d
 from ..errors import VitatlasError
 from .store import ActivationStore
+from .stream import stream
 
 
 def is_store(X: Any) -> bool:
@@ -34,31 +35,76 @@ def n_rows_and_width(X: ArrayLike) -> tuple[int, int]:
 
 def iter_batches(X: ArrayLike, batch_size: int, *, shuffle: bool, seed: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, drop_last: bool = False, d: int | None = None,
-                 ) -> Iterator[torch.Tensor]:
+                 start_batch: int = 0) -> Iterator[torch.Tensor]:
     """Yield checked (batch, d) tensors from an array, a tensor or an ActivationStore.
 
-    Shuffling is reproducible for a given ``seed`` (use a different seed per epoch). A store is
-    streamed shard by shard, so data larger than RAM works.
+    Shuffling is reproducible for a given ``seed`` (use a different seed per epoch); ``start_batch``
+    starts at that batch of the same sequence (a resumed epoch). A store is streamed with read-ahead
+    (``data.stream``): data larger than RAM works, and a store sorted by class still gives mixed batches.
     """
+    for _, x in iter_batch_shares(X, batch_size, shuffle=shuffle, seed=seed, device=device, dtype=dtype,
+                                  drop_last=drop_last, d=d, start_batch=start_batch, rank=0, size=1):
+        yield x
+
+
+def iter_batch_shares(X: ArrayLike, batch_size: int, *, shuffle: bool, seed: int, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, drop_last: bool = False, d: int | None = None,
+                      start_batch: int = 0, rank: int | None = None, size: int | None = None,
+                      ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(rows, share)`` for each batch ``iter_batches`` yields: the global batch's row count and this
+    process's rows of it, ``distributed.shard(rows)`` (``rank``/``size`` default to torchrun's). A store
+    reads only the share's rows, so N processes together read the store once instead of N times; the
+    global batches are the same for any number of processes."""
     if batch_size <= 0:
         raise VitatlasError(f"batch size must be positive, got {batch_size}")
+    w = distributed.world()
+    rank, size = (w.rank if rank is None else rank), (w.size if size is None else size)
+    if not 0 <= rank < size:
+        raise VitatlasError(f"rank {rank} is outside a world of {size} processes")
     if is_store(X):
-        for start, batch in X.iter_batches(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                           with_offsets=True):
-            yield as_tensor(batch, d=d, device=device, dtype=dtype, first_row=start if not shuffle else 0)
+        yield from _store_shares(X, batch_size, shuffle=shuffle, seed=seed, device=device, dtype=dtype,
+                                 drop_last=drop_last, d=d, start_batch=start_batch, rank=rank, size=size)
         return
     n, _ = n_rows_and_width(X)
     if n == 0:
         raise VitatlasError("X is empty (0 rows): pass at least one sample")
     order = np.random.default_rng(seed).permutation(n) if shuffle else None
     stop = n - n % batch_size if (drop_last and n >= batch_size) else n
-    for start in range(0, stop, batch_size):
-        rows = slice(start, min(start + batch_size, n)) if order is None else order[start:start + batch_size]
+    for start in range(max(0, start_batch) * batch_size, stop, batch_size):
+        end = min(start + batch_size, n)
+        part = distributed.shard(end - start, rank, size)
+        lo, hi = start + part.start, start + part.stop
+        rows = slice(lo, hi) if order is None else order[lo:hi]
         if isinstance(X, torch.Tensor):
             chunk = X[rows] if order is None else X[torch.as_tensor(rows, device=X.device)]
         else:
             chunk = np.asarray(X)[rows]
-        yield as_tensor(chunk, d=d, device=device, dtype=dtype, first_row=start if order is None else 0)
+        yield end - start, _checked(chunk, d, device, dtype, lo if order is None else 0)
+
+
+def _checked(chunk, d, device, dtype, first_row) -> torch.Tensor:
+    if len(chunk) == 0:  # a rank's empty share of a batch smaller than the world
+        return torch.empty((0, chunk.shape[1]), dtype=dtype, device=device)
+    return as_tensor(chunk, d=d, device=device, dtype=dtype, first_row=first_row)
+
+
+def _store_shares(store: ActivationStore, batch_size: int, *, shuffle: bool, seed: int, device, dtype, drop_last: bool,
+                  d: int | None, start_batch: int, rank: int, size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    if d is not None and store.d != d:
+        raise VitatlasError(f"X has width {store.d} but this dictionary was fitted on width {d}")
+    plan = store.plan(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    on_cpu = torch.device(device).type == "cpu"
+
+    def convert(rows: np.ndarray, b: int, start: int):
+        first = start if not shuffle else 0
+        total = min(batch_size, store.n_rows - b * batch_size)
+        t = torch.from_numpy(rows)
+        # on the CPU the background thread converts and checks; a GPU gets the store's dtype (half the bytes
+        # for float16) and converts on arrival
+        return total, first, (_checked(t, d, "cpu", dtype, first) if on_cpu else t)
+
+    for total, first, t in stream(plan, convert, start_batch=start_batch, rank=rank, size=size):
+        yield total, (t if on_cpu else _checked(t.to(device), d, device, dtype, first))
 
 
 def iter_row_range(X: ArrayLike, rows: range, batch_size: int, *, device: str | torch.device = "cpu",

@@ -30,11 +30,15 @@ import numpy as np
 from ..arrays import as_tensor
 from ..errors import VitatlasError
 from ..io import atomic_save_npy, atomic_write_json, read_json, sha256_file
+from .stream import EpochPlan, ShardFile, stream
 
 FORMAT = "vitatlas-activations"
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
 DEFAULT_SHARD_BYTES = 64 << 20
+# rows a shuffled stream reads at a time, in bytes of float32 (the window of ``data.stream``); read at each
+# call, so a benchmark can shrink it to make a small store several windows long
+SHUFFLE_BUFFER_BYTES = 256 << 20
 
 
 def layer_dirname(layer: int) -> str:
@@ -89,6 +93,7 @@ class ActivationStore:
         self._mmaps: dict[int, np.ndarray] = {}
         self._labels: np.ndarray | None = None
         self._index: np.ndarray | None = None
+        self._files: list[ShardFile] | None = None
 
     # ---- metadata --------------------------------------------------------------------------------
     @property
@@ -195,52 +200,56 @@ class ActivationStore:
         return np.concatenate([np.asarray(self.shard(i), np.float32) for i in range(len(self.shards))])
 
     # ---- streaming -------------------------------------------------------------------------------
+    def shard_files(self) -> list[ShardFile]:
+        """Each shard's activation file, where its rows start and how many: what the stream reads."""
+        if self._files is None:
+            self._files = [self._shard_file(i) for i in range(len(self.shards))]
+        return self._files
+
+    def _shard_file(self, i: int) -> ShardFile:
+        path = self.path / _shard_files(self.shards[i].name)["acts"]
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = header(f)
+                offset = f.tell()
+        except FileNotFoundError:
+            raise VitatlasError(f"store {self.path} is missing {path.name}: the store is damaged; run "
+                                f"`vitatlas store verify {self.path}`") from None
+        except (ValueError, OSError, EOFError) as exc:
+            raise VitatlasError(f"{path} is corrupt or truncated ({exc}); run `vitatlas store verify {self.path}` "
+                                "and re-extract") from None
+        expected = (self.shards[i].rows, self.d)
+        if tuple(shape) != expected or fortran or np.dtype(dtype) != self.dtype:
+            raise VitatlasError(f"{path} holds {'Fortran-order ' if fortran else ''}{np.dtype(dtype)} {tuple(shape)} "
+                                f"but the manifest says {self.dtype} {expected}: the store is damaged; re-extract it")
+        return ShardFile(path, offset, self.shards[i].rows)
+
+    def plan(self, batch_size: int, *, shuffle: bool, seed: int, drop_last: bool = False,
+             buffer_bytes: int | None = None) -> EpochPlan:
+        """The order of one epoch's batches (``data.stream``): what ``iter_batches`` streams."""
+        buffer_bytes = SHUFFLE_BUFFER_BYTES if buffer_bytes is None else buffer_bytes
+        return EpochPlan(self.shard_files(), self.d, self.dtype, batch_size, shuffle=shuffle, seed=seed,
+                         window_rows=buffer_bytes // (4 * self.d), drop_last=drop_last)
+
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                     with_offsets: bool = False, buffer_bytes: int = 256 << 20) -> Iterator:
-        """Stream float32 batches (batch_size, d) over the whole store, shard by shard.
+                     with_offsets: bool = False, buffer_bytes: int | None = None, start_batch: int = 0) -> Iterator:
+        """Stream float32 batches (batch_size, d) over the whole store, read ahead in the background.
 
         Without shuffling, batches are consecutive rows (and ``with_offsets`` yields ``(start, batch)``
-        with the batch's first row number). With shuffling, shard order is permuted and rows are mixed
-        within a buffer of about ``buffer_bytes`` of float32 activations, so memory stays bounded for
-        stores larger than RAM. The same seed gives the same batches.
+        with the batch's first row number; shuffled, its first position in the epoch). With shuffling,
+        every batch is ~128 runs of consecutive rows from 1 MB chunks drawn from the whole store, read
+        about ``buffer_bytes`` of float32 at a time (default ``SHUFFLE_BUFFER_BYTES``), so a store sorted
+        by class still gives batches of mixed classes and memory stays bounded for stores larger than
+        RAM. The same seed gives the same batches; ``start_batch`` starts the epoch at that batch.
         """
         if batch_size <= 0:
             raise VitatlasError(f"batch size must be positive, got {batch_size}")
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
-        buffer_rows = max(batch_size, buffer_bytes // (4 * self.d))
-        pending: list[np.ndarray] = []
-        pending_rows = 0
-        emitted = 0
-
-        def drain(final: bool):
-            nonlocal pending, pending_rows, emitted
-            block = np.concatenate(pending) if len(pending) > 1 else pending[0]
-            if shuffle:
-                block = block[rng.permutation(block.shape[0])]
-            n_full = block.shape[0] // batch_size * batch_size
-            for s in range(0, n_full, batch_size):
-                yield emitted, block[s:s + batch_size]
-                emitted += batch_size
-            rest = block[n_full:]
-            if final:
-                if rest.shape[0] and not drop_last:
-                    yield emitted, rest
-                pending, pending_rows = [], 0
-            else:
-                pending, pending_rows = ([rest] if rest.shape[0] else []), rest.shape[0]
-
-        for i in order:
-            # a local mapping (not the cached one) so each shard's pages are released once converted:
-            # streaming a store larger than RAM must not grow the resident set
-            pending.append(np.asarray(self._part(int(i), "acts"), dtype=np.float32))
-            pending_rows += pending[-1].shape[0]
-            if pending_rows >= buffer_rows:
-                for item in drain(final=False):
-                    yield item if with_offsets else item[1]
-        if pending:
-            for item in drain(final=True):
-                yield item if with_offsets else item[1]
+        plan = self.plan(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, buffer_bytes=buffer_bytes)
+        convert = (lambda rows, b, start: (start, np.asarray(rows, np.float32))) if with_offsets else \
+            (lambda rows, b, start: np.asarray(rows, np.float32))
+        return stream(plan, convert, start_batch=start_batch)
 
     def iter_range(self, lo: int, hi: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, batch)``: float32 rows ``lo..hi-1`` in order, ``batch_size`` at a time (the last may be

@@ -1,0 +1,303 @@
+"""Streaming a store's rows in batches: the epoch's order, large contiguous reads, read-ahead in the background.
+
+Order (``EpochPlan``). The store is cut into *chunks*: ``CHUNK_BYTES`` of consecutive rows inside one
+shard. Shuffling deals the chunks into *windows* of about ``window_rows`` rows (the memory bound), each
+window taking one random chunk from each of as many equal strata of the store (``_stratified_windows``),
+so every window samples the whole store evenly. Inside a window the chunks are cut into *pieces* of
+``piece_rows`` rows (``batch_size / PIECES_PER_BATCH``, at least ``MIN_PIECE_BYTES``) and the pieces are
+permuted. Batches are consecutive positions of that order: a store sorted by class gives batches whose
+class mix is close to iid, while the disk is still read in whole chunks. Without shuffling the order is
+the store's own. Every window's order is a function of (seed, window number) alone, so a stream can start
+at any batch.
+
+Reads (``read_window``). A window's chunks are read with ``os.preadv`` straight into their places in
+the window's buffer (one syscall per contiguous run of the file, scattered over the pieces' slots), in
+the store's dtype: the rows are copied once from the page cache, and once more when converted. Under
+torchrun (``rank``/``size``) a process reads only the positions of its own share of every global batch
+(``distributed.shard`` of each batch): the batches are the same whatever the number of processes.
+
+Read-ahead (``stream``). One thread reads windows (at most one finished window waits), a second cuts
+them into batches and converts each (``convert``, e.g. to a checked float32 tensor) into a bounded queue;
+the caller only takes finished batches. The threads spend their time in syscalls and numpy/torch copies,
+which release the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import VitatlasError
+
+CHUNK_BYTES = 1 << 20  # contiguous bytes read per chunk: large enough for disk speed, small enough to mix
+PIECES_PER_BATCH = 1024  # a batch is up to this many runs of consecutive rows (pieces) from distinct chunks
+MIN_PIECE_BYTES = 4096  # but pieces of at least this many bytes
+PREFETCH_BATCHES = 4  # finished batches waiting in the queue
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    offset: int  # bytes before the first row (the .npy header)
+    rows: int
+
+
+@dataclass
+class Window:
+    """Rows of one window that this process needs, in order: ``parts[b] = (lo, hi)`` rows of ``data``
+    hold batch b's positions inside this window."""
+
+    number: int
+    data: np.ndarray
+    parts: dict[int, tuple[int, int]]
+
+
+class EpochPlan:
+    """Where each position of one epoch's order comes from (see the module docstring)."""
+
+    def __init__(self, shards: list[ShardFile], d: int, dtype: np.dtype, batch_size: int, *, shuffle: bool,
+                 seed: int, window_rows: int, drop_last: bool = False, chunk_bytes: int | None = None,
+                 piece_bytes: int | None = None):
+        if batch_size <= 0:
+            raise VitatlasError(f"batch size must be positive, got {batch_size}")
+        self.shards, self.d, self.dtype = shards, d, np.dtype(dtype)
+        self.row_bytes = d * self.dtype.itemsize
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.n_rows = sum(s.rows for s in shards)
+        self.n_batches = self.n_rows // batch_size if drop_last else -(-self.n_rows // batch_size)
+        self.chunk_rows = max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // self.row_bytes)
+        starts = [np.arange(0, s.rows, self.chunk_rows, dtype=np.int64) for s in shards]
+        empty = np.zeros(0, np.int64)
+        self.chunk_shard = np.concatenate([np.full(len(a), i, np.int64) for i, a in enumerate(starts)] or [empty])
+        self.chunk_start = np.concatenate(starts or [empty])
+        rows = np.array([s.rows for s in shards], np.int64)
+        self.chunk_len = np.minimum(self.chunk_rows, rows[self.chunk_shard] - self.chunk_start)
+        per_window = max(1, -(-max(window_rows, batch_size) // self.chunk_rows))
+        self.windows = _stratified_windows(len(self.chunk_len), per_window, seed) if shuffle else \
+            [np.arange(i, min(i + per_window, len(self.chunk_len))) for i in range(0, len(self.chunk_len), per_window)]
+        self.window_start = np.cumsum([0] + [int(self.chunk_len[w].sum()) for w in self.windows])
+        # without shuffling a whole chunk is one piece; with it, pieces small enough for ~PIECES_PER_BATCH per
+        # batch, but at least MIN_PIECE_BYTES (each piece costs a Python-level iovec)
+        least = max(1, (MIN_PIECE_BYTES if piece_bytes is None else piece_bytes) // self.row_bytes)
+        self.piece_rows = min(self.chunk_rows, max(least, batch_size // PIECES_PER_BATCH)) if shuffle else self.chunk_rows
+
+    def batch_range(self, b: int, rank: int = 0, size: int = 1) -> tuple[int, int]:
+        """Positions of batch b in the epoch's order (this rank's share of them when ``size`` > 1)."""
+        lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.n_rows)
+        base, extra = divmod(hi - lo, size)  # the same split as distributed.shard
+        start = lo + rank * base + min(rank, extra)
+        return start, start + base + (1 if rank < extra else 0)
+
+    def window_of(self, position: int) -> int:
+        return int(np.searchsorted(self.window_start, position, side="right")) - 1
+
+    def pieces(self, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, first row in the shard, rows) of window w's pieces, in the window's order."""
+        chunks = self.windows[w]
+        lens = self.chunk_len[chunks]
+        counts = -(-lens // self.piece_rows)
+        chunk_of = np.repeat(np.arange(len(chunks)), counts)
+        k = np.arange(len(chunk_of)) - np.repeat(np.cumsum(counts) - counts, counts)  # piece number in its chunk
+        start = self.chunk_start[chunks][chunk_of] + k * self.piece_rows
+        n = np.minimum(self.piece_rows, lens[chunk_of] - k * self.piece_rows)
+        shard = self.chunk_shard[chunks][chunk_of]
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, w + 1]).permutation(len(n))
+            shard, start, n = shard[perm], start[perm], n[perm]
+        return shard, start, n
+
+
+def _stratified_windows(n_chunks: int, per_window: int, seed: int) -> list[np.ndarray]:
+    """Chunk numbers of each window: the store is cut into ``per_window`` strata of consecutive chunks
+    and every window takes one random chunk of each stratum, so each window samples the whole store evenly
+    (a class-sorted store gives windows with the store's class mix, not a random few classes)."""
+    rng = np.random.default_rng(seed)
+    n_windows = max(1, -(-n_chunks // per_window))
+    grid = np.arange(per_window)[:, None] * n_windows + rng.permuted(np.tile(np.arange(n_windows), (per_window, 1)),
+                                                                    axis=1)
+    return [col[col < n_chunks] for col in grid.T]
+
+
+def read_window(plan: EpochPlan, w: int, batches: range, rank: int = 0, size: int = 1,
+                counter: list[int] | None = None) -> Window:
+    """Read the positions of window w that belong to ``batches`` (this rank's shares of them)."""
+    ws, we = int(plan.window_start[w]), int(plan.window_start[w + 1])
+    first = max(batches.start, ws // plan.batch_size)
+    last = min(batches.stop, -(-we // plan.batch_size))
+    ranges, parts, total = [], {}, 0
+    for b in range(first, last):
+        lo, hi = plan.batch_range(b, rank, size)
+        lo, hi = max(lo, ws), min(hi, we)
+        if hi > lo:
+            ranges.append((lo - ws, hi - ws))
+            parts[b] = (total, total + hi - lo)
+            total += hi - lo
+    data = np.empty((total, plan.d), plan.dtype)
+    if not total:
+        return Window(w, data, parts)
+    shard, start, n = plan.pieces(w)
+    pos = np.concatenate([[0], np.cumsum(n)])
+    # the slices of pieces that fall in the wanted ranges: (shard, source row, rows, destination row)
+    sel_shard, sel_src, sel_n, sel_dst = [], [], [], []
+    dst = 0
+    for a, z in ranges:
+        i, j = int(np.searchsorted(pos, a, side="right")) - 1, int(np.searchsorted(pos, z, side="left"))
+        p_lo, p_hi = np.maximum(pos[i:j], a), np.minimum(pos[i + 1:j + 1], z)
+        sel_shard.append(shard[i:j])
+        sel_src.append(start[i:j] + (p_lo - pos[i:j]))
+        sel_n.append(p_hi - p_lo)
+        sel_dst.append(dst + np.concatenate([[0], np.cumsum(p_hi - p_lo)[:-1]]))
+        dst += z - a
+    s_shard, s_src, s_n, s_dst = (np.concatenate(x) for x in (sel_shard, sel_src, sel_n, sel_dst))
+    keep = s_n > 0
+    s_shard, s_src, s_n, s_dst = s_shard[keep], s_src[keep], s_n[keep], s_dst[keep]
+    order = np.lexsort((s_src, s_shard))
+    _preadv_runs(plan, data, s_shard[order], s_src[order], s_n[order], s_dst[order], counter)
+    return Window(w, data, parts)
+
+
+def _preadv_runs(plan: EpochPlan, data: np.ndarray, shard, src, n, dst, counter) -> None:
+    """Read each run of consecutive source rows with one preadv into the slices it fills."""
+    rb = plan.row_bytes
+    out = memoryview(data.reshape(-1).view(np.uint8))
+    # a new run wherever the shard changes or the next slice does not continue the previous one
+    breaks = np.flatnonzero((shard[1:] != shard[:-1]) | (src[1:] != src[:-1] + n[:-1])) + 1
+    bounds = np.concatenate([[0], breaks, [len(n)]])
+    current, fd = -1, None
+    try:
+        for r in range(len(bounds) - 1):
+            a, z = int(bounds[r]), int(bounds[r + 1])
+            s = int(shard[a])
+            if s != current:
+                if fd is not None:
+                    os.close(fd)
+                fd, current = _open(plan.shards[s]), s
+            f = plan.shards[s]
+            for c in range(a, z, _IOV_MAX):
+                stop = min(z, c + _IOV_MAX)
+                views = [out[int(dst[i]) * rb:(int(dst[i]) + int(n[i])) * rb] for i in range(c, stop)]
+                want = int(n[c:stop].sum()) * rb
+                got = os.preadv(fd, views, f.offset + int(src[c]) * rb)
+                if got != want:
+                    raise VitatlasError(f"{f.path} is truncated (read {got} of {want} bytes at row {int(src[c])}); "
+                                        f"run `vitatlas store verify {f.path.parent}` and re-extract")
+                if counter is not None:
+                    counter[0] += got
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _open(f: ShardFile) -> int:
+    try:
+        return os.open(f.path, os.O_RDONLY)
+    except OSError as exc:
+        raise VitatlasError(f"cannot read {f.path} ({exc.strerror}): the store is damaged; run "
+                            f"`vitatlas store verify {f.path.parent}`") from None
+
+
+_DONE = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def stream(plan: EpochPlan, convert: Callable[[np.ndarray, int, int], object], *, start_batch: int = 0,
+           rank: int = 0, size: int = 1, prefetch: int = PREFETCH_BATCHES,
+           counter: list[int] | None = None) -> Iterator:
+    """``convert(rows, b, first_position)`` of each batch b from ``start_batch`` on (this rank's share of it),
+    read and converted ahead in background threads. ``counter[0]`` accumulates the bytes read."""
+    batches = range(max(0, start_batch), plan.n_batches)
+    if not len(batches):
+        return
+    stop = threading.Event()
+    windows: queue.Queue = queue.Queue(maxsize=1)
+    out: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+
+    def put(q: queue.Queue, item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(q: queue.Queue):
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _DONE
+
+    def reader():
+        try:
+            first = plan.window_of(plan.batch_range(batches.start)[0])
+            last = plan.window_of(plan.batch_range(batches.stop - 1)[1] - 1)
+            for w in range(first, last + 1):
+                if not put(windows, read_window(plan, w, batches, rank, size, counter)):
+                    return
+            put(windows, _DONE)
+        except BaseException as exc:  # handed to the caller, who re-raises it
+            put(windows, _Failed(exc))
+
+    def assembler():
+        try:
+            held: list[Window] = []
+            for b in batches:
+                lo, hi = plan.batch_range(b, rank, size)
+                need = plan.window_of(max(hi - 1, lo, 0))
+                while not held or held[-1].number < need:
+                    item = get(windows)
+                    if item is _DONE or isinstance(item, _Failed):
+                        if isinstance(item, _Failed):
+                            put(out, item)
+                        return
+                    held.append(item)
+                held = [h for h in held if h is held[-1] or any(k >= b for k in h.parts)]
+                pieces = [h.data[h.parts[b][0]:h.parts[b][1]] for h in held if b in h.parts]
+                rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces \
+                    else np.empty((0, plan.d), plan.dtype)
+                if not put(out, convert(rows, b, lo)):
+                    return
+            put(out, _DONE)
+        except BaseException as exc:
+            put(out, _Failed(exc))
+
+    threads = [threading.Thread(target=reader, name="vitatlas-read", daemon=True),
+               threading.Thread(target=assembler, name="vitatlas-batches", daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def drop_cache(paths) -> None:
+    """Ask the kernel to drop the page cache of ``paths`` (for cold-cache measurements; Linux)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
