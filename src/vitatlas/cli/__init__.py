@@ -43,6 +43,7 @@ class LazyGroup(click.Group):
     "interpret": "vitatlas.cli.interpret:interpret",
     "import": "vitatlas.cli.formats:import_cmd",
     "export": "vitatlas.cli.formats:export_cmd",
+    "compare": "vitatlas.cli.compare:compare",
 }, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vitatlas")
 def main() -> None:
