@@ -143,8 +143,8 @@ def test_streaming_store_equals_in_memory(tmp_path):
     store = vitatlas.ActivationStore.from_array(tmp_path / "s", X, y, shard_bytes=12 * 4 * 50)  # 6 shards
     assert len(store.shards) > 1
     dic = RandomDictionary(20, 3, seed=1).fit(X)
-    a = evaluate(dic, store, batch_size=16, top_n=8, min_support=2)  # labels from the store
-    b = evaluate(dic, X, y, batch_size=4096, top_n=8, min_support=2)
+    a = evaluate(dic, store, batch_size=16, top_n=8)  # labels from the store
+    b = evaluate(dic, X, y, batch_size=4096, top_n=8)
     for key, v in b.items():
         if isinstance(v, float):
             assert a[key] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), key

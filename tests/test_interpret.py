@@ -196,10 +196,13 @@ def test_cls_store_class_labels_and_nearest_atoms(tiny_store):
     assert "patch_values" not in cards.tensors and cards.meta["patch_grid"] is None
     labels = store.labels  # one row per image in a CLS store
     prior = np.bincount(labels) / labels.size
+    act = np.abs(d.encode(torch.from_numpy(store.rows(np.arange(store.n_rows)))).numpy())
     for a in range(12):
         rec = cards.atom(a)
         assert rec["top_patches"] == []
-        top = [r["image"] for r in rec["top_images"]]
+        # the shared definition: the label comes from the 32 images of largest |code|, not the 6 shown
+        fired = np.flatnonzero(act[:, a] > 0)
+        top = store.index[fired[np.argsort(-act[fired, a], kind="stable")][:32], 0]
         if len(top) < 5:
             assert rec["labels"] == []
             continue

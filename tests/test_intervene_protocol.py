@@ -19,7 +19,13 @@ from vitatlas.errors import VitatlasError
 from vitatlas.intervene.heads import LinearProbe, model_identity
 from vitatlas.intervene.masks import FashionMNISTMasks, open_data_with_masks, patch_labels
 from vitatlas.intervene.probes import train_probe
-from vitatlas.intervene.protocol import best_features, classification_protocol, segmentation_protocol
+from vitatlas.intervene.protocol import (
+    best_features,
+    check_strengths,
+    classification_protocol,
+    headline_strength,
+    segmentation_protocol,
+)
 from vitatlas.models import load
 
 LAYER = 1
@@ -201,6 +207,52 @@ def test_segmentation_protocol_end_to_end(world, tmp_path):
     assert (out / "report.md").read_text().startswith("# Interventions: segmentation")
     assert (out / "change_rates.png").stat().st_size > 0 and (out / "segmentation_maps.png").is_file()
     assert "noop" in r.output and "target" in r.output
+    # the strength sweep: every condition but the no-op has the whole curve, its top level is the headline's
+    setup = result["setup"]
+    assert setup["strengths"] == [0.25, 0.5, 1.0, 2.0] and setup["strength"] == setup["headline_strength"]
+    want, met = headline_strength({st: {n: result[f"{n}/random_direction"]["by_strength"][f"{st:g}"]
+                                        ["target_change_rate_mean"] for n in ("ksvd", "sae")}
+                                   for st in setup["strengths"]})
+    assert (setup["headline_strength"], setup["headline_rule_met"]) == (want, met)
+    for key in ("ksvd", "sae", "random_direction", "sae/random_atom"):
+        curve = result[key]["by_strength"]
+        assert set(curve) == {"0.25", "0.5", "1", "2"}
+        point = curve[f"{setup['strength']:g}"]
+        assert point["target_change_rate_mean"] == result[key]["target_change_rate_mean"]
+        assert point["n_target"] == result["noop"]["n_target"]
+    assert "by_strength" not in result["noop"]
+    report = (out / "report.md").read_text()
+    assert "Does each atom beat its controls?" in report and "## Strength sweep" in report
+    assert (out / "strength_sweep.png").stat().st_size > 0
+    assert "its random direction" in r.output
+
+
+def test_headline_strength_rule_and_strength_checks():
+    curve = {0.25: {"a": 0.02, "b": 0.05}, 0.5: {"a": 0.08, "b": 0.10}, 1.0: {"a": 0.09, "b": 0.3}}
+    assert headline_strength(curve) == (0.5, True)        # the largest where every run's control <= 10%
+    assert headline_strength({1.0: {"a": 0.2}, 2.0: {"a": 0.5}}) == (1.0, False)  # none: the smallest
+    assert headline_strength({0.5: {"a": None}, 1.0: {"a": 0.01}}) == (1.0, True)  # unmeasured never qualifies
+    assert check_strengths([2, 0.5, 2.0]) == [0.5, 2.0] and check_strengths(1) == [1.0]
+    for bad, message in (([0.5, -1], "positive"), ([], "positive"), ([float("nan")], "finite")):
+        with pytest.raises(VitatlasError, match=message):
+            check_strengths(bad)
+
+
+def test_each_strength_of_the_sweep_equals_that_strength_alone(world, seg_probe):
+    """Batching the strengths into one forward changes no count (beyond a tie flipped by rounding)."""
+    model = world["model"]
+    source, masks = open_data_with_masks(str(world["data"]))
+    runs = {"sae": vitatlas.load(world["runs"]["sae"])}
+    kw = dict(calibration=0.5, classes=["square", "disc"], progress=False)
+    sweep = segmentation_protocol(model, runs, seg_probe, source, masks, strengths=[0.5, 4.0], **kw)["json"]
+    alone = segmentation_protocol(model, runs, seg_probe, source, masks, strengths=[4.0], **kw)["json"]
+    for key in ("sae", "random_atom", "random_direction"):
+        a, b = sweep[key]["by_strength"]["4"], alone[key]
+        assert a["n_target"] == b["n_target"]
+        # one patch of slack: a different batch size may round a near-tie of the probe the other way
+        assert abs(a["target_change_rate"] - b["target_change_rate"]) <= 1 / max(b["n_target"], 1)
+        assert abs(a["other_change_rate"] - b["other_change_rate"]) <= 1 / max(b["n_other"], 1)
+    assert set(sweep["sae"]["by_strength"]) == {"0.5", "4"} and "by_strength" in alone["sae"]
 
 
 def test_a_strong_targeted_edit_changes_its_target(world, seg_probe):
@@ -209,7 +261,7 @@ def test_a_strong_targeted_edit_changes_its_target(world, seg_probe):
     source, masks = open_data_with_masks(str(world["data"]))
     probe = seg_probe
     runs = {"ksvd": vitatlas.load(world["runs"]["ksvd"])}
-    out = segmentation_protocol(model, runs, probe, source, masks, strength=50.0, calibration=0.5,
+    out = segmentation_protocol(model, runs, probe, source, masks, strengths=[50.0], calibration=0.5,
                                 classes=["square", "disc"], progress=False)["json"]
     assert out["ksvd"]["target_change_rate"] > out["ksvd"]["other_change_rate"]
     assert out["noop"]["target_change_rate"] == 0

@@ -8,6 +8,8 @@ import click
 
 from ..errors import VitatlasError
 
+STRENGTHS = (0.25, 0.5, 1.0, 2.0)  # intervene.protocol.STRENGTHS, without importing torch for --help
+
 
 @click.command("intervene")
 @click.argument("runs", nargs=-1, type=click.Path())
@@ -18,8 +20,9 @@ from ..errors import VitatlasError
 @click.option("--masks", default=None, type=click.Path(), help="Mask folder matched to the images in sorted order.")
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: the runs' fit layer).")
 @click.option("--limit", type=int, default=None, help="Use the first N images (calibration + held out).")
-@click.option("--strength", type=float, default=2.0, show_default=True,
-              help="Segmentation: set the chosen atom to -strength x its max observed activation.")
+@click.option("--strength", "strengths", type=float, multiple=True, default=STRENGTHS, show_default=True,
+              help="Segmentation: set the chosen atom to -strength x its max observed activation; repeat for a "
+                   "sweep (the headline strength is chosen from it, docs/intervene.md).")
 @click.option("--calibration", type=float, default=0.3, show_default=True,
               help="Fraction of images used to choose atoms (the rest are held out).")
 @click.option("--cards", multiple=True, type=click.Path(),
@@ -31,7 +34,7 @@ from ..errors import VitatlasError
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(), help="Directory for intervene.json, report.md and plots.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def intervene(runs, model_name, data, task, probe_path, masks, layer, limit, strength, calibration, cards, classes,
+def intervene(runs, model_name, data, task, probe_path, masks, layer, limit, strengths, calibration, cards, classes,
               batch_size, device, seed, out, progress):
     """Edit each run's atoms inside the model and measure what changes, next to random controls."""
     from .. import load as load_dictionary
@@ -40,13 +43,13 @@ def intervene(runs, model_name, data, task, probe_path, masks, layer, limit, str
     from ..intervene.heads import LinearProbe
     from ..intervene.masks import open_data_with_masks
     from ..intervene.maxact import from_cards
-    from ..intervene.protocol import check_strength, classification_protocol, segmentation_protocol
+    from ..intervene.protocol import check_strengths, classification_protocol, segmentation_protocol
     from ..intervene.report import headline, write_report
     from .eval import find_runs
 
     if not runs:
         raise VitatlasError("give at least one run directory (written by `vitatlas fit`)")
-    check_strength(strength)
+    strengths = check_strengths(strengths)
     if limit is not None and limit <= 0:
         raise VitatlasError(f"--limit must be positive, got {limit}")
     if batch_size <= 0:
@@ -66,13 +69,13 @@ def intervene(runs, model_name, data, task, probe_path, masks, layer, limit, str
     if task == "segmentation":
         source, mask_source = open_data_with_masks(data, masks, limit=limit)
         output = segmentation_protocol(model, dictionaries, probe, source, mask_source, layer=layer, limit=limit,
-                                       strength=strength, calibration=calibration, max_activations=max_acts,
+                                       strengths=strengths, calibration=calibration, max_activations=max_acts,
                                        classes=class_list, seed=seed, batch_size=batch_size, progress=progress)
     else:
         source = open_source(data)
         output = classification_protocol(model, dictionaries, probe, source, layer=layer, limit=limit,
                                          calibration=calibration, max_activations=max_acts, classes=class_list,
-                                         seed=seed, batch_size=batch_size, progress=progress, strength=strength)
+                                         seed=seed, batch_size=batch_size, progress=progress)
     output["json"]["setup"]["seconds"] = round(time.perf_counter() - t0, 1)
     write_report(out, output, model, source)
     click.echo(headline(output["json"]))

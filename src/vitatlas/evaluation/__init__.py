@@ -1,7 +1,9 @@
 """``vitatlas.evaluate``: every metric of a dictionary on a data set, in one streamed pass.
 
 The metric definitions live with their code: reconstruction and sparsity in ``metrics``, atom labels
-in ``labels``, sparse probing and the downstream probe in ``probing``. ``report`` writes them out.
+in ``labels``, sparse probing and the downstream probe in ``probing``, spatial coherence in
+``spatial``. ``report`` writes them out; ``scorecard`` scores several dictionaries on the same rows
+(docs/scorecard.md).
 
 Under torchrun (``torchrun --nproc-per-node N -m vitatlas eval ...``) each rank streams its contiguous
 part of the rows (``distributed.shard``) through the same accumulators, which are then combined: sums
@@ -11,8 +13,10 @@ one process's within float rounding. One process runs exactly as before.
 
 ``evaluate`` streams the rows once through a few accumulators, each with one job:
 ``ReconstructionStats`` (reconstruction and sparsity sums), ``TopActivations`` (the top rows per
-atom), ``KeptActivations`` (full activation vectors of a bounded row subset, for AUROC and sparse
-probing) and ``ImageMeans`` (per-image mean activations and reconstructions, for the downstream probe).
+atom), ``ImageMaxima`` (each atom's image activation, for labels and faithfulness),
+``KeptActivations`` (full activation vectors of a bounded subset of whole images, for sparse probing
+and spatial coherence) and ``ImageMeans`` (per-image mean activations and reconstructions, for the
+downstream probe).
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from ..arrays import ArrayLike
 from ..data.batches import is_store, iter_rank_batches, n_rows_and_width
 from ..dictionary import Dictionary
 from ..errors import VitatlasError
-from .labels import image_activations, label_atoms, label_quality
-from .metrics import ReconstructionStats, frequency_histogram, max_coherence
+from .labels import LABEL_IMAGES, MIN_SUPPORT, concept_labels
+from .metrics import ReconstructionStats, frequency_histogram, max_coherence, near_duplicates
 from .probing import downstream_probe, image_split, sparse_probe
+from .spatial import grid_layout, spatial_coherence
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "scorecard"]
 
 ACTIVATIONS = ("abs", "value")
 
@@ -69,11 +74,26 @@ class TopActivations:
 
 
 class KeptActivations:
-    """Full activation vectors of at most ``memory_budget // (4·A)`` rows (all, or a fixed random subset)."""
+    """Full activation vectors of at most ``memory_budget // (4·A)`` rows: all rows, or every row of a fixed
+    random subset of whole images (an image's rows stay together, so per-image measures see whole maps)."""
 
-    def __init__(self, n: int, n_atoms: int, memory_budget: int, rng: np.random.Generator, keep: bool):
+    def __init__(self, n: int, n_atoms: int, memory_budget: int, rng: np.random.Generator, keep: bool,
+                 image_ids: np.ndarray | None = None):
         cap = max(1, memory_budget // (4 * n_atoms))
-        self.rows = np.arange(n) if n <= cap else np.sort(rng.choice(n, size=cap, replace=False))
+        if n <= cap:
+            self.rows = np.arange(n)
+        elif image_ids is None:
+            self.rows = np.sort(rng.choice(n, size=cap, replace=False))
+        else:
+            uniq, inverse, counts = np.unique(image_ids, return_inverse=True, return_counts=True)
+            order = rng.permutation(uniq.size)
+            take = order[np.cumsum(counts[order]) <= cap]
+            if take.size == 0:  # one image is larger than the budget: its first rows
+                self.rows = np.flatnonzero(inverse == order[0])[:cap]
+            else:
+                chosen = np.zeros(uniq.size, bool)
+                chosen[take] = True
+                self.rows = np.flatnonzero(chosen[inverse])
         self.pos = np.full(n, -1, np.int64)
         self.pos[self.rows] = np.arange(self.rows.size)
         self.acts = np.zeros((self.rows.size, n_atoms), np.float32) if keep else None
@@ -89,6 +109,37 @@ class KeptActivations:
         """Every rank filled the kept rows among its own rows and left zeros elsewhere: a sum joins them exactly."""
         if self.acts is not None:
             distributed.all_reduce_(torch.from_numpy(self.acts))
+
+
+class ImageMaxima:
+    """Each atom's image activation (max over the image's rows) for every labelled image, or a fixed random
+    subset of at most ``memory_budget // (4·A)`` images; exact whatever the row order (a scatter max)."""
+
+    def __init__(self, labels: np.ndarray, image_ids: np.ndarray, n_atoms: int, memory_budget: int,
+                 rng: np.random.Generator):
+        uniq, img_of_row = np.unique(image_ids, return_inverse=True)
+        imgs = np.unique(img_of_row[labels >= 0])
+        cap = max(1, memory_budget // (4 * n_atoms))
+        if imgs.size > cap:
+            imgs = np.sort(rng.choice(imgs, size=cap, replace=False))
+        slot = np.full(uniq.size, -1, np.int64)
+        slot[imgs] = np.arange(imgs.size)
+        self.row_slot = torch.from_numpy(np.where(labels >= 0, slot[img_of_row], -1))
+        self.image_labels = np.full(imgs.size, -1, np.int64)
+        lab_rows = np.flatnonzero(labels >= 0)
+        ok = slot[img_of_row[lab_rows]] >= 0
+        self.image_labels[slot[img_of_row[lab_rows[ok]]]] = labels[lab_rows[ok]]  # a row's label is its image's
+        self.acts = torch.zeros(imgs.size, n_atoms)  # activations are >= 0: 0 = never fired
+
+    def update(self, act: torch.Tensor, start: int) -> None:
+        rs = self.row_slot[start:start + act.shape[0]]
+        ok = rs >= 0
+        if ok.any():
+            src = act[ok].clamp(min=0)
+            self.acts.scatter_reduce_(0, rs[ok].unsqueeze(1).expand_as(src), src, reduce="amax")
+
+    def all_reduce_(self) -> None:
+        distributed.all_reduce_(self.acts, "max")
 
 
 class ImageMeans:
@@ -161,28 +212,34 @@ def _row_images(image_ids, X: ArrayLike, n: int) -> np.ndarray:
 def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = None, *,
              image_ids: np.ndarray | None = None, class_names: list[str] | None = None,
              batch_size: int = 4096, progress: bool = False,
-             top_n: int = 32, min_support: int = 5, activation: str = "abs", memory_budget: int = 1 << 30,
-             max_probe_images: int = 20_000, test_fraction: float = 0.25, seed: int = 0) -> dict:
+             top_n: int = 32, activation: str = "abs", memory_budget: int = 1 << 30,
+             max_probe_images: int = 20_000, test_fraction: float = 0.25, seed: int = 0,
+             patch_grid: list[int] | None = None, patch_cells: np.ndarray | None = None) -> dict:
     """Evaluate ``dictionary`` on X (array, tensor or ActivationStore), streaming ``batch_size`` rows.
 
     labels: (n,) int class per row (−1 unknown); defaults to ``X.labels`` for a labelled store.
     image_ids: (n,) image of each row; defaults to the store's index, else one image per row.
     class_names: names of the label ids (per-atom ``label_name``); defaults to the store's.
+    patch_grid / patch_cells: the patch grid [g, g] and each row's grid cell (−1 not a patch), for
+    spatial coherence; default from a store's manifest and index (none for an array).
 
     Returns a dict with the DESIGN.md metrics (see ``metrics`` / ``labels`` / ``probing`` for the
     exact formulas): signal_recovered, explained_variance, mse, l0, dead_fraction, dense_fraction,
-    max_coherence, frequency_histogram; with labels also faithfulness, specificity (+ its two parts),
-    label_diversity, n_labelled_atoms, sparse_probe_acc@1/5/20 and probe_acc_original /
-    probe_acc_reconstructed / probe_acc_with_error. ``"atoms"`` holds per-atom numpy arrays
-    (frequency, label, precision, kappa, sharing, faithfulness, specificity, top_rows (A, top_n) with
-    −1 padding, top_values) and ``"settings"`` what was used.
+    max_coherence, near_duplicate_pairs / near_duplicate_atoms, frequency_histogram; with labels also
+    faithfulness, specificity (+ its two parts), label_diversity, n_labelled_atoms, n_confident_atoms,
+    sparse_probe_acc@1/5/20 and probe_acc_original / probe_acc_reconstructed / probe_acc_with_error;
+    with a patch grid spatial_coherence (``spatial``). ``"atoms"`` holds per-atom numpy arrays
+    (frequency, label, precision, kappa, sharing, faithfulness, specificity, spatial_coherence,
+    top_rows (A, top_n) with −1 padding, top_values) and ``"settings"`` what was used.
 
-    Memory: per-atom statistics and the top-``top_n`` buffers stream; the (rows, A) activation matrix
-    used for AUROC (faithfulness) and sparse probing is kept only for at most
-    ``memory_budget // (4·A)`` rows — all rows when they fit, otherwise a fixed random subset (seed
-    ``seed``), whose size is reported as ``settings.rows_for_auroc`` (peak memory is about twice the
-    budget, while ranks for AUROC are computed 256 atoms at a time). The downstream probe uses at most
-    ``max_probe_images`` images (a fixed random subset when there are more).
+    Memory: per-atom statistics and the top-``top_n`` buffers stream; the (images, A) image activations
+    behind the labels and faithfulness are kept for at most ``memory_budget // (4·A)`` labelled images
+    (a fixed random subset beyond, reported as ``settings.images_for_labels``); the (rows, A)
+    activation matrix used for sparse probing and spatial coherence is kept only for at most
+    ``memory_budget // (4·A)`` rows — all rows when they fit, otherwise every row of a fixed random
+    subset of whole images (seed ``seed``), whose row count is reported as ``settings.rows_for_auroc``.
+    The downstream probe uses at most ``max_probe_images`` images (a fixed random subset when there
+    are more).
 
     >>> import numpy as np
     >>> from vitatlas.learners.baselines import PCABaseline
@@ -205,11 +262,23 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
     labels = _row_labels(labels, X, n)
     image_ids = _row_images(image_ids, X, n)
 
-    rng = np.random.default_rng(seed)  # drawn from in this order: kept rows, then probe images
+    grid, cells = patch_grid, patch_cells
+    if grid is None and is_store(X):
+        grid, cell_of_position = grid_layout(X.manifest)
+        if grid is not None:
+            lut = np.full(max(X.manifest["token_positions"]) + 1, -1, np.int64)
+            lut[X.manifest["token_positions"]] = cell_of_position
+            cells = lut[X.index[:, 1]]
+    if grid is not None and (cells is None or np.shape(cells) != (n,)):
+        raise VitatlasError(f"patch_cells must give one grid cell per row ({n}) with patch_grid")
+
+    rng = np.random.default_rng(seed)  # drawn from in this order: kept rows, probe images, label images
     stats = ReconstructionStats(n_atoms)
     top = TopActivations(top_n, n_atoms)
-    kept = KeptActivations(n, n_atoms, memory_budget, rng, keep=labels is not None)
+    kept = KeptActivations(n, n_atoms, memory_budget, rng, keep=labels is not None or grid is not None,
+                           image_ids=image_ids)
     images = ImageMeans(labels, image_ids, d, max_probe_images, rng) if labels is not None else None
+    maxima = ImageMaxima(labels, image_ids, n_atoms, memory_budget, rng) if labels is not None else None
 
     from tqdm.auto import tqdm
 
@@ -228,6 +297,7 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
         kept.update(act, start)
         if images is not None:
             images.update(x, x_hat, start)
+            maxima.update(act, start)
         start += x.shape[0]
         bar.update(x.shape[0])
     bar.close()
@@ -237,18 +307,24 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
         kept.all_reduce_()
         if images is not None:
             images.all_reduce_()
+            maxima.all_reduce_()
 
     top_rows, top_vals = top.result()
     out: dict = {"kind": dictionary.learner, "n_rows": n, "d": d, "n_atoms": n_atoms}
     out.update(stats.result())
     out["max_coherence"] = max_coherence(dictionary.atoms)
+    out.update(near_duplicates(dictionary.atoms))
     freq = stats.frequency
     out["frequency_histogram"] = frequency_histogram(freq, n)
     atoms = {"frequency": freq, "top_rows": top_rows.T.numpy(), "top_values": top_vals.T.numpy()}
+    if grid is not None:
+        sc = spatial_coherence(kept.acts, image_ids[kept.rows], np.asarray(cells)[kept.rows], grid)
+        atoms.update(sc.pop("atoms"))
+        out.update(sc)
 
     if labels is not None:
-        lab = label_atoms(top_rows.numpy(), labels, min_support=min(min_support, top_n))
-        out.update(label_quality(lab, *image_activations(kept.acts, image_ids[kept.rows], labels[kept.rows])))
+        lab, quality = concept_labels(maxima.acts.numpy(), maxima.image_labels)
+        out.update(quality)
         atoms.update({k: v for k, v in lab.items() if k != "prior"})
         names = class_names if class_names is not None else (X.class_names if is_store(X) else None)
         if names:
@@ -258,9 +334,18 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
         test = image_split(image_ids[kept.rows][ok], test_fraction=test_fraction, seed=seed)
         out.update(sparse_probe(kept.acts if ok.all() else kept.acts[ok], kept_lab[ok], test))
         out.update(images.result(test_fraction, seed))
-    out["settings"] = {"top_n": top_n, "min_support": min(min_support, top_n), "activation": activation,
+    out["settings"] = {"top_n": top_n, "label_images": LABEL_IMAGES, "min_support": MIN_SUPPORT,
+                       "activation": activation,
                        "rows_for_auroc": int(kept.rows.size) if labels is not None else 0,
+                       "images_for_labels": int(maxima.acts.shape[0]) if maxima is not None else 0,
                        "test_fraction": test_fraction, "seed": seed, "batch_size": batch_size,
                        "has_labels": labels is not None}
     out["atoms"] = atoms
     return out
+
+
+def scorecard(*args, **kwargs):
+    """``vitatlas.evaluation.scoring.scorecard`` (imported on first use: it reaches the intervention code)."""
+    from .scoring import scorecard as run
+
+    return run(*args, **kwargs)

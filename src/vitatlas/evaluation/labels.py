@@ -1,30 +1,34 @@
 """Per-atom class labels and their quality: faithfulness, specificity, label_diversity.
 
-Notation: an atom's *activation* on a row is its code value (or its absolute value, the default,
-so that signed codes from OMP/PCA count in both directions); an atom *fires* on a row when its code
-is non-zero. Only rows with a known label (>= 0) take part. π_c = fraction of those rows with class c.
+One definition, shared by ``vitatlas eval`` (the report), ``vitatlas interpret`` (the atom cards), the
+explorer and the scorecard (``concept_labels``); docs/scorecard.md quotes it.
 
-- Top rows T_a: the ``top_n`` rows with the largest activation among the rows where atom a fires (fewer
-  if it fired on fewer rows), restricted to labelled rows. Rows, not images: a patch store can put
-  several patches of one image in T_a.
+Notation: an atom's *image activation* is the maximum over the image's evaluated rows of its
+activation |code| (for a CLS store, one row per image, the row's activation). An atom *fires* on an
+image when that is > 0. Only images with a known label (>= 0) take part; π_c = fraction of those
+images with class c.
+
+- Top images T_a: the ``LABEL_IMAGES`` (32) images with the largest image activation among the images
+  where atom a fires (fewer if it fired on fewer). Images, not rows: a patch atom's top 32 rows can
+  come from two or three images, which would make its label an accident of those images.
 - p_a(c) = fraction of T_a with class c. The atom's label is the most *enriched* class,
   l_a = argmax_c (p_a(c) − π_c) (ties: the smallest class id). An atom is *labelled* when
-  |T_a| >= min_support; other atoms get label −1 and take no part in the averages below.
-- ``faithfulness`` = mean over labelled atoms of AUROC over *images* of (the atom's image activation,
-  image class == l_a), where an image's activation is the maximum of the atom's activation over that
-  image's evaluated rows (for a CLS store, one row per image, this is the row activation). Per image,
-  because DESIGN defines it as predicting "image has the label": a patch atom for "sandal strap" fires
-  on a few patches of every sandal image, and a per-row AUROC would drown it in the zero rows.
+  |T_a| >= ``MIN_SUPPORT`` (5); other atoms get label −1 and take no part in the averages below.
+- ``faithfulness`` = mean over labelled atoms of AUROC over images of (the atom's image activation,
+  image class == l_a): a patch atom for "sandal strap" fires on a few patches of every sandal image,
+  and a per-row AUROC would drown it in the zero rows.
 - ``specificity`` = mean over labelled atoms of κ_a · s_a, where
-  κ_a = (p_a(l_a) − π_{l_a}) / (1 − π_{l_a})  — precision of the top rows for the label, corrected
-  for chance (0 = no better than the base rate, 1 = every top row has the label), and
+  κ_a = (p_a(l_a) − π_{l_a}) / (1 − π_{l_a})  — precision of the top images for the label, corrected
+  for chance (0 = no better than the base rate, 1 = every top image has the label), and
   s_a = 1 − (m_{l_a} − 1) / M  — how much the label belongs to this atom rather than to others:
   m_c = number of labelled atoms whose label is c, M = number of labelled atoms (s = 1 when the
   atom is alone with its label, → 0 when every atom has the same label; with M atoms spread evenly
   over C classes s ≈ 1 − 1/C). Reported alongside: ``specificity_precision`` = mean κ_a and
   ``specificity_sharing`` = mean s_a.
+- ``n_confident_atoms`` = number of labelled atoms with κ_a > ``CONFIDENT_KAPPA`` (0.5), and
+  ``confident_fraction`` = that over all atoms: the count the cards and the explorer show.
 - ``label_diversity`` = (number of distinct labels among labelled atoms) / min(C, M), with C the
-  number of classes present among the labelled rows: DESIGN's "distinct labels over atoms",
+  number of classes present among the labelled images: DESIGN's "distinct labels over atoms",
   normalised by the most distinct labels M atoms could carry, so 1 = the atoms cover as many classes
   as they possibly can, whatever the dictionary size.
 """
@@ -35,6 +39,10 @@ import numpy as np
 import torch
 
 from .metrics import auroc_for_labels
+
+LABEL_IMAGES = 32
+MIN_SUPPORT = 5
+CONFIDENT_KAPPA = 0.5
 
 
 def label_atoms(top_rows: np.ndarray, row_labels: np.ndarray, *, min_support: int = 5) -> dict:
@@ -119,3 +127,37 @@ def label_quality(labels: dict, acts: np.ndarray | None, act_labels: np.ndarray 
                             if m_total and n_cls_present else float("nan")),
         "n_labelled_atoms": m_total,
     }
+
+
+def top_images(image_acts: np.ndarray, n: int = LABEL_IMAGES) -> np.ndarray:
+    """(min(n, m), A) positions (rows of ``image_acts`` (m, A)) of each atom's top images, best first,
+    −1 where the atom fires on fewer images (image activation <= 0)."""
+    t = torch.from_numpy(np.ascontiguousarray(image_acts, dtype=np.float32))
+    n = min(n, t.shape[0])
+    values, pos = torch.topk(t, n, dim=0)
+    return torch.where(values > 0, pos, -1).numpy()
+
+
+def confident_count(kappa: np.ndarray) -> int:
+    """Labelled atoms with κ > CONFIDENT_KAPPA (NaN = unlabelled, not counted)."""
+    k = np.asarray(kappa, dtype=np.float64)
+    return int((np.nan_to_num(k, nan=-np.inf) > CONFIDENT_KAPPA).sum())
+
+
+def concept_labels(image_acts: np.ndarray, image_labels: np.ndarray) -> tuple[dict, dict]:
+    """The module docstring's labels and their quality, from per-image activations.
+
+    image_acts: (m, A) image activations (``image_activations``) of m images; image_labels: (m,) their
+    classes (−1 unknown: dropped). Returns (per-atom arrays: label, precision, kappa, support, prior,
+    faithfulness, sharing, specificity; summary: faithfulness, specificity, specificity_precision,
+    specificity_sharing, label_diversity, n_labelled_atoms, n_confident_atoms, confident_fraction).
+    """
+    image_labels = np.asarray(image_labels)
+    keep = image_labels >= 0
+    if not keep.all():
+        image_acts, image_labels = image_acts[keep], image_labels[keep]
+    lab = label_atoms(top_images(image_acts), image_labels, min_support=MIN_SUPPORT)
+    summary = label_quality(lab, image_acts, image_labels)
+    summary["n_confident_atoms"] = confident_count(lab["kappa"])
+    summary["confident_fraction"] = summary["n_confident_atoms"] / max(image_acts.shape[1], 1)
+    return lab, summary

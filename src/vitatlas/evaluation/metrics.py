@@ -12,6 +12,8 @@ d the width, A the number of atoms):
 - ``dead_fraction`` = fraction of atoms whose code is never non-zero on the evaluated rows
 - ``dense_fraction`` = fraction of atoms non-zero on more than 1% of the rows
 - ``max_coherence`` = max over atom pairs i ≠ j of |⟨a_i, a_j⟩| / (‖a_i‖‖a_j‖) (None for one atom)
+- ``near_duplicate_pairs`` = number of atom pairs {i, j} with |cos(a_i, a_j)| > 0.9 (``DUPLICATE_COS``),
+  ``near_duplicate_atoms`` = fraction of atoms in at least one such pair
 - frequency histogram: per-atom firing frequency (fraction of rows with a non-zero code) in
   log-spaced bins, 4 per decade from 10^floor(log10(1/n)) to 1; dead atoms are counted apart.
 """
@@ -28,6 +30,7 @@ from .. import distributed
 from ..data.batches import iter_rank_batches
 
 DENSE_THRESHOLD = 0.01
+DUPLICATE_COS = 0.9
 
 
 @dataclass
@@ -173,6 +176,24 @@ def max_coherence(atoms: torch.Tensor, chunk: int = 4096) -> float | None:
         g[idx - s, idx] = 0.0  # an atom with itself is not a pair
         best = max(best, float(g.max()))
     return min(best, 1.0)
+
+
+def near_duplicates(atoms: torch.Tensor, threshold: float = DUPLICATE_COS, chunk: int = 4096) -> dict:
+    """``near_duplicate_pairs`` (pairs i < j with |cos| > threshold) and ``near_duplicate_atoms`` (fraction of
+    all atoms in such a pair); zero atoms are in no pair. Chunked like ``max_coherence``."""
+    a = atoms.detach().double().cpu()
+    n_all = a.shape[0]
+    norms = a.norm(dim=1)
+    a = a[norms > 0] / norms[norms > 0].unsqueeze(1)
+    m = a.shape[0]
+    pairs, involved = 0, torch.zeros(m, dtype=torch.bool)
+    for s in range(0, m, chunk):
+        close = (a[s:s + chunk] @ a.T).abs_() > threshold
+        idx = torch.arange(s, min(s + chunk, m))
+        close[idx - s, idx] = False
+        pairs += int(close.sum())
+        involved[s:s + chunk] |= close.any(1)
+    return {"near_duplicate_pairs": pairs // 2, "near_duplicate_atoms": float(involved.sum()) / max(n_all, 1)}
 
 
 def frequency_histogram(freq: np.ndarray, n_rows: int, per_decade: int = 4) -> dict:

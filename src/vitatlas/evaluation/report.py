@@ -22,7 +22,8 @@ import numpy as np
 from ..io import atomic_write_bytes, atomic_write_json
 
 TABLE_COLUMNS = ["signal_recovered", "explained_variance", "mse", "l0", "dead_fraction", "dense_fraction",
-                 "max_coherence", "faithfulness", "specificity", "label_diversity", "sparse_probe_acc@1",
+                 "max_coherence", "near_duplicate_pairs", "faithfulness", "specificity", "n_confident_atoms",
+                 "label_diversity", "spatial_coherence", "sparse_probe_acc@1",
                  "sparse_probe_acc@5", "sparse_probe_acc@20", "probe_acc_original", "probe_acc_reconstructed",
                  "probe_acc_with_error"]
 
@@ -36,15 +37,21 @@ Notation: x is one row of the store, x̂ = decode(encode(x)) its reconstruction,
   at the first run's median, rounded, unless `--k` is given).
 - `dead_fraction` = fraction of atoms never non-zero on the evaluated rows; `dense_fraction` = fraction of
   atoms non-zero on more than 1% of the rows.
-- `max_coherence` = max over atom pairs i ≠ j of |cos(a_i, a_j)|.
-- Atom labels: activation = |code| ({activation_note}). T_a = the {top_n} rows with the largest activation
-  among the rows where atom a fires (labelled rows only); p_a(c) = fraction of T_a in class c, π_c = class
-  frequency. Label l_a = argmax_c p_a(c) − π_c; an atom is labelled when |T_a| ≥ {min_support}.
-- `faithfulness` = mean over labelled atoms of AUROC over images of (max activation of a over the image's
-  rows, "image has class l_a"); for a CLS store an image is one row.
+- `max_coherence` = max over atom pairs i ≠ j of |cos(a_i, a_j)|; `near_duplicate_pairs` = pairs with
+  |cos| > 0.9 (metrics.json also has `near_duplicate_atoms`, the fraction of atoms in such a pair).
+- Atom labels: an atom's image activation = the max over the image's evaluated rows of its activation
+  ({activation_note}). T_a = the {label_images} images with the largest image activation among the images
+  where atom a fires (labelled images only); p_a(c) = fraction of T_a in class c, π_c = class frequency
+  over the images. Label l_a = argmax_c p_a(c) − π_c; an atom is labelled when |T_a| ≥ {min_support}.
+  The atom cards use the same definition (docs/scorecard.md).
+- `faithfulness` = mean over labelled atoms of AUROC over images of (image activation of a, "image has
+  class l_a"); for a CLS store an image is one row.
 - `specificity` = mean over labelled atoms of κ_a · s_a, with κ_a = (p_a(l_a) − π_l)/(1 − π_l) (chance-
-  corrected precision of the top rows) and s_a = 1 − (m_l − 1)/M (m_l atoms share label l among M labelled
-  atoms).
+  corrected precision of the top images) and s_a = 1 − (m_l − 1)/M (m_l atoms share label l among M
+  labelled atoms). `n_confident_atoms` = labelled atoms with κ_a > 0.5.
+- `spatial_coherence` (patch stores) = mean over atoms of the mean Moran's I (queen contiguity, 8
+  neighbours) of the atom's activation map on the patch grid, over the images with every patch evaluated
+  where it fires on at least 4 patches and at most 90% of them (docs/scorecard.md).
 - `label_diversity` = distinct labels among labelled atoms / min(number of classes, M).
 - `sparse_probe_acc@m`: per class, one-vs-rest logistic regression on the m atoms with the largest
   (mean activation in class − mean activation outside) on the train images; balanced accuracy on the
@@ -286,7 +293,8 @@ def write_report(out: str | Path, results: list[RunResult], *, store=None, data:
     lines += ["## Plots", "", "![explained variance and signal recovered against l0, one curve per learner](pareto.png)", "",
               "![atom frequency histogram](frequency.png)", "", "## Top images", "", grid_note, "",
               "## Metric definitions", "",
-              FORMULAS.format(top_n=settings.get("top_n", "?"), min_support=settings.get("min_support", "?"),
+              FORMULAS.format(label_images=settings.get("label_images", "?"),
+                              min_support=settings.get("min_support", "?"),
                               test_pct=round(100 * settings.get("test_fraction", 0.25)),
                               seed=settings.get("seed", 0),
                               activation_note="absolute value of the code" if settings.get("activation", "abs") == "abs"

@@ -217,6 +217,7 @@ class Explorer:
     def metrics(self) -> dict:
         """Per run: reconstruction metrics on a fixed sample of store rows, plus atom-card statistics."""
         if self._metrics is None:
+            from ..evaluation.labels import confident_count
             from ..evaluation.metrics import reconstruction_metrics
 
             n = min(METRIC_ROWS, self.store.n_rows)
@@ -231,13 +232,16 @@ class Explorer:
                      if k not in ("dead_fraction", "dense_fraction")}
                 freq = np.array([_f(a.get("frequency")) for a in r.cards.atoms])
                 m["dead_fraction"] = _clean(np.mean(np.nan_to_num(freq) == 0))
+                # the cards' labels follow evaluation.labels; the counts and means are its definitions too
                 kappas = np.array([_f((best_label(a) or {}).get("kappa")) for a in r.cards.atoms])
                 faith = np.array([_f((best_label(a) or {}).get("faithfulness")) for a in r.cards.atoms])
+                spec = np.array([_f((best_label(a) or {}).get("specificity")) for a in r.cards.atoms])
+                mean = lambda v: _clean(np.nanmean(v)) if np.isfinite(v).any() else None  # noqa: E731
                 m.update({"rows_evaluated": int(n), "learner": r.dictionary.kind, "n_atoms": r.n_atoms,
                           "labelled_atoms": int(np.isfinite(kappas).sum()),
-                          "atoms_kappa_over_0.5": int(np.nansum(kappas > 0.5)),
-                          "mean_kappa": _clean(np.nanmean(kappas)) if np.isfinite(kappas).any() else None,
-                          "mean_faithfulness": _clean(np.nanmean(faith)) if np.isfinite(faith).any() else None})
+                          "atoms_kappa_over_0.5": confident_count(kappas),
+                          "mean_kappa": mean(kappas), "mean_faithfulness": mean(faith),
+                          "specificity": mean(spec)})
                 self._metrics[name] = m
         return self._metrics
 

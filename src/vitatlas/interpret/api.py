@@ -11,6 +11,7 @@ from .. import distributed
 from ..data.store import ActivationStore
 from ..dictionary import Dictionary, check_fitted_on
 from ..errors import VitatlasError
+from ..evaluation.spatial import grid_layout
 from .build import atom_records
 from .cards import FORMAT, FORMAT_VERSION, AtomCards
 from .descriptions import describe_atoms
@@ -24,17 +25,7 @@ MAX_TOP = 1024
 
 def patch_layout(store: ActivationStore) -> tuple[list[int] | None, list[int] | None]:
     """(patch grid [h, w], grid cell of each of an image's rows with −1 for CLS/registers), or (None, None)."""
-    positions = store.manifest.get("token_positions")
-    model = store.manifest.get("model") or {}
-    if not positions or len(positions) < 2 or not model.get("patch_size"):
-        return None, None
-    side = int((store.manifest.get("preprocessing") or {}).get("out_size") or model.get("image_size", 0))
-    g = side // int(model["patch_size"])
-    prefix = int(model.get("n_prefix_tokens", 1))
-    cells = [p - prefix if p >= prefix else -1 for p in positions]
-    if g <= 0 or max(cells) >= g * g:
-        return None, None
-    return [g, g], cells
+    return grid_layout(store.manifest)
 
 
 def _settings(dictionary: Dictionary, store: ActivationStore, top: int, rank: str, n_atoms: int, seed: int

@@ -1,14 +1,13 @@
 """From the pass's running state to per-atom records: statistics, top lists, class labels, neighbours.
 
-Class label (description kind ``"class"``), per side, from the labels of the atom's top *images*
-(``vitatlas.evaluation.labels.label_atoms`` with images as its rows): the most enriched class
-l = argmax_c p(c) − π_c, where p(c) is the fraction of the top images with class c and π_c the
-fraction of all the store's images with class c; ``precision`` = p(l); ``kappa`` =
-(p(l) − π_l) / (1 − π_l); an atom needs ``min(5, top)`` labelled top images to get a label.
-``faithfulness`` = AUROC over images of the atom's image activation (its largest |code| on the image)
-for "image has class l", on all images or a fixed random subset (``PassSettings.faith_images``);
-``specificity`` = κ · s with s = 1 − (m_l − 1)/M the sharing factor of ``label_quality`` (m_l atoms
-of M labelled ones share label l). Both are null on the negative side (no per-image negative scores).
+Class label (description kind ``"class"``) of the positive side: the shared definition of
+``vitatlas.evaluation.labels`` (``concept_labels``), the one the report and the scorecard use, on the
+per-image activations the pass keeps (each atom's largest |code| on the image) for all images or a
+fixed random subset (``PassSettings.faith_images``): the label is the most enriched class among the
+atom's top 32 images, with its ``precision``, ``kappa``, ``faithfulness`` and ``specificity``. The
+card's top images (``--top``) are only what is shown. The negative side of a signed code gets a
+label of its own from its shown top images (same formulas, ``min(5, top)`` images needed), for
+reading the card only: its faithfulness and specificity are null.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 
 from ..data.store import ActivationStore
 from ..dictionary import Dictionary
-from ..evaluation.labels import label_atoms, label_quality
+from ..evaluation.labels import concept_labels, label_atoms
 from .render import top_patch_list
 from .top_examples import SIDES, PassSettings, hist_edges
 
@@ -83,16 +82,15 @@ def class_labels(arr: dict, lut: np.ndarray | None, s: PassSettings, state: dict
     n_atoms = arr["image_ids"].shape[0]
     if lut is None:
         return [[] for _ in range(n_atoms)]
-    lab = label_atoms(arr["image_ids"].T, lut, min_support=min(5, s.top))
     faith = np.full(n_atoms, np.nan)
     spec = np.full(n_atoms, np.nan)
     if with_quality:
         scores = state["faith.scores"].cpu().numpy()
         f_labels = lut[s.faith_images] if s.faith_images.size else np.zeros(0, np.int64)
-        keep = f_labels >= 0
-        acts = scores[keep] if keep.any() and len(np.unique(f_labels[keep])) > 1 else None
-        label_quality(lab, acts, f_labels[keep] if acts is not None else None)
+        lab, _ = concept_labels(scores, f_labels)
         faith, spec = lab["faithfulness"], lab["specificity"]
+    else:
+        lab = label_atoms(arr["image_ids"].T, lut, min_support=min(5, s.top))
     out = []
     for a in range(n_atoms):
         c = int(lab["label"][a])

@@ -7,17 +7,24 @@ Segmentation (``segmentation_protocol``), after the vision-SAE work:
      class c we pick the feature whose activation best predicts "patch is labelled c": the best F1 over
      thresholds {>0, >0.1, >0.25, >0.5} × the feature's max observed activation.
   3. Held out: for each image and each class c it has patches of, the chosen feature is set to
-     −strength × its max observed activation (default −2×) at the patches labelled c; error term kept.
-     The rest of the model runs, the segmentation probe reads every patch, and we count
+     −strength × its max observed activation at the patches labelled c, for every strength of the
+     sweep (default 0.25, 0.5, 1, 2); error term kept. The rest of the model runs (the strengths of one
+     condition in one batch), the segmentation probe reads every patch, and we count
        target change rate = changed predictions among patches the unedited model predicted as c,
        other change rate  = changed predictions among the patches it predicted as anything else,
-     pooled over all edits, per class, and as mean ± std over classes.
-  Controls, same patches, same images:
+     pooled over all edits, per class, and as mean ± std over classes, at every strength.
+  Controls, same patches, same images, same strengths:
      random_atom       a random atom (uniform over atoms that ever fire) set to −strength × its max;
      random_direction  the chosen edit's change to the residual stream, ‖Δ‖ per token kept, but along a
                        random unit direction (one per class, seeded) instead of along the atom;
      noop              the edit path with an edit that changes no code (scale by 1): must be 0 change.
   The "before" predictions are computed on exactly the batch that is edited, so the no-op is exact.
+  4. Headline strength, one for all runs (``headline_strength``): the largest strength of the sweep at
+     which every run's random_direction control changes at most ``CONTROL_CEILING`` (10%) of target
+     patches, as the mean over classes — the edit is then small enough that a direction of its size
+     does almost nothing, and what the atom does is its own. When no strength qualifies, the smallest
+     is used and ``setup.headline_rule_met`` is false. Every condition's top-level rates are those at
+     the headline strength; the whole sweep is under ``by_strength``.
 
 Classification (``classification_protocol``): for each class c the atoms most enriched for c on the
 calibration images (mean over images of the atom's max activation over the image's tokens, in units
@@ -53,6 +60,8 @@ CONTROLS = ("noop", "random_atom", "random_direction")
 RESERVED = ("setup",) + CONTROLS
 THRESHOLDS = (0.0, 0.1, 0.25, 0.5)
 TOP_KS = (1, 5, 20)
+STRENGTHS = (0.25, 0.5, 1.0, 2.0)
+CONTROL_CEILING = 0.10
 
 
 # ---- checks ---------------------------------------------------------------------------------------
@@ -65,6 +74,22 @@ def check_strength(strength: float) -> float:
     if not math.isfinite(value):
         raise VitatlasError(f"--strength must be a finite number, got {strength!r}")
     return value
+
+
+def check_strengths(strengths) -> list[float]:
+    """Distinct positive finite strengths, ascending."""
+    values = sorted({check_strength(v) for v in ([strengths] if np.isscalar(strengths) else strengths)})
+    if not values or values[0] <= 0:
+        raise VitatlasError(f"edit strengths must be positive numbers, got {strengths!r}")
+    return values
+
+
+def headline_strength(by_strength: dict[float, dict[str, float | None]], ceiling: float = CONTROL_CEILING
+                      ) -> tuple[float, bool]:
+    """(strength, rule met): the largest strength whose random-direction target rates (per-class means, one
+    per run) are all <= ``ceiling``; the smallest strength when none is."""
+    ok = [s for s, rates in by_strength.items() if all(r is not None and r <= ceiling for r in rates.values())]
+    return (max(ok), True) if ok else (min(by_strength), False)
 
 
 def check_runs(model: VisionModel, runs: dict[str, Dictionary], layer: int | None) -> int:
@@ -219,11 +244,11 @@ def _setup(task: str, model: VisionModel, runs: dict[str, Dictionary], probe: Li
 @torch.no_grad()
 def segmentation_protocol(model: VisionModel, runs: dict[str, Dictionary], probe: LinearProbe,
                           source: ImageSource, masks: MaskSource, *, layer: int | None = None,
-                          limit: int | None = None, strength: float = 2.0, calibration: float = 0.3,
+                          limit: int | None = None, strengths: Sequence[float] = STRENGTHS, calibration: float = 0.3,
                           max_activations: dict[str, np.ndarray] | None = None, classes: Sequence[str] | None = None,
                           seed: int = 0, batch_size: int = 16, n_examples: int = 4, progress: bool = True) -> dict:
     """Run the segmentation protocol (module docstring); returns the intervene.json content."""
-    strength = check_strength(strength)
+    strengths = check_strengths(strengths)
     check_same_length(source, masks)
     if list(masks.class_names) != list(probe.class_names):
         raise VitatlasError(f"the probe's classes ({', '.join(probe.class_names)}) differ from the mask source's "
@@ -258,13 +283,14 @@ def segmentation_protocol(model: VisionModel, runs: dict[str, Dictionary], probe
             max_pos, max_neg = extremes[name].max.numpy(), -extremes[name].min.numpy()
             source_of_max = "calibration images"
         feats = best_features(cal_codes[name], labels, max_pos, max_neg, n_classes)
-        plans[name] = _segmentation_plan(d, feats, max_pos, max_neg, strength, n_classes, seed, model.width)
+        plans[name] = _segmentation_plan(d, feats, max_pos, max_neg, strengths, n_classes, seed, model.width)
         plans[name]["max_source"] = source_of_max
     del cal_codes
 
-    # 2. held out: edit class by class, count changed predictions
+    # 2. held out: edit class by class at every strength, count changed predictions
     first = next(iter(runs))
-    tallies = {key: Tally(n_classes) for key in _internal_keys(runs)}
+    keys = _internal_keys(runs)
+    tallies = {(key, st): Tally(n_classes) for key in keys for st in (strengths if key != "noop" else [None])}
     probe_hits = np.zeros(2, np.int64)
     examples: list[Example] = []
     for batch in image_batches(model, source, held_ids, masks=masks, batch_size=batch_size):
@@ -285,39 +311,67 @@ def segmentation_protocol(model: VisionModel, runs: dict[str, Dictionary], probe
             is_target = pred_before == c
             afters = {}
             codes = {name: d._encode(h[mask].to(d.device, d.dtype)) for name, d in runs.items()}
-            for key, (name, edits, direction) in _conditions_for(runs, plans, c).items():
-                new_h, _, _ = edit_hidden(h, mask, runs[name], edits, None, direction, codes=codes[name])
-                pred_after = probe.predict(model.forward_from(layer, new_h)).cpu().numpy()
-                tallies[key].add(c, is_target, pred_after != pred_before)
-                afters[key] = pred_after
+            for key, (name, edits_by_strength, direction) in _conditions_for(runs, plans, c, strengths).items():
+                # one forward for all strengths of a condition: the edited copies side by side in the batch
+                edited = [edit_hidden(h, mask, runs[name], edits, None, direction, codes=codes[name])[0]
+                          for edits in edits_by_strength.values()]
+                preds = probe.predict(model.forward_from(layer, torch.cat(edited))).cpu().numpy()
+                for i, st in enumerate(edits_by_strength):
+                    pred_after = preds[i * h.shape[0]:(i + 1) * h.shape[0]]
+                    tallies[(key, st)].add(c, is_target, pred_after != pred_before)
+                    afters[(key, st)] = pred_after
             if len(examples) < n_examples and all(e.cls != c for e in examples) and c != _most_common(plabels):
                 examples.append(Example(int(batch.ids[sub[0]]), c, plabels[sub[0]], pred_before[0],
                                         {k: v[0] for k, v in afters.items()}))
         bar.update(len(batch.ids))
     bar.close()
 
+    def summary(key: str, st: float | None) -> dict:
+        run_name = key.split("/")[0] if "/" in key else (first if key in CONTROLS else key)
+        plan = plans[run_name]
+        extra = {c: plan["per_class"][c] for c in chosen_classes} if key == run_name else \
+            {c: {"atom": plan["random_atoms"][c]} for c in chosen_classes} if key.endswith("random_atom") else None
+        return {"kind": "atom" if key == run_name else key.split("/")[-1], "run": run_name,
+                **tallies[(key, st)].summary(probe.class_names, chosen_classes, extra)}
+
+    sweep = {key: {st: summary(key, st) for st in strengths} for key in keys if key != "noop"}
+    chosen, rule_met = headline_strength(
+        {st: {name: sweep[f"{name}/random_direction"][st]["target_change_rate_mean"] for name in runs}
+         for st in strengths})
     result = {"setup": {
         "task": "segmentation", "model": model.name, "model_revision": model.revision, "layer": layer,
         "data": source.spec, "masks": masks.spec, "n_images": n, "n_calibration_images": len(cal_ids),
-        "n_held_out_images": len(held_ids), "strength": strength, "seed": seed, "class_names": probe.class_names,
+        "n_held_out_images": len(held_ids), "strength": chosen, "strengths": strengths,
+        "headline_strength": chosen, "headline_rule_met": rule_met, "control_ceiling": CONTROL_CEILING,
+        "headline_rule": f"the largest strength at which every run's random_direction control changes at most "
+                         f"{CONTROL_CEILING:g} of target patches (mean over classes); else the smallest",
+        "seed": seed, "class_names": probe.class_names,
         "classes_edited": [probe.class_names[c] for c in chosen_classes], "thresholds": list(THRESHOLDS),
         "probe_metrics": probe.metrics,
         "probe_held_out_patch_accuracy": float(probe_hits[0] / max(probe_hits[1], 1)),
         "runs": {name: {"learner": d.kind, "n_atoms": d.n_atoms, "max_activation_source": plans[name]["max_source"],
                         "path": (getattr(d, "fit_info", {}) or {}).get("path")} for name, d in runs.items()},
     }}
-    for key, tally in tallies.items():
-        run_name = key.split("/")[0] if "/" in key else (first if key in CONTROLS else key)
-        plan = plans[run_name]
-        extra = {c: plan["per_class"][c] for c in chosen_classes} if key == run_name else \
-            {c: {"atom": plan["random_atoms"][c]} for c in chosen_classes} if key.endswith("random_atom") else None
-        result[key] = {"kind": "atom" if key == run_name else key.split("/")[-1], "run": run_name,
-                       **tally.summary(probe.class_names, chosen_classes, extra)}
+    for key in keys:
+        if key == "noop":
+            result[key] = summary(key, None)
+            continue
+        result[key] = dict(sweep[key][chosen], strength=chosen,
+                           by_strength={f"{st:g}": _curve_point(sweep[key][st]) for st in strengths})
     _publish_controls(result, runs)
     for e in examples:
-        e.after = {k.replace(f"{first}/", ""): v for k, v in e.after.items()}
+        e.after = {k.replace(f"{first}/", ""): v for (k, st), v in e.after.items() if st in (chosen, None)}
     result["setup"]["examples"] = [{"image": e.image_id, "class": probe.class_names[e.cls]} for e in examples]
     return {"json": result, "examples": examples}
+
+
+def _curve_point(summary: dict) -> dict:
+    """One strength of a condition's sweep: its rates and per-class rates, without the repeated labels."""
+    keep = ("target_change_rate", "other_change_rate", "target_change_rate_mean", "target_change_rate_std",
+            "other_change_rate_mean", "other_change_rate_std", "n_target", "n_other", "n_classes_measured")
+    return {**{k: summary[k] for k in keep},
+            "per_class": {c: {"target_change_rate": v["target_change_rate"], "other_change_rate": v["other_change_rate"]}
+                          for c, v in summary["per_class"].items()}}
 
 
 def _most_common(plabels: np.ndarray) -> int:
@@ -326,9 +380,9 @@ def _most_common(plabels: np.ndarray) -> int:
     return int(np.bincount(vals).argmax()) if vals.size else -1
 
 
-def _segmentation_plan(d: Dictionary, feats: list[dict], max_pos: np.ndarray, max_neg: np.ndarray, strength: float,
-                       n_classes: int, seed: int, width: int) -> dict:
-    """Per class: the chosen edit, the random-atom edit and the random direction."""
+def _segmentation_plan(d: Dictionary, feats: list[dict], max_pos: np.ndarray, max_neg: np.ndarray,
+                       strengths: Sequence[float], n_classes: int, seed: int, width: int) -> dict:
+    """Per class: the chosen atom's and the random atom's edits at every strength, and the random direction."""
     rng = np.random.default_rng(seed + 1)
     alive = np.flatnonzero(max_pos > 0)
     if alive.size == 0:
@@ -338,15 +392,16 @@ def _segmentation_plan(d: Dictionary, feats: list[dict], max_pos: np.ndarray, ma
         f = feats[c]
         a, s = f["atom"], f["sign"]
         if a < 0:  # no feature fires for this class; nothing to edit
-            plan["edits"][c] = []
+            plan["edits"][c] = {st: [] for st in strengths}
             peak = 0.0
         else:
             peak = float(max_pos[a] if s > 0 else max_neg[a])
-            plan["edits"][c] = [Edit(a, "clamp", -strength * s * peak, relative=False)]
+            plan["edits"][c] = {st: [Edit(a, "clamp", -st * s * peak, relative=False)] for st in strengths}
         choices = alive[alive != a] if alive.size > 1 else alive
         r = int(rng.choice(choices))
         plan["random_atoms"][c] = r
-        plan["random_edits"][c] = [Edit(r, "clamp", -strength * float(max_pos[r]), relative=False)]
+        plan["random_edits"][c] = {st: [Edit(r, "clamp", -st * float(max_pos[r]), relative=False)]
+                                   for st in strengths}
         plan["directions"][c] = torch.from_numpy(rng.standard_normal(width)).float()
         plan["per_class"][c] = {"atom": a, "sign": s, "f1": f["f1"], "threshold": f["threshold"],
                                 "max_activation": peak}
@@ -368,8 +423,9 @@ def _publish_controls(result: dict, runs: dict[str, Dictionary], suffix: str = "
             result[f"{k}{suffix}"] = result[key] if len(runs) > 1 else result.pop(key)
 
 
-def _conditions_for(runs: dict[str, Dictionary], plans: dict, c: int) -> dict:
-    """condition key -> (run name, edits, random direction or None) for class c."""
+def _conditions_for(runs: dict[str, Dictionary], plans: dict, c: int, strengths: Sequence[float]) -> dict:
+    """condition key -> (run name, {strength: edits}, random direction or None) for class c; the no-op has
+    one strength, None."""
     out = {}
     for name in runs:
         p = plans[name]
@@ -377,8 +433,8 @@ def _conditions_for(runs: dict[str, Dictionary], plans: dict, c: int) -> dict:
         out[f"{name}/random_atom"] = (name, p["random_edits"][c], None)
         out[f"{name}/random_direction"] = (name, p["edits"][c], p["directions"][c])
     first = next(iter(runs))
-    edits = plans[first]["edits"][c]
-    out["noop"] = (first, [Edit(edits[0].atom if edits else 0, "scale", 1.0)], None)
+    edits = plans[first]["edits"][c][strengths[0]]
+    out["noop"] = (first, {None: [Edit(edits[0].atom if edits else 0, "scale", 1.0)]}, None)
     return out
 
 
