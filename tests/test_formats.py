@@ -112,10 +112,10 @@ def ref_saelens(cfg, t, x):
     x = x.astype(np.float64)
     arch, norm, apply = cfg["architecture"], cfg.get("normalize_activations", "none"), cfg.get("apply_b_dec_to_input", True)
     sf = cfg.get("_scaling_factor")
-    if sf is not None:  # fold_activation_norm_scaling_factor
-        t["W_dec"], t["b_dec"] = t["W_dec"] / sf, t["b_dec"] / sf
-        if "W_enc" in t:
-            t["W_enc"] = t["W_enc"] * sf
+    if sf is not None:  # fold_activation_norm_scaling_factor (an MP SAE's W_enc is W_dec's view: W_dec unchanged)
+        t["b_dec"] = t["b_dec"] / sf
+        if arch != "matching_pursuit":
+            t["W_dec"], t["W_enc"] = t["W_dec"] / sf, t["W_enc"] * sf
     inv = lambda y: y  # noqa: E731
     if norm == "constant_norm_rescale":
         coeff = np.sqrt(D) / np.linalg.norm(x, axis=1, keepdims=True)
@@ -136,7 +136,7 @@ def ref_saelens(cfg, t, x):
         return z, inv(z @ W_dec + t["b_dec"])
     pre = sae_in @ t["W_enc"] + t["b_enc"]
     norms = np.linalg.norm(W_dec, axis=1)
-    rescale = cfg.get("rescale_acts_by_decoder_norm", False)
+    rescale = cfg.get("rescale_acts_by_decoder_norm", arch in ("batchtopk", "matryoshka_batchtopk"))  # the training configs default to True
     if rescale:
         pre = pre * norms
     if arch == "standard":
@@ -158,6 +158,7 @@ SAELENS_CASES = {
     "jumprelu": ("jumprelu", {}),
     "gated": ("gated", {}),
     "batchtopk": ("batchtopk", {"k": 4}),
+    "batchtopk-not-rescaled": ("batchtopk", {"k": 4, "rescale_acts_by_decoder_norm": False}),
     "matryoshka_batchtopk": ("batchtopk", {"k": 4, "architecture": "matryoshka_batchtopk"}),
     "matching_pursuit": ("matching_pursuit", {"residual_threshold": 0.5, "max_iterations": 6}),
     "matching_pursuit-no-b_dec": ("matching_pursuit", {"residual_threshold": 0.0, "apply_b_dec_to_input": False,

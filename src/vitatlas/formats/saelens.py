@@ -84,23 +84,31 @@ def from_config(cfg: dict, tensors: dict[str, torch.Tensor], options: ImportOpti
     f = Fields({k: v for k, v in tensors.items() if k != "scaling_factor"}, where)
     d_in, d_sae = config_int(cfg, "d_in", where), config_int(cfg, "d_sae", where)
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
-    W_dec = f.take("W_dec", (d_sae, d_in))
-    b_dec = f.take("b_dec", (d_in,))
-    t = {"W_dec": W_dec, "b_dec": b_dec}
+    training = arch in ("batchtopk", "matryoshka_batchtopk")  # checkpoints of SAELens's training classes
+    if options.scaling_factor is not None and norm != "expected_average_only_in":
+        raise VitatlasError(f"scaling-factor is only used with normalize_activations=expected_average_only_in, "
+                            f"but {where} has {norm!r}: drop it")
+    s = 1.0 if options.scaling_factor is None else finite_number(options.scaling_factor, "scaling-factor", positive=True)
+    # the training configs default to rescaled pre-activations, the inference (topk) config does not
+    rescale = bool(cfg.get("rescale_acts_by_decoder_norm", training)) and (arch == "topk" or training)
+    # SAELens's fold_activation_norm_scaling_factor comes first: W_enc·s, W_dec/s, b_dec/s (see docs/formats.md)
+    t = {"W_dec": f.take("W_dec", (d_sae, d_in)) / s, "b_dec": f.take("b_dec", (d_in,)) / s}
     opts: dict = {}
     if arch == "matching_pursuit":
         max_it = cfg.get("max_iterations")
-        opts = {"residual_threshold": finite_number(cfg.get("residual_threshold", 1e-2), f"{where}: residual_threshold"),
+        opts = {"residual_threshold": finite_number(cfg.get("residual_threshold", 1e-2), f"{where}: residual_threshold") / s,
                 "max_iterations": None if max_it is None else config_int(cfg, "max_iterations", where),
                 "stop_on_duplicate_support": bool(cfg.get("stop_on_duplicate_support", True))}
+        # its W_enc is a view of W_dec, so the fold's W_enc·s and W_dec/s cancel: W_dec stays as saved
+        t["W_dec"] = t["W_dec"] * s
         if not apply_b_dec:  # SAELens then neither centres the input nor adds b_dec to the output
-            t["b_dec"] = torch.zeros_like(b_dec)
+            t["b_dec"] = torch.zeros_like(t["b_dec"])
         activation = "matching_pursuit"
     else:
-        t["W_enc"] = f.take("W_enc", (d_in, d_sae)).T
+        t["W_enc"] = f.take("W_enc", (d_in, d_sae)).T * s
         if arch == "gated":
             t.update(b_gate=f.take("b_gate", (d_sae,)), r_mag=f.take("r_mag", (d_sae,)),
-                     b_mag=f.take("b_mag", (d_sae,)), b_enc=torch.zeros(d_sae, dtype=W_dec.dtype))
+                     b_mag=f.take("b_mag", (d_sae,)), b_enc=torch.zeros(d_sae, dtype=t["W_dec"].dtype))
             activation = "gated"
         else:
             t["b_enc"] = f.take("b_enc", (d_sae,))
@@ -110,27 +118,17 @@ def from_config(cfg: dict, tensors: dict[str, torch.Tensor], options: ImportOpti
                 activation, opts = "topk", {"k": config_int(cfg, "k", where)}
             elif arch == "jumprelu":
                 activation, t["threshold"] = "jumprelu", f.take("threshold", (d_sae,))
-            else:  # batchtopk / matryoshka_batchtopk training checkpoints: SAELens's inference form is jumprelu
+            else:  # what save_inference_model writes for BatchTopK: jumprelu, topk_threshold repeated
                 activation = "jumprelu"
-                t["threshold"] = torch.full((d_sae,), f.scalar("topk_threshold"), dtype=W_dec.dtype)
-            if cfg.get("rescale_acts_by_decoder_norm") and arch != "jumprelu":
+                threshold = f.scalar("topk_threshold") / (s if rescale else 1.0)
+                t["threshold"] = torch.full((d_sae,), threshold, dtype=t["W_dec"].dtype)
+            if rescale:
                 # pre-activations are multiplied by ‖W_dec_i‖ and codes divided by it before decoding: the
-                # same codes come from the folded weights (what SAELens saves for inference)
-                norms = W_dec.norm(dim=1)
+                # same codes come from the folded weights (SAELens's _fold_norm_topk)
+                norms = t["W_dec"].norm(dim=1)
                 t["W_enc"], t["b_enc"] = t["W_enc"] * norms[:, None], t["b_enc"] * norms
-                t["W_dec"] = W_dec / norms[:, None]
+                t["W_dec"] = t["W_dec"] / norms[:, None]
     scale = 1.0
-    if norm == "expected_average_only_in" and options.scaling_factor is not None:
-        # SAELens's fold_activation_norm_scaling_factor: W_enc·s, W_dec/s, b_dec/s (MP: threshold/s too)
-        s = finite_number(options.scaling_factor, "scaling-factor", positive=True)
-        if "W_enc" in t:
-            t["W_enc"] = t["W_enc"] * s
-        t["W_dec"], t["b_dec"] = t["W_dec"] / s, t["b_dec"] / s
-        if activation == "matching_pursuit":
-            opts["residual_threshold"] /= s
-    elif options.scaling_factor is not None:
-        raise VitatlasError(f"scaling-factor is only used with normalize_activations=expected_average_only_in, "
-                            f"but {where} has {norm!r}: drop it")
     row_norm = norm if norm in ("constant_norm_rescale", "layer_norm") else "none"
     meta = cfg.get("metadata") or {}
     hook = meta.get("hook_name") or cfg.get("hook_name")
@@ -139,6 +137,8 @@ def from_config(cfg: dict, tensors: dict[str, torch.Tensor], options: ImportOpti
              "layer": layer if isinstance(layer, int) else layer_from_hook(hook)}
     source = {"format": fmt, "architecture": arch, "file": where, "normalize_activations": norm,
               "apply_b_dec_to_input": apply_b_dec, "hook_name": hook, "model_name": found["model"]}
+    if rescale:
+        source["rescale_acts_by_decoder_norm"] = True
     if norm == "expected_average_only_in":
         source["scaling_factor"] = options.scaling_factor  # None: SAELens's load_from_disk applies none either
     sae = ImportedSAE(d_sae, activation, subtract_b_dec=apply_b_dec, row_norm=row_norm, scale=scale,
