@@ -547,3 +547,16 @@ def test_detection_and_option_errors(tmp_path):
         import_sae(tmp_path / "sae.pt", scale_mean=torch.zeros(5))
     with pytest.raises(VitatlasError, match="scale-norm must be a finite positive number"):
         import_sae(tmp_path / "sae.pt", scale_norm=-1.0)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import vitatlas.formats
+
+    finder, runner = doctest.DocTestFinder(exclude_empty=True), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = [t for t in finder.find(vitatlas.formats, "vitatlas.formats") if t.examples]
+    assert tests
+    for t in tests:
+        runner.run(t, out=lambda s: None)
+    assert runner.summarize(verbose=False).failed == 0

@@ -1,10 +1,7 @@
 """Other libraries' SAE checkpoints in and out of a ``Dictionary`` (docs/formats.md has every recipe).
 
-    >>> import vitatlas
-    >>> sae = vitatlas.load("path/to/saelens_folder")             # doctest: +SKIP
-    >>> sae = vitatlas.load("hf:owner/repo/blocks.9.hook_resid_post")  # doctest: +SKIP
-
-``import_sae(src, format=None, **options)`` reads SAELens, ViT-Prisma, saev, sparsify,
+``vitatlas.load("a/saelens/folder")`` or ``vitatlas.load("hf:owner/repo/blocks.9.hook_resid_post")``
+opens one; ``import_sae(src, format=None, **options)`` reads SAELens, ViT-Prisma, saev, sparsify,
 dictionary_learning and overcomplete checkpoints as an ``ImportedSAE`` (a real ``Dictionary``: cards,
 eval, the explorer and interventions take it; it saves as a vitatlas run). ``load(path)`` opens a
 vitatlas run or any of those; ``export(dictionary, fmt, out)`` writes a vitatlas SAE as SAELens or

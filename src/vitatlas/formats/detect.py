@@ -61,6 +61,8 @@ def detect(path: Path) -> tuple[str, Path]:
             return fmt, path
     if (path / "sae.pt").is_file():
         return "saev", path / "sae.pt"
+    if (path / "config.json").is_file() or (path / "dictionary.safetensors").is_file():
+        return "vitatlas", path  # a damaged run: the run loader says what is wrong with it
     inner = sorted(p.name for p in path.iterdir() if p.is_dir() and any(
         all((p / f).is_file() for f in files) for _, files in FOLDER_SIGNATURES))
     if inner:
