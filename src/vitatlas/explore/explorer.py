@@ -20,10 +20,11 @@ from ..errors import VitatlasError
 from .cards import CardSet, best_description, best_label
 from .image_view import ImageIndex, image_atoms, iter_image_atoms
 from .images import ImageCache
-from .matching import best_matches, matched_pairs
+from .matching import DECODER, behaviour_pairs, best_matches, choose_matching, matched_pairs
 from .table import AtomTable, Query
 
 METRIC_ROWS = 8192  # rows of the store used for the compare page's reconstruction metrics
+BEHAVIOUR_IMAGES = 2000  # images of the store a behaviour match on the compare page uses (a fixed sample)
 
 
 @dataclass
@@ -70,7 +71,9 @@ class Explorer:
             for i, r in enumerate(runs):
                 other = runs[1] if i == 0 else runs[0]
                 r.other = other.name
-                r.match = best_matches(r.dictionary.atoms, other.dictionary.atoms)
+                # the atom page's match: decoder cosine only where it means something (see matching)
+                if choose_matching(r.dictionary, other.dictionary)[0] == DECODER:
+                    r.match = best_matches(r.dictionary.atoms, other.dictionary.atoms)
         for r in runs:
             r.table = AtomTable(r.cards.atoms, r.match)
 
@@ -201,18 +204,42 @@ class Explorer:
         return self._compared[key]
 
     def _compare(self, ra: Run, rb: Run, limit: int) -> dict:
-        idx_ab, cos_ab = best_matches(ra.dictionary.atoms, rb.dictionary.atoms)
-        idx_ba, _ = best_matches(rb.dictionary.atoms, ra.dictionary.atoms)
-        pairs = matched_pairs(idx_ab, cos_ab, idx_ba, limit)
+        kind, why = choose_matching(ra.dictionary, rb.dictionary)
+        if kind == DECODER:
+            idx_ab, cos_ab = best_matches(ra.dictionary.atoms, rb.dictionary.atoms)
+            idx_ba, _ = best_matches(rb.dictionary.atoms, ra.dictionary.atoms)
+            pairs = matched_pairs(idx_ab, cos_ab, idx_ba, limit)
+            extra = {"mutual_matches": int((idx_ba[idx_ab] == np.arange(idx_ab.size)).sum()),
+                     "cosine_histogram": _hist(np.abs(cos_ab))}
+            matching = {"kind": kind, "why": why, "score": "|cosine| of the decoder atoms"}
+        else:
+            from ..evaluation.compare import compare
+
+            # both runs passed check_fitted_on against this store, so both encode it: match them on it
+            c = compare(ra.dictionary, rb.dictionary, self.store, self.store, names=(ra.name, rb.name),
+                        max_images=BEHAVIOUR_IMAGES if self.images.n_images > BEHAVIOUR_IMAGES else None,
+                        progress=False)
+            pairs = behaviour_pairs(c, limit)
+            s = c.summary()
+            extra = {"mutual_matches": s["mutual_pairs"], "cosine_histogram": None,
+                     "score_histogram": _hist(c.matches[0].score[np.isfinite(c.matches[0].score)]),
+                     "null_histogram": _hist(c.null[0][np.isfinite(c.null[0])]),
+                     "null_threshold": s["null_threshold_a"], "shared_fraction_a": s["shared_fraction_a"],
+                     "shared_fraction_b": s["shared_fraction_b"]}
+            matching = {"kind": kind, "why": why, "n_images": c.alignment.n_images, "units": c.alignment.mode,
+                        "score": f"|Pearson r| of the atoms' activations on {c.alignment.n_units} {c.alignment.mode} "
+                                 f"of {c.alignment.n_images} images"}
         for p in pairs:
             for side, run in (("a", ra), ("b", rb)):
+                if p[side] is None:
+                    p[f"{side}_label"] = p[f"{side}_description"] = None
+                    continue
                 card = run.cards.atoms[p[side]]
                 p[f"{side}_label"] = (best_label(card) or {}).get("label")
                 p[f"{side}_description"] = (best_description(card) or {}).get("text")
         metrics = self.metrics()
         return {"a": ra.name, "b": rb.name, "metrics": {n: metrics[n] for n in (ra.name, rb.name)},
-                "mutual_matches": int((idx_ba[idx_ab] == np.arange(idx_ab.size)).sum()),
-                "cosine_histogram": _hist(np.abs(cos_ab)), "pairs": pairs}
+                "matching": matching, **extra, "pairs": pairs}
 
     def metrics(self) -> dict:
         """Per run: reconstruction metrics on a fixed sample of store rows, plus atom-card statistics."""

@@ -219,12 +219,15 @@ def write_compare(c: Comparison, out: str | os.PathLike, *, cards_a=None, cards_
                   f"## Most unique atoms of {me}", "",
                   "Testable atoms whose best match is weakest: nothing on the other side fires like them.", "",
                   *_table(c, side, un, cards, out), ""]
-    grid_rows = []
+    grid_rows, shown = [], set()
     for side in (0, 1):
         me, other = c.names[side], c.names[1 - side]
-        for atom in shared_atoms(c, side, N_GRID_ATOMS // 2):
+        # a mutual pair is shown once: B's list skips the atoms already shown as A's matches
+        fresh = [int(a) for a in shared_atoms(c, side, N_LISTED) if (side, int(a)) not in shown]
+        for atom in fresh[:N_GRID_ATOMS // 2]:
             j = int(c.matches[side].match[atom])
-            grid_rows.append((f"{me} atom {atom} (shared, |r| {c.matches[side].score[atom]:.2f})", side, int(atom)))
+            shown.update({(side, atom), (1 - side, j)})
+            grid_rows.append((f"{me} atom {atom} (shared, |r| {c.matches[side].score[atom]:.2f})", side, atom))
             grid_rows.append((f"  its match: {other} atom {j}", 1 - side, j))
     shared_png = _grid(c, out / "shared.png", grid_rows, "Most shared atoms and their matches: top images")
     uniq_rows = [(f"{c.names[side]} atom {atom} (unique, best |r| {c.matches[side].score[atom]:.2f})", side, int(atom))

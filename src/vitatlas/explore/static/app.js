@@ -550,15 +550,23 @@ async function pageCompare() {
   const keys = [...new Set(Object.values(data.metrics).flatMap((m) => Object.keys(m)))];
   const metrics = el("table", { id: "metrics" }, el("thead", {}, el("tr", {}, el("th", {}, "metric"), el("th", {}, data.a), el("th", {}, data.b))),
     el("tbody", {}, keys.map((k) => el("tr", {}, el("td", {}, k), el("td", { class: "num" }, fmt(data.metrics[data.a][k], 4)), el("td", { class: "num" }, fmt(data.metrics[data.b][k], 4))))));
-  const pairs = el("table", { id: "pairs" }, el("thead", {}, el("tr", {}, ["cosine", data.a, "label / description", data.b, "label / description", "mutual"].map((h) => el("th", {}, h)))),
-    el("tbody", {}, data.pairs.map((p) => el("tr", {}, el("td", { class: "num" }, fmt(p.cosine)),
+  const behaviour = data.matching && data.matching.kind === "behaviour";
+  const scoreOf = (p) => (behaviour ? p.score : p.cosine);
+  const pairs = el("table", { id: "pairs" }, el("thead", {}, el("tr", {}, [behaviour ? "|r|" : "cosine", data.a, "label / description", data.b, "label / description", "mutual", ...(behaviour ? ["shared"] : [])].map((h) => el("th", {}, h)))),
+    el("tbody", {}, data.pairs.map((p) => el("tr", {}, el("td", { class: "num" }, scoreOf(p) == null ? "untested" : fmt(scoreOf(p))),
       el("td", {}, el("a", { href: url("atom.html", { run: data.a, id: p.a }) }, "#" + p.a)), el("td", {}, [...new Set([p.a_label, p.a_description].filter(Boolean))].join(" · ")),
-      el("td", {}, el("a", { href: url("atom.html", { run: data.b, id: p.b }) }, "#" + p.b)), el("td", {}, [...new Set([p.b_label, p.b_description].filter(Boolean))].join(" · ")),
-      el("td", {}, p.mutual ? "yes" : "")))));
-  main.append(el("h1", {}, `Compare ${data.a} and ${data.b}`),
+      el("td", {}, p.b == null ? "" : el("a", { href: url("atom.html", { run: data.b, id: p.b }) }, "#" + p.b)), el("td", {}, [...new Set([p.b_label, p.b_description].filter(Boolean))].join(" · ")),
+      el("td", {}, p.mutual ? "yes" : ""), ...(behaviour ? [el("td", {}, p.shared ? "yes" : "")] : [])))));
+  const how = data.matching
+    ? el("p", { id: "matching", class: "legend" }, `Matching: ${behaviour ? "by behaviour" : "by decoder cosine"} — ${data.matching.score}, because ${data.matching.why}.` +
+        (behaviour ? ` Shared = above the ${fmt(data.null_threshold, 3)} threshold of a null with ${data.b}'s images shuffled: ${fmt(100 * data.shared_fraction_a, 1)}% of ${data.a}, ${fmt(100 * data.shared_fraction_b, 1)}% of ${data.b}.` : ""))
+    : "";
+  const histTitle = behaviour ? `best |r| of each ${data.a} atom in ${data.b} (null: shuffled images, below)` : `|cosine| of each ${data.a} atom's best ${data.b} match`;
+  const hists = [histogramSVG(behaviour ? data.score_histogram : data.cosine_histogram, 300, 90), ...(behaviour ? [histogramSVG(data.null_histogram, 300, 60)] : [])];
+  main.append(el("h1", {}, `Compare ${data.a} and ${data.b}`), how,
     el("div", { class: "row" }, el("div", { class: "panel", style: "flex:1 1 420px" }, el("h2", {}, "Metrics"), metrics,
         el("p", { class: "legend" }, `Reconstruction metrics on a fixed sample of store rows; dead fraction and label statistics from the atom cards (whole store). ${data.mutual_matches} atoms of ${data.a} are mutual best matches.`)),
-      el("div", { class: "panel hist", style: "flex:1 1 320px" }, el("h2", {}, `|cosine| of each ${data.a} atom's best ${data.b} match`), histogramSVG(data.cosine_histogram, 300, 90))),
+      el("div", { class: "panel hist", style: "flex:1 1 320px" }, el("h2", {}, histTitle), ...hists)),
     el("div", { class: "panel" }, el("h2", {}, "Matched atoms (most similar first)"), pairs));
 }
 
