@@ -134,6 +134,15 @@ def raise_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, stop)
 
 
+def ignore_sigterm() -> None:
+    """Ignore SIGTERM from here on (the command's outcome is decided and on its way out; ``cli.run``)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def shutdown() -> None:
     """Leave the process group (a no-op when there is none)."""
     if dist.is_available() and dist.is_initialized():

@@ -82,10 +82,16 @@ def run() -> None:
 
     prefix = ""
     try:
-        if distributed.launched_by_torchrun():
-            prefix = f"[rank {distributed.init().rank}] "
-            distributed.raise_on_sigterm()
-        main(standalone_mode=False)
+        try:
+            if distributed.launched_by_torchrun():
+                prefix = f"[rank {distributed.init().rank}] "
+                distributed.raise_on_sigterm()
+            main(standalone_mode=False)
+        finally:
+            # the outcome is decided: a SIGTERM from torchrun (another rank failed) must not interrupt the report
+            # or the shutdown below with a second error and its traceback
+            if prefix:
+                distributed.ignore_sigterm()
     except VitatlasError as exc:
         click.echo(f"{prefix}error: {exc}", err=True)
         sys.exit(2)

@@ -268,6 +268,10 @@ def extract(model_name: str, data: str, layers: Sequence[int], tokens: str | Seq
                 shard_parts = {key: [] for key in writers}
                 shard_skipped = 0
             n_skipped = _commit_round(writers, distributed.all_gather_object(written), n_skipped, w.size)
+            # No rank starts the next round before rank 0's manifests hold this one: without the wait, a rank
+            # killed early in the next round (torchrun then stops rank 0 at once) could take this round's
+            # commit with it, and a killed run would lose more than its current round.
+            distributed.barrier("waiting for rank 0 to commit the finished shards")
             if w.distributed:  # between commits the bar guesses that every rank goes as fast as rank 0
                 bar.n = min(wr.n_images for wr in writers.values())
                 bar.refresh()
