@@ -80,7 +80,7 @@ def test_spatial_coherence_planted_clustered_atom_beats_random_atom():
     assert out["spatial_coherence"] == pytest.approx(per_atom.mean())
     # each image's I equals the reference, so the mean is the mean of the references
     want = np.mean([morans_i_reference(maps[b, :, :, 0]) for b in range(n_img)])
-    assert per_atom[0] == pytest.approx(want, rel=1e-6)  # float32 activations
+    assert per_atom[0] == pytest.approx(want, rel=1e-5)  # float32 sums over 100 cells: ~1e-7 relative each
 
 
 def test_spatial_coherence_thresholds_and_incomplete_images():

@@ -183,7 +183,7 @@ def test_a_consumer_that_stops_early_stops_the_read_ahead(tmp_path, small_units)
     store, _ = sorted_store(tmp_path)
     batches = iter_batches(store, 100, shuffle=True, seed=0)
     next(batches)
-    assert sorted(stream_threads()) == ["vitatlas-batches", "vitatlas-read"]
+    assert {"vitatlas-batches", "vitatlas-read"} <= set(stream_threads())  # (and vitatlas-io-* while reading)
     batches.close()  # what a `break` out of the loop does once the generator is dropped
     assert stream_threads() == []
     list(iter_batches(store, 5000, shuffle=True, seed=0))  # and a finished stream leaves none either

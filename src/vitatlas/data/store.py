@@ -247,8 +247,9 @@ class ActivationStore:
         if batch_size <= 0:
             raise VitatlasError(f"batch size must be positive, got {batch_size}")
         plan = self.plan(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, buffer_bytes=buffer_bytes)
-        convert = (lambda rows, b, start: (start, np.asarray(rows, np.float32))) if with_offsets else \
-            (lambda rows, b, start: np.asarray(rows, np.float32))
+        # np.array copies: the rows live in a window buffer the stream recycles
+        convert = (lambda rows, b, start: (start, np.array(rows, np.float32))) if with_offsets else \
+            (lambda rows, b, start: np.array(rows, np.float32))
         return stream(plan, convert, start_batch=start_batch)
 
     def iter_range(self, lo: int, hi: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -214,7 +214,8 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
              batch_size: int = 4096, progress: bool = False,
              top_n: int = 32, activation: str = "abs", memory_budget: int = 1 << 30,
              max_probe_images: int = 20_000, test_fraction: float = 0.25, seed: int = 0,
-             patch_grid: list[int] | None = None, patch_cells: np.ndarray | None = None) -> dict:
+             patch_grid: list[int] | None = None, patch_cells: np.ndarray | None = None,
+             downstream: bool = True) -> dict:
     """Evaluate ``dictionary`` on X (array, tensor or ActivationStore), streaming ``batch_size`` rows.
 
     labels: (n,) int class per row (−1 unknown); defaults to ``X.labels`` for a labelled store.
@@ -222,6 +223,7 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
     class_names: names of the label ids (per-atom ``label_name``); defaults to the store's.
     patch_grid / patch_cells: the patch grid [g, g] and each row's grid cell (−1 not a patch), for
     spatial coherence; default from a store's manifest and index (none for an array).
+    downstream: fit the downstream probe (``probe_acc_*``); the scorecard, which does not show it, skips it.
 
     Returns a dict with the DESIGN.md metrics (see ``metrics`` / ``labels`` / ``probing`` for the
     exact formulas): signal_recovered, explained_variance, mse, l0, dead_fraction, dense_fraction,
@@ -277,7 +279,7 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
     top = TopActivations(top_n, n_atoms)
     kept = KeptActivations(n, n_atoms, memory_budget, rng, keep=labels is not None or grid is not None,
                            image_ids=image_ids)
-    images = ImageMeans(labels, image_ids, d, max_probe_images, rng) if labels is not None else None
+    images = ImageMeans(labels, image_ids, d, max_probe_images, rng) if labels is not None and downstream else None
     maxima = ImageMaxima(labels, image_ids, n_atoms, memory_budget, rng) if labels is not None else None
 
     from tqdm.auto import tqdm
@@ -297,6 +299,7 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
         kept.update(act, start)
         if images is not None:
             images.update(x, x_hat, start)
+        if maxima is not None:
             maxima.update(act, start)
         start += x.shape[0]
         bar.update(x.shape[0])
@@ -307,6 +310,7 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
         kept.all_reduce_()
         if images is not None:
             images.all_reduce_()
+        if maxima is not None:
             maxima.all_reduce_()
 
     top_rows, top_vals = top.result()
@@ -333,7 +337,8 @@ def evaluate(dictionary: Dictionary, X: ArrayLike, labels: np.ndarray | None = N
         ok = kept_lab >= 0
         test = image_split(image_ids[kept.rows][ok], test_fraction=test_fraction, seed=seed)
         out.update(sparse_probe(kept.acts if ok.all() else kept.acts[ok], kept_lab[ok], test))
-        out.update(images.result(test_fraction, seed))
+        if images is not None:
+            out.update(images.result(test_fraction, seed))
     out["settings"] = {"top_n": top_n, "label_images": LABEL_IMAGES, "min_support": MIN_SUPPORT,
                        "activation": activation,
                        "rows_for_auroc": int(kept.rows.size) if labels is not None else 0,

@@ -85,16 +85,17 @@ def spatial_coherence(acts: np.ndarray, image_ids: np.ndarray, cells: np.ndarray
     table = table[(table >= 0).all(1)]
     total = np.zeros(n_atoms)
     counted = np.zeros(n_atoms, np.int64)
-    chunk = max(1, IMAGE_CHUNK_BYTES // (8 * n_cells * max(n_atoms, 1)))
+    chunk = max(1, IMAGE_CHUNK_BYTES // (4 * n_cells * max(n_atoms, 1)))
     lo, hi = MIN_FIRING_PATCHES, MAX_FIRING_FRACTION * n_cells
     for s in range(0, table.shape[0], chunk):
-        maps = torch.from_numpy(np.asarray(acts[table[s:s + chunk].reshape(-1)], dtype=np.float64))
+        # float32: sums over one image's cells; the reference test bounds the rounding
+        maps = torch.from_numpy(np.asarray(acts[table[s:s + chunk].reshape(-1)], dtype=np.float32))
         maps = maps.reshape(-1, g0, g1, n_atoms)
         firing = (maps != 0).sum(dim=(1, 2))
         ok = (firing >= lo) & (firing <= hi)
         i = morans_i(maps)
         ok &= ~torch.isnan(i)
-        total += torch.where(ok, i, 0).sum(0).numpy()
+        total += torch.where(ok, i, 0).double().sum(0).numpy()
         counted += ok.sum(0).numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         per_atom = np.where(counted > 0, total / np.maximum(counted, 1), np.nan)

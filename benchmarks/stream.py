@@ -1,0 +1,277 @@
+"""The store stream against the machine's limits, and what its shuffle costs a fit, measured in one run.
+
+1. Throughput (``--store-mb`` of float16 at width ``--d``): the shuffled stream's MB/s of store bytes
+   and batches/s, from a cold page cache (the store's pages dropped with posix_fadvise(DONTNEED) before
+   each run) against a plain sequential read of the same files, and with the pages cached against
+   converting every shard to float32 whole. Two streams: float32 batches checked on the CPU (what a
+   CPU trainer gets) and batches in the store's dtype (what a GPU trainer is handed; it converts on
+   the device). Rounds alternate the runs; each keeps its best.
+2. Processes: bytes each process reads (``/proc/self/io`` rchar, the stream's own count) for one epoch
+   as rank 0 of 1 and as ranks 0 and 1 of 2 (two processes at once), and each one's peak RSS.
+3. Explained-variance gap: a synthetic store of ``--classes`` classes, written sorted by class and
+   written again with the same rows in random order; a TopK SAE and a DBK-SVD (one epoch each) are fitted
+   on both and scored on the same held-out rows. The shuffle window is set to 1/``--windows`` of the
+   store (and chunks to 1/128 of a window, as at full scale), so the store is several windows long.
+
+    python benchmarks/stream.py --quick       # ~30 s: a 48 MB store, 1 round, 1 seed, small fits
+    python benchmarks/stream.py               # 2 GB store, 3 rounds, 3 seeds (~10 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitatlas import ActivationStore
+from vitatlas.data import store as store_module
+from vitatlas.data import stream as stream_module
+from vitatlas.data.batches import iter_batch_shares, iter_batches
+
+
+def files_of(store: ActivationStore) -> list[Path]:
+    return [f.path for f in store.shard_files()]
+
+
+def store_bytes(store: ActivationStore) -> int:
+    return store.n_rows * store.d * store.dtype.itemsize
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def sequential_read(store: ActivationStore) -> None:
+    buf = bytearray(8 << 20)
+    for p in files_of(store):
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def whole_shard_float32(store: ActivationStore) -> None:
+    for p in files_of(store):
+        np.asarray(np.load(p, mmap_mode="r"), np.float32)
+
+
+def shuffled_float32(store: ActivationStore, batch: int, seed: int) -> int:
+    return sum(1 for _ in iter_batches(store, batch, shuffle=True, seed=seed))
+
+
+def shuffled_store_dtype(store: ActivationStore, batch: int, seed: int) -> int:
+    plan = store.plan(batch, shuffle=True, seed=seed)
+    return sum(1 for _ in stream_module.stream(plan, lambda rows, b, s: torch.from_numpy(rows.copy())))
+
+
+def make_store(path: Path, rows: int, d: int, chunk_rows: int = 65536) -> ActivationStore:
+    from vitatlas.data.store import StoreWriter, rows_per_shard
+
+    writer = StoreWriter(path, d=d, dtype="float16", identity={"bench": rows}, has_labels=False,
+                         meta={"source": {"name": "bench"}, "tokens": "given", "layer": None, "model": None,
+                               "class_names": None, "world_size": 1})
+    rng = np.random.default_rng(0)
+    per_shard = rows_per_shard(d, "float16")
+    block = rng.standard_normal((per_shard, d)).astype(np.float16)
+    for start in range(0, rows, per_shard):
+        n = min(per_shard, rows - start)
+        ids = np.arange(start, start + n, dtype=np.int32)
+        writer.write_shard(block[:n], np.stack([ids, np.zeros_like(ids)], 1), None, n_images=n)
+    writer.finish()
+    return ActivationStore(path)
+
+
+def throughput(store: ActivationStore, batch: int, rounds: int) -> None:
+    mb = store_bytes(store) / 1e6
+    windows = len(store.plan(batch, shuffle=True, seed=0).windows)
+    best: dict[str, float] = {}
+    n_batches = -(-store.n_rows // batch)
+    cold = {"sequential read (cold)": lambda: sequential_read(store),
+            "shuffled stream float32 (cold)": lambda: shuffled_float32(store, batch, 1),
+            "shuffled stream store dtype (cold)": lambda: shuffled_store_dtype(store, batch, 2)}
+    warm = {"whole-shard float32 (cached)": lambda: whole_shard_float32(store),
+            "shuffled stream float32 (cached)": lambda: shuffled_float32(store, batch, 3),
+            "shuffled stream store dtype (cached)": lambda: shuffled_store_dtype(store, batch, 4)}
+    for _ in range(rounds):
+        for name, fn in cold.items():
+            stream_module.drop_cache(files_of(store))
+            best[name] = min(best.get(name, np.inf), timed(fn))
+        sequential_read(store)  # warm the cache
+        for name, fn in warm.items():
+            best[name] = min(best.get(name, np.inf), timed(fn))
+    print(f"\n## throughput: {store.n_rows:,} rows x {store.d} float16 = {mb:.0f} MB, {len(store.shards)} shards, "
+          f"batch {batch}, {windows} shuffle windows, best of {rounds}")
+    print(f"{'run':40s} {'s':>7s} {'MB/s':>8s} {'batches/s':>10s}")
+    for name, s in best.items():
+        print(f"{name:40s} {s:7.2f} {mb / s:8.0f} {n_batches / s if 'stream' in name else float('nan'):10.0f}")
+    for a, b in (("shuffled stream float32 (cold)", "sequential read (cold)"),
+                 ("shuffled stream store dtype (cold)", "sequential read (cold)"),
+                 ("shuffled stream float32 (cached)", "whole-shard float32 (cached)"),
+                 ("shuffled stream store dtype (cached)", "whole-shard float32 (cached)")):
+        print(f"ratio {a} / {b}: {best[b] / best[a]:.2f}")
+
+
+def rchar() -> int:
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def vm(field: str) -> float:
+    """A /proc/self/status memory figure in MB (ru_maxrss when there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(path: str, batch: int, rank: int, size: int) -> None:
+    """One process's epoch of the shuffled stream (its share); prints what it read and its peak RSS."""
+    store = ActivationStore(path)
+    store.shard_files()  # the headers are read before counting
+    base = vm("VmRSS")
+    try:  # restart the peak (VmHWM) here: the imports' own peak is not the stream's
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    before = rchar()
+    rows = 0
+    for _, x in iter_batch_shares(store, batch, shuffle=True, seed=9, rank=rank, size=size):
+        rows += x.shape[0]
+    after = rchar()
+    print(json.dumps({"rank": rank, "size": size, "rows": rows, "rchar": after - before if before >= 0 else None,
+                      "max_rss_mb": vm("VmHWM"), "base_rss_mb": base}))
+
+
+def processes(store: ActivationStore, batch: int) -> None:
+    def run(size: int) -> list[dict]:
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(store.path), str(batch), str(r), str(size)],
+                                  stdout=subprocess.PIPE, text=True) for r in range(size)]
+        return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+
+    one, two = run(1), run(2)
+    mb = store_bytes(store) / 1e6
+    print(f"\n## bytes read per process, one shuffled epoch of {mb:.0f} MB (rchar: bytes the process read)")
+    for r in one + two:
+        print(f"rank {r['rank']} of {r['size']}: rows {r['rows']:,}  read {r['rchar'] / 1e6:.0f} MB  "
+              f"peak RSS while streaming {r['max_rss_mb']:.0f} MB ({r['base_rss_mb']:.0f} MB before)")
+    print(f"ratio read by each of 2 / read by 1: {two[0]['rchar'] / one[0]['rchar']:.3f}, "
+          f"{two[1]['rchar'] / one[0]['rchar']:.3f}")
+
+
+# ---- explained-variance gap ----------------------------------------------------------------------------
+
+def class_data(n: int, d: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``classes`` classes: a class mean, 8 class-specific sparse atoms and 32 shared ones, noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    means = rng.standard_normal((classes, d)) * 1.5
+    own = rng.standard_normal((classes, 8, d))
+    shared = rng.standard_normal((32, d))
+    X = means[y] + 0.2 * rng.standard_normal((n, d))
+    on = rng.random((n, 8)) < 0.25
+    X += np.einsum("nk,nkd->nd", on * rng.exponential(1.0, (n, 8)), own[y])
+    on = rng.random((n, 32)) < 0.1
+    X += (on * rng.exponential(1.0, (n, 32))) @ shared
+    return X.astype(np.float32), y
+
+
+def held_out_ev(dictionary, X: np.ndarray) -> float:
+    R = np.asarray(dictionary.reconstruct(X), np.float64)
+    return 1.0 - float(((X - R) ** 2).sum() / ((X - X.mean(0)) ** 2).sum())
+
+
+def ev_gap(root: Path, n: int, d: int, classes: int, seeds: list[int], windows: int, sae_latents: int,
+           atoms: int) -> None:
+    import vitatlas
+    from vitatlas.learners.dbksvd import DBKSVD
+    from vitatlas.learners.sae import SAE
+
+    window_bytes = n * d * 4 // windows  # the shuffle window, counted in float32 as SHUFFLE_BUFFER_BYTES is
+    store_module.SHUFFLE_BUFFER_BYTES = window_bytes
+    stream_module.CHUNK_BYTES = max(d * 2, window_bytes // 2 // 128)  # 128 chunks per window, as at full scale
+    print(f"\n## explained-variance gap: {n:,} rows x {d}, {classes} classes, shuffle window 1/{windows} of "
+          f"the store ({window_bytes / 2 / 1e6:.1f} MB float16, chunks of {stream_module.CHUNK_BYTES // (2 * d)} rows)")
+    print(f"{'seed':>4s} {'learner':8s} {'sorted':>8s} {'random':>8s} {'gap':>8s}")
+    gaps: dict[str, list[float]] = {"sae": [], "dbksvd": []}
+    for seed in seeds:
+        X, y = class_data(n + 20_000, d, classes, seed)
+        test, X, y = X[:20_000], X[20_000:], y[20_000:]
+        order = {"sorted": np.argsort(y, kind="stable"), "random": np.random.default_rng(seed).permutation(n)}
+        stores = {k: ActivationStore.from_array(root / f"{k}-{seed}", X[o], y[o], dtype="float16", shard_bytes=16 << 20)
+                  for k, o in order.items()}
+        ev = {}
+        for name, make in (("sae", lambda s=seed: SAE(kind="topk", n_latents=sae_latents, k=8, epochs=1,
+                                                      batch_size=1024, seed=s)),
+                           ("dbksvd", lambda s=seed: DBKSVD(n_atoms=atoms, k=8, epochs=1, seed=s))):
+            for k, s in stores.items():
+                ev[name, k] = held_out_ev(make().fit(s, progress=False), test)
+            gaps[name].append(ev[name, "random"] - ev[name, "sorted"])
+            print(f"{seed:4d} {name:8s} {ev[name, 'sorted']:8.4f} {ev[name, 'random']:8.4f} {gaps[name][-1]:+8.4f}")
+        for s in stores.values():
+            for p in s.path.iterdir():
+                p.unlink()
+            s.path.rmdir()
+        del vitatlas
+    for name, g in gaps.items():
+        print(f"{name}: gap (random - sorted) mean {np.mean(g):+.4f}, max {np.max(g):+.4f} over {len(g)} seed(s)")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small store, one round, one seed (well under a minute)")
+    ap.add_argument("--store-mb", type=int, default=2048, help="size of the throughput store (float16)")
+    ap.add_argument("--d", type=int, default=768, help="width of the throughput store")
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the explained-variance gap")
+    ap.add_argument("--ev-rows", type=int, default=300_000)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--windows", type=int, default=8, help="the store is this many shuffle windows long")
+    ap.add_argument("--dir", default=None, help="where the temporary stores go (default: the system temp dir)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "processes", "ev"])
+    args = ap.parse_args()
+    if args.quick:
+        args.store_mb, args.rounds, args.seeds, args.ev_rows = 48, 1, 1, 30_000
+        store_module.SHUFFLE_BUFFER_BYTES = 16 << 20  # the quick store is still several windows long
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="vitatlas-stream-") as tmp:
+        root = Path(tmp)
+        if "throughput" not in args.skip or "processes" not in args.skip:
+            rows = args.store_mb * (1 << 20) // (2 * args.d)
+            store = make_store(root / "big", rows, args.d)
+            if "throughput" not in args.skip:
+                throughput(store, args.batch, args.rounds)
+            if "processes" not in args.skip:
+                processes(store, args.batch)
+            print(f"({time.perf_counter() - t0:.0f} s so far)")
+        if "ev" not in args.skip:
+            ev_gap(root, args.ev_rows, 64, args.classes, list(range(args.seeds)), args.windows,
+                   sae_latents=128 if args.quick else 512, atoms=64 if args.quick else 256)
+    print(f"({time.perf_counter() - t0:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
