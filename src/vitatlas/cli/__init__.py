@@ -41,6 +41,7 @@ class LazyGroup(click.Group):
     "probe": "vitatlas.cli.probe:probe",
     "intervene": "vitatlas.cli.intervene:intervene",
     "interpret": "vitatlas.cli.interpret:interpret",
+    "scorecard": "vitatlas.cli.scorecard:scorecard",
     "import": "vitatlas.cli.formats:import_cmd",
     "export": "vitatlas.cli.formats:export_cmd",
     "compare": "vitatlas.cli.compare:compare",

@@ -14,8 +14,8 @@ import numpy as np
 from ..data.store import ActivationStore
 from ..dictionary import Dictionary, check_fitted_on
 from ..errors import VitatlasError
-from . import evaluate
 from .spatial import grid_layout
+from .streamed import evaluate
 
 # (key, what the table calls it, which way is better: "higher" / "lower" / None = context)
 MEASURES = [
