@@ -560,3 +560,35 @@ def test_docstring_examples_run():
     for t in tests:
         runner.run(t, out=lambda s: None)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_bad_tensors_in_the_other_formats_name_the_field(tmp_path):
+    t = {"encoder.weight": rand(N, D, seed=1), "encoder.bias": rand(N, seed=2), "W_dec": rand(N, D, seed=3),
+         "b_dec": rand(D, seed=4)}
+    write_sparsify(tmp_path / "sp", t, skip_connection=True)
+    with pytest.raises(VitatlasError, match="has no tensor 'W_skip'"):
+        vitatlas.load(tmp_path / "sp")
+    write_sparsify(tmp_path / "sp2", t | {"W_dec": rand(N, D + 1, seed=3)})
+    with pytest.raises(VitatlasError, match="tensor 'W_dec' .* has shape \\(48, 13\\), expected \\(48, 12\\)"):
+        vitatlas.load(tmp_path / "sp2")
+    dl = {"bias": rand(D, seed=5), "encoder.weight": rand(N, D, seed=6), "encoder.bias": rand(N, seed=7),
+          "decoder.weight": rand(D, N, seed=8)}
+    dl["encoder.bias"][4] = float("nan")
+    write_dl(tmp_path / "dl", "AutoEncoder", dl)
+    with pytest.raises(VitatlasError, match="tensor 'encoder.bias' .* NaN"):
+        vitatlas.load(tmp_path / "dl")
+    oc = overcomplete_state() | {"encoder.mlp_blocks.0.0.weight": rand(D, D, seed=9)}
+    torch.save(oc, tmp_path / "mlp.pt")
+    with pytest.raises(VitatlasError, match="beyond one linear layer"):
+        vitatlas.load(tmp_path / "mlp.pt", format="overcomplete", kind="relu")
+    write_saev(tmp_path / "sae.pt", {"d_vit": D, "exp_factor": 3}, saev_tensors())
+    with pytest.raises(VitatlasError, match="tensor 'W_enc' .* has shape \\(12, 24\\), expected \\(12, 36\\)"):
+        vitatlas.load(tmp_path / "sae.pt")
+    (tmp_path / "p").mkdir()
+    torch.save(saelens_tensors("standard"), tmp_path / "p" / "weights.pt")
+    (tmp_path / "p" / "config.json").write_text(json.dumps({"d_in": D, "d_sae": N, "activation_fn_str": "tanh-relu"}))
+    with pytest.raises(VitatlasError, match="activation_fn_str 'tanh-relu' is not supported"):
+        vitatlas.load(tmp_path / "p")
+    (tmp_path / "p" / "config.json").write_text(json.dumps({"d_in": D, "d_sae": N, "normalize_activations": "layer_norm"}))
+    with pytest.raises(VitatlasError, match="normalize_activations='layer_norm' is not supported for ViT-Prisma"):
+        vitatlas.load(tmp_path / "p")
