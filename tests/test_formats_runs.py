@@ -115,13 +115,13 @@ class _MPConfig:
 
     def __init__(self, **kw):
         self.coder, self.nonnegative, self.center, self.refit, self.tol, self.k, self.mp_steps = (
-            "mp", True, True, False, 0.0, 3, None)
+            "mp", True, True, False, 0.0, 6, 5)
         self.__dict__.update(kw)
 
 
 class _NonnegativeMPDictionary:
     """Stands in for a DBK-SVD coded by non-negative MP on centred input (not in vitatlas yet): the public
-    attributes the exporter reads (learner, config, atoms, bias, d, n_atoms)."""
+    attributes the exporter reads (learner, config, atoms, b_dec, d, n_atoms)."""
 
     learner = "dbksvd"
 
@@ -129,7 +129,7 @@ class _NonnegativeMPDictionary:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(N, D, generator=g)
         self.atoms = w / w.norm(dim=1, keepdim=True)
-        self.bias = torch.randn(D, generator=g)
+        self.b_dec = torch.randn(D, generator=g)
         self.d, self.n_atoms, self.config = D, N, _MPConfig(**config)
         self.fit_info = {}
 
@@ -142,15 +142,15 @@ def test_a_nonnegative_mp_dbksvd_exports_as_saelens_matching_pursuit(tmp_path):
     out = export(mp, "saelens", tmp_path / "mp")
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == "matching_pursuit" and set(cfg) == SAELENS_FIELDS | SAELENS_ARCH_FIELDS["matching_pursuit"]
-    assert cfg["max_iterations"] == 12 and cfg["residual_threshold"] == 0.0 and cfg["stop_on_duplicate_support"] is False
+    assert cfg["max_iterations"] == 5 and cfg["residual_threshold"] == 0.0 and cfg["stop_on_duplicate_support"] is False
     assert set(load_file(str(out / "sae_weights.safetensors"))) == {"W_dec", "b_dec"}
     back = vitatlas.load(out)
     X = data(50)
-    xc = X.astype(np.float64) - mp.bias.double().numpy()
-    want = ref_matching_pursuit(xc, mp.atoms.double().numpy(), 0.0, 12, False)
+    xc = X.astype(np.float64) - mp.b_dec.double().numpy()
+    want = ref_matching_pursuit(xc, mp.atoms.double().numpy(), 0.0, 5, False)
     close(back.encode(X), want)
     for bad, match in (({"nonnegative": False}, "nonnegative=False"), ({"refit": True}, "refits its codes"),
-                       ({"tol": 0.05}, "relative residual")):
+                       ({"tol": 0.05}, "relative residual"), ({"mp_steps": None}, "runs 24 steps but keeps at most k=6")):
         with pytest.raises(VitatlasError, match=match):
             export(_NonnegativeMPDictionary(**bad), "saelens", tmp_path / "x")
 
@@ -241,3 +241,21 @@ def test_saelens_metadata_fills_model_and_layer(tmp_path):
     sae = import_sae(tmp_path / "s")
     assert sae.fit_info == {"source": "store", "imported": True, "d": D, "model": "hf:tiny", "layer": 1}
     assert import_sae(tmp_path / "s", model="x", layer=4).fit_info["layer"] == 4
+
+
+def test_a_real_nonnegative_mp_dbksvd_round_trips_through_matching_pursuit(tmp_path):
+    """With DBK-SVD's own non-negative MP coder (where this vitatlas has it): the exported SAELens
+    matching_pursuit computes the DBK-SVD's codes."""
+    from vitatlas.learners.dbksvd import DBKSVDConfig
+
+    if not {"nonnegative", "center"} <= set(DBKSVDConfig.names()):
+        pytest.skip("this DBK-SVD has no nonnegative/center options yet")
+    X = data(400)
+    ksvd = vitatlas.DBKSVD(n_atoms=32, k=4, coder="mp", nonnegative=True, center=True, refit=False, mp_steps=4,
+                           epochs=1, seed=0).fit(X, progress=False)
+    back = vitatlas.load(export(ksvd, "saelens", tmp_path / "mp"))
+    Y = data(100, seed=5)
+    want, got = ksvd.encode(Y), back.encode(Y)
+    assert np.array_equal(got != 0, want != 0)
+    close(got, want)
+    close(back.reconstruct(Y), ksvd.reconstruct(Y))

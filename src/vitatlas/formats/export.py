@@ -11,7 +11,8 @@ in that form. That is what is written, so the target library computes vitatlas's
 * sparsify: topk SAEs only (relu(encoder(x − b_dec)) then the top k; W_dec in the encoder's orientation).
 * SAELens ``matching_pursuit``: a DBK-SVD whose coder is non-negative matching pursuit on centred
   input (config ``coder="mp"``, ``nonnegative``, ``center``, no least-squares refit, no relative
-  tolerance) with its atoms as the tied decoder and its centring bias as b_dec.
+  tolerance, ``mp_steps`` <= k so its cap of k atoms per sample never bites) with its atoms as the tied
+  decoder and its centring bias ``b_dec`` as b_dec.
 
 Anything else (an OMP encoder, signed codes, an imported SAE) is refused with a one-line reason.
 """
@@ -107,10 +108,14 @@ def _matching_pursuit(dbksvd) -> tuple[dict[str, torch.Tensor], dict]:
     if getattr(c, "tol", 0.0):
         raise VitatlasError(f"this DBK-SVD stops at a relative residual (tol={c.tol}) and SAELens matching_pursuit at an "
                             "absolute one: fit it with tol=0 to export it")
-    bias = getattr(dbksvd, "bias", None)
+    bias = getattr(dbksvd, "b_dec", None)
     if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (dbksvd.d,):
-        raise VitatlasError("this DBK-SVD does not expose its centring bias (a (d,) tensor `bias`): it cannot be exported")
+        raise VitatlasError("this DBK-SVD does not expose its centring bias (a (d,) tensor `b_dec`): it cannot be exported")
     steps = getattr(c, "mp_steps", None) or 4 * int(c.k)
+    if steps > int(c.k):
+        raise VitatlasError(f"this DBK-SVD's matching pursuit runs {steps} steps but keeps at most k={c.k} atoms per "
+                            "sample (later steps re-weight them), which SAELens matching_pursuit cannot express: fit it "
+                            f"with mp_steps <= k to export it")
     weights = {"W_dec": dbksvd.atoms.detach().float().cpu().contiguous(), "b_dec": bias.detach().float().cpu()}
     # DBK-SVD's MP may take an atom again (its coefficients add) and stops only at its step count
     return weights, {"residual_threshold": 0.0, "max_iterations": steps, "stop_on_duplicate_support": False}
