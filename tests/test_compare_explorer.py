@@ -58,3 +58,36 @@ def test_runs_of_different_stores_are_matched_by_behaviour(world, elsewhere):
     tested = [p for p in data["pairs"] if p["b"] is not None]
     assert tested and all(isinstance(p["b"], int) and "b_label" in p for p in tested)
     assert np.isfinite([p["correlation"] for p in tested]).all()
+
+
+def test_the_compare_page_says_it_matches_by_behaviour(world, elsewhere, tmp_path):
+    """The page itself (static export, headless Chromium): the matching line and the shared column."""
+    import test_explore_browser as browser
+
+    if not (browser.CHROMIUM and browser.CHROMEDRIVER):
+        pytest.skip("no Chromium/chromedriver: run `bash scripts/install_browser.sh`")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from vitatlas.explore import export_site
+
+    run, cards = elsewhere
+    explorer = Explorer.open([world.runs[0], run], world.store_path, cards=[world.cards[0], cards], progress=False)
+    index = export_site(explorer, tmp_path / "site", max_images=0, progress=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser.CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=browser.CHROMEDRIVER))
+    try:
+        driver.set_page_load_timeout(browser.WAIT)
+        with browser.screenshot_on_failure(driver, "compare-behaviour"):
+            driver.get((index.parent / "compare.html").resolve().as_uri())
+            browser.wait_ready(driver)
+            text = driver.find_element("id", "matching").text
+            assert "by behaviour" in text and "fitted on different stores" in text and "shuffled" in text
+            headers = [th.text for th in driver.find_elements("css selector", "#pairs thead th")]
+            assert headers[0] == "|r|" and headers[-1] == "shared"
+            assert len(driver.find_elements("css selector", "#pairs tbody tr")) == N_ATOMS
+    finally:
+        driver.quit()
