@@ -84,12 +84,13 @@ def load(path: str | Path, device: str | None = None, *, format: str | None = No
     'pca'
     """
     resolved = resolve(path)
-    if format in (None, "vitatlas") and resolved.exists():
-        found, where = detect(resolved) if format is None else ("vitatlas", resolved)
-        if found == "vitatlas":
-            if options:
-                raise VitatlasError(f"import options ({', '.join(sorted(options))}) do not apply to a vitatlas run: drop them")
-            return load_run(where, device=device)
+    found, where = ("vitatlas", resolved) if format == "vitatlas" else (None, resolved)
+    if format is None and resolved.exists():
+        found, where = detect(resolved)
+    if found == "vitatlas":
+        if options:
+            raise VitatlasError(f"import options ({', '.join(sorted(options))}) do not apply to a vitatlas run: drop them")
+        return load_run(where, device=device)
     if device is not None:
         options["device"] = device
     return import_sae(resolved, format=format, **options)
