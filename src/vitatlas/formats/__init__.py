@@ -80,7 +80,8 @@ def load(path: str | Path, device: str | None = None, *, format: str | None = No
     >>> import tempfile, numpy as np
     >>> from vitatlas.learners.baselines import PCABaseline
     >>> X = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
-    >>> load(PCABaseline(2).fit(X).save(tempfile.mkdtemp())).learner
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     load(PCABaseline(2).fit(X).save(tmp)).learner
     'pca'
     """
     resolved = resolve(path)
