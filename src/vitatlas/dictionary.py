@@ -228,8 +228,8 @@ def load(path: str | Path, device: str | None = None) -> Dictionary:
     >>> import tempfile, numpy as np
     >>> from vitatlas.learners.baselines import PCABaseline
     >>> X = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
-    >>> run = PCABaseline(2).fit(X).save(tempfile.mkdtemp())
-    >>> same = load(run)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     same = load(PCABaseline(2).fit(X).save(tmp))
     >>> same.learner, same.encode(X).shape
     ('pca', (100, 2))
     """
