@@ -312,3 +312,111 @@ def test_screen_keeps_the_first_choice_and_the_atoms_most_correlated_after_it():
         after[j] = np.inf
         assert set(cand[b].tolist()) == set(np.argsort(-after)[:M].tolist())
         np.testing.assert_array_equal(cc[b].numpy(), Cn[b, cand[b].numpy()])
+
+
+# ---- non-negative coding ------------------------------------------------------------------------------
+
+def nnls_reference(A, y):
+    from scipy.optimize import nnls
+    return nnls(A, y)[0]
+
+
+def nn_omp_reference(D, y, k):
+    """Slow non-negative OMP: pick the largest positive correlation with the least-squares residual,
+    then the non-negative least-squares coefficients on the chosen support (scipy's nnls)."""
+    S, r = [], y.copy()
+    floor = 64 * np.finfo(y.dtype).eps * np.linalg.norm(y)
+    for _ in range(k):
+        if r @ r <= 16 * np.finfo(y.dtype).eps * (y @ y):
+            break
+        corr = D @ r
+        corr[S] = -np.inf
+        j = int(np.argmax(corr))
+        if corr[j] <= floor:
+            break
+        S.append(j)
+        sol, *_ = np.linalg.lstsq(D[S].T, y, rcond=None)
+        r = y - D[S].T @ sol
+    return dict(zip(S, nnls_reference(D[S].T, y))) if S else {}
+
+
+def nn_mp_reference(D, y, k, max_steps, refit):
+    """Slow non-negative MP: each step adds the largest positive correlation (inside the support once full)."""
+    r, coef = y.copy(), {}
+    floor = 64 * np.finfo(y.dtype).eps * np.linalg.norm(y)
+    for _ in range(max_steps):
+        if r @ r <= 16 * np.finfo(y.dtype).eps * (y @ y):
+            break
+        corr = D @ r
+        if len(coef) >= k:
+            keep = np.full(len(corr), -np.inf)
+            keep[list(coef)] = corr[list(coef)]
+            corr = keep
+        j = int(np.argmax(corr))
+        if corr[j] <= floor:
+            break
+        coef[j] = coef.get(j, 0.0) + corr[j]
+        r = r - corr[j] * D[j]
+    if refit and coef:
+        coef = dict(zip(coef, nnls_reference(D[list(coef)].T, y)))
+    return coef
+
+
+def assert_same_codes(idx, val, refs, atol):
+    for b, ref in enumerate(refs):
+        mine = as_dict(idx[b].numpy(), val[b].numpy())
+        assert set(mine) == set(ref), b
+        np.testing.assert_allclose([mine[i] for i in sorted(ref)], [ref[i] for i in sorted(ref)], atol=atol)
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_nonnegative_omp_matches_numpy_reference(k):
+    D, Y = problem(B=200, d=12, seed=11)  # few dimensions: some least-squares fits go negative
+    C, G, ysq = products(D, Y)
+    idx, val = batch_omp(C, G, ysq, k, nonnegative=True)
+    assert (val >= 0).all()
+    refs = [nn_omp_reference(D, Y[b], k) for b in range(Y.shape[0])]
+    # the NNLS step really ran: some least-squares fits on these supports have negative coefficients
+    if k == 7:
+        assert sum(min(np.linalg.lstsq(D[list(r)].T, Y[b], rcond=None)[0]) < 0 for b, r in enumerate(refs) if r) >= 3
+    assert_same_codes(idx, val, refs, 1e-8)  # float64; coordinate descent stops at round-off
+
+
+@pytest.mark.parametrize("k,steps,refit", [(3, 12, False), (5, 20, True), (6, 6, False)])
+def test_nonnegative_mp_matches_numpy_reference(k, steps, refit):
+    D, Y = problem(seed=12)
+    C, G, ysq = products(D, Y)
+    idx, val = matching_pursuit(C, G, ysq, k, max_steps=steps, refit=refit, nonnegative=True)
+    assert (val >= 0).all() and ((idx >= 0).sum(1) <= k).all()
+    refs = [nn_mp_reference(D, Y[b], k, steps, refit) for b in range(Y.shape[0])]
+    assert_same_codes(idx, val, refs, 1e-8 if refit else 1e-10)
+
+
+def test_nnls_gram_matches_scipy_on_coherent_supports():
+    rng = np.random.default_rng(13)
+    B, k, d = 50, 6, 10
+    A = rng.standard_normal((B, d, k)) + 1.5 * rng.standard_normal((B, d, 1))  # correlated columns
+    A /= np.linalg.norm(A, axis=1, keepdims=True)
+    y = rng.standard_normal((B, d))
+    Gss = torch.from_numpy(np.einsum("bdi,bdj->bij", A, A))
+    rhs = torch.from_numpy(np.einsum("bdi,bd->bi", A, y))
+    x = coders._nnls_gram(Gss, rhs, torch.zeros(B, k, dtype=torch.float64)).numpy()
+    ref = np.stack([nnls_reference(A[b], y[b]) for b in range(B)])
+    assert (ref == 0).any() and (ref > 0).any()  # both kinds of coordinates occur
+    np.testing.assert_allclose(x, ref, atol=1e-8)
+
+
+@pytest.mark.parametrize("coder", ["mp", "omp"])
+def test_nonnegative_screened_coding_is_nonnegative_and_starts_at_the_largest_positive_correlation(coder):
+    D, Y = problem(B=300, d=24, n=200, seed=14)
+    Dt, Yt = torch.from_numpy(D).float(), torch.from_numpy(Y).float()
+    R = torch.empty_like(Yt)
+    idx, val = code_signals(Yt, Dt, Dt @ Dt.T, 5, coder=coder, candidates=20, chunk=64, residual_out=R,
+                            nonnegative=True)
+    assert (val >= 0).all() and ((idx >= 0).sum(1) == 5).all()
+    first = (Yt @ Dt.T).argmax(dim=1)
+    assert (idx == first.unsqueeze(1)).any(dim=1).all()
+    torch.testing.assert_close(R, residual(Yt, idx, val, Dt), rtol=0, atol=1e-5)
+    # signed coding of the same rows uses negative coefficients: the option changes the codes
+    _, signed = code_signals(Yt, Dt, Dt @ Dt.T, 5, coder=coder, candidates=20, chunk=64)
+    assert (signed < 0).any()

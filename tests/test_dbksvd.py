@@ -19,6 +19,9 @@ from vitatlas.learners.dbksvd.ksvd_update import duplicates, ksvd_update, replac
 
 # K-SVD codes are signed: planted codes have random signs and magnitudes in [1, 2]
 planted = functools.partial(planted_problem, n=8000, low=1.0, high=2.0, signed=True)
+# the plain K-SVD of the papers (signed codes, no bias) for the signed, zero-mean planted problems; the
+# defaults (centred, non-negative) are for activations
+SIGNED = dict(center=False, nonnegative=False)
 
 
 def small(seed=0, n=600, d=16):
@@ -55,6 +58,41 @@ def test_one_atom_update_matches_numpy_svd():
     torch.testing.assert_close(R2, Y - sparse_decode(idx, v2, D2))  # residual kept consistent
     others = idx != j
     assert torch.equal(v2[others], val[others]) and torch.equal(D2[torch.arange(30) != j], D[torch.arange(30) != j])
+
+
+def nonnegative_rank1_reference(E, d, n_power):
+    """Slow non-negative rank-1 update: power steps with the codes clamped at 0 (v = max(E u, 0))."""
+    u = d
+    for _ in range(n_power):
+        w = E.T @ np.maximum(E @ u, 0)
+        u = w / np.linalg.norm(w) if np.linalg.norm(w) > 0 else u
+    return u, np.maximum(E @ u, 0)
+
+
+@pytest.mark.parametrize("n_power", [1, 3])
+def test_nonnegative_atom_update_matches_numpy_reference(n_power):
+    rng = np.random.default_rng(4)
+    D = rng.standard_normal((30, 16))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    Y = torch.from_numpy(rng.standard_normal((200, 16)))
+    Dt = torch.from_numpy(D)
+    # random supports and small codes: some samples point away from their atoms, their E·u are clamped
+    idx = torch.from_numpy(np.stack([rng.choice(30, 3, replace=False) for _ in range(200)]))
+    val = torch.from_numpy(rng.uniform(0, 0.3, idx.shape))
+    R = Y - sparse_decode(idx, val, Dt)
+    atoms = torch.tensor([2, 5, 11])
+    D2, R2, v2 = Dt.clone(), R.clone(), val.clone()
+    update_atom_batch(R2, D2, idx, v2, atoms, n_power=n_power, nonnegative=True)
+    for j in atoms.tolist():  # atoms of one batch see the same residual snapshot
+        u, v = nonnegative_rank1_reference(restricted_residual(R, Dt, idx, val, j), D[j], n_power)
+        np.testing.assert_allclose(D2[j].numpy(), u, atol=1e-10)
+        np.testing.assert_allclose(v2.numpy()[idx.numpy() == j], v, atol=1e-10)
+    assert (v2 >= 0).all() and (v2 == 0).any()  # some codes were clamped
+    torch.testing.assert_close(R2, Y - sparse_decode(idx, v2, D2))  # residual kept consistent
+    # signed, the same update gives some negative codes: the option is what keeps them >= 0
+    v3 = val.clone()
+    update_atom_batch(R.clone(), Dt.clone(), idx, v3, atoms, n_power=n_power)
+    assert (v3 < 0).any()
 
 
 def test_few_warm_power_steps_are_near_optimal_and_approx_is_aksvd():
@@ -205,21 +243,21 @@ def test_replace_unused_with_zero_residual_uses_random_unit_atoms():
 
 def test_planted_problem_recovers_atoms():
     X, D = planted()
-    model = DBKSVD(256, 4).fit(X, progress=False)
+    model = DBKSVD(256, 4, **SIGNED).fit(X, progress=False)
     assert recovered(model.atoms.numpy(), D) >= 0.99
     assert model.atoms.shape == (256, 64)
     torch.testing.assert_close(model.atoms.norm(dim=1), torch.ones(256))
     m = reconstruction_metrics(model, X[:2000])
     # the memory term (default 3) trades a little planted accuracy for real-data signal: EV 0.9974 vs 0.999
     assert m["signal_recovered"] > 0.96 and m["explained_variance"] > 0.995 and m["l0"] <= 4
-    plain = DBKSVD(256, 4, memory=0).fit(X, progress=False)
+    plain = DBKSVD(256, 4, memory=0, **SIGNED).fit(X, progress=False)
     assert reconstruction_metrics(plain, X[:2000])["explained_variance"] > 0.999
 
 
 def test_mp_coder_float64_and_approx_run_and_improve():
     X, D = planted(n=3000, seed=1)
     for opts in ({"coder": "mp", "dtype": "float64"}, {"approx": True, "candidates": None}):
-        model = DBKSVD(256, 4, epochs=8, sample_batch=1000, **opts).fit(X, progress=False)
+        model = DBKSVD(256, 4, epochs=8, sample_batch=1000, **opts, **SIGNED).fit(X, progress=False)
         assert model.atoms.dtype == (torch.float64 if opts.get("dtype") else torch.float32)
         assert model.history[-1] > model.history[0] + 0.1
         assert recovered(model.atoms.numpy(), D, 0.95) > 0.8
@@ -227,7 +265,8 @@ def test_mp_coder_float64_and_approx_run_and_improve():
 
 def test_encode_decode_reconstruct_and_types():
     X = small()
-    model = DBKSVD(40, 3, epochs=2).fit(X, progress=False)
+    model = DBKSVD(40, 3, epochs=2, **SIGNED).fit(X, progress=False)
+    assert model.b_dec is None
     codes = model.encode(X)
     assert isinstance(codes, np.ndarray) and codes.shape == (600, 40) and ((codes != 0).sum(1) <= 3).all()
     np.testing.assert_allclose(model.decode(codes), codes @ model.atoms.numpy(), rtol=1e-5, atol=1e-5)
@@ -246,10 +285,65 @@ def test_encode_decode_reconstruct_and_types():
 def test_zero_rows_get_zero_codes():
     X = small()
     X[[0, 10, 20]] = 0
-    model = DBKSVD(40, 3, epochs=2).fit(X, progress=False)
+    model = DBKSVD(40, 3, epochs=2, center=False).fit(X, progress=False)
     codes = model.encode(X)
     assert np.isfinite(codes).all() and (codes[[0, 10, 20]] == 0).all()
     assert np.isfinite(model.atoms.numpy()).all()
+
+
+def test_centred_nonnegative_codes_the_residual_from_the_data_mean():
+    X = small() + 3.0  # a large shared mean, as activation tokens have
+    model = DBKSVD(40, 3, epochs=2).fit(X, progress=False)  # the defaults: centred, non-negative
+    np.testing.assert_allclose(model.b_dec.numpy(), X.astype(np.float64).mean(0), atol=1e-5)
+    codes = model.encode(X)
+    assert (codes >= 0).all() and ((codes != 0).sum(1) == 3).all()
+    A = model.atoms.double()
+    Y = torch.from_numpy(X.astype(np.float64)) - model.b_dec.double()
+    idx, val = batch_omp(Y @ A.T, A @ A.T, (Y * Y).sum(1), 3, nonnegative=True)
+    ref = to_dense_np(idx, val, 40)
+    assert ((ref != 0) == (codes != 0)).mean() > 0.99  # float32 vs float64 ties aside: the same supports
+    np.testing.assert_allclose(model.decode(codes), codes @ model.atoms.numpy() + model.b_dec.numpy(), atol=1e-5)
+    np.testing.assert_allclose(model.reconstruct(X), model.decode(codes), atol=1e-5)
+    # centring is what fits the shared mean: without it the same budget recovers less signal
+    plain = DBKSVD(40, 3, epochs=2, center=False).fit(X, progress=False)
+    assert reconstruction_metrics(model, X)["signal_recovered"] > reconstruction_metrics(plain, X)["signal_recovered"]
+
+
+def to_dense_np(idx, val, n):
+    out = np.zeros((idx.shape[0], n))
+    rows, cols = np.nonzero(idx.numpy() >= 0)
+    out[rows, idx.numpy()[rows, cols]] = val.numpy()[rows, cols]
+    return out
+
+
+def test_centred_run_saves_and_loads_its_bias_and_a_missing_bias_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    X = small() + 1.0
+    model = DBKSVD(40, 3, epochs=1).fit(X, progress=False)
+    model.save(tmp_path / "d")
+    again = vitatlas.load(tmp_path / "d")
+    assert torch.equal(again.b_dec, model.b_dec)
+    np.testing.assert_array_equal(again.reconstruct(X), model.reconstruct(X))
+    save_file({"atoms": model.atoms.contiguous()}, str(tmp_path / "d" / "dictionary.safetensors"))
+    with pytest.raises(VitatlasError, match="no decoder bias b_dec"):
+        vitatlas.load(tmp_path / "d")
+
+
+def test_runs_saved_before_the_options_behave_as_then():
+    from pathlib import Path
+
+    from vitatlas.learners.dbksvd.learner import _fingerprint
+
+    old = vitatlas.load(Path(__file__).parent / "data" / "legacy-runs" / "dbksvd")
+    assert old.config.center is False and old.config.nonnegative is False and old.config.dup_threshold == 0.97
+    assert old.b_dec is None and (old.encode(small(d=12)) < 0).any()  # signed codes, as then
+    # a checkpoint written before the options existed is resumed by options that behave as it did
+    X = small()
+    cfg = DBKSVD(40, 3, **SIGNED)._config()
+    before = {k: v for k, v in cfg.items() if k not in ("center", "nonnegative", "dup_threshold")}
+    assert _fingerprint(X, 600, 16, cfg) == _fingerprint(X, 600, 16, before)
+    assert _fingerprint(X, 600, 16, DBKSVD(40, 3)._config()) != _fingerprint(X, 600, 16, before)
 
 
 def test_reproducible_for_a_seed():
@@ -308,10 +402,10 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
 
 def test_fit_ends_once_the_atoms_settle_and_stop_tol_zero_runs_the_whole_schedule():
     X, D = planted()  # 8,192 rows, batches of 4,096: the default schedule plans 80 epochs = 160 iterations
-    settled = DBKSVD(256, 4).fit(X, progress=False)
+    settled = DBKSVD(256, 4, **SIGNED).fit(X, progress=False)
     assert 10 < len(settled.history) < 80 and settled._step == 160  # the rest of the schedule was skipped
     assert recovered(settled.atoms.numpy(), D) >= 0.99
-    every = DBKSVD(256, 4, epochs=20, stop_tol=0).fit(X, progress=False)
+    every = DBKSVD(256, 4, epochs=20, stop_tol=0, **SIGNED).fit(X, progress=False)
     assert len(every.history) == 40
 
 
@@ -356,14 +450,15 @@ def test_checkpoint_is_json_plus_safetensors_without_json_in_a_tensor(tmp_path):
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["format"] == "vitatlas-dbksvd-checkpoint" and state["step"] == 3 and len(state["history"]) == 3
     tensors = load_safetensors(tmp_path / state["weights"])
-    assert set(tensors) == {"atoms", "rng"} and tensors["atoms"].shape == (40, 16)
+    assert set(tensors) == {"atoms", "rng", "b_dec"} and tensors["atoms"].shape == (40, 16)
+    assert tensors["b_dec"].shape == (16,)
     assert [p.name for p in tmp_path.glob("state-*.safetensors")] == [state["weights"]]  # older ones removed
 
 
 def test_fit_from_store(tmp_path):
     X, D = planted(n=3000, seed=2)
     store = ActivationStore.from_array(tmp_path / "s", X, dtype="float16", shard_bytes=64 * 2 * 700)
-    model = DBKSVD(256, 4, sample_batch=1000, epochs=12).fit(store, progress=False)
+    model = DBKSVD(256, 4, sample_batch=1000, epochs=12, **SIGNED).fit(store, progress=False)
     assert model.fit_info["source"] == "store"
     assert recovered(model.atoms.numpy(), D, 0.95) > 0.9
 
@@ -450,6 +545,12 @@ def test_cli_fits_saves_and_resumes(tmp_path):
     assert abs(sr - reconstruction_metrics(model, X)["signal_recovered"]) < 1e-3
     again = CliRunner().invoke(main, args)  # re-run: resumes from the finished checkpoint
     assert again.exit_code == 0 and vitatlas.load(tmp_path / "run").atoms.equal(model.atoms)
+    assert model.config.center and model.config.nonnegative  # the library's defaults when no flag is given
+    other = [a if a != str(tmp_path / "run") else str(tmp_path / "signed") for a in args]
+    signed = CliRunner().invoke(main, [*other, "--no-center", "--signed", "--dup-threshold", "0.9"])
+    assert signed.exit_code == 0, signed.output
+    cfg = vitatlas.load(tmp_path / "signed").config
+    assert (cfg.center, cfg.nonnegative, cfg.dup_threshold) == (False, False, 0.9)
 
 
 def test_cli_error_is_one_line(tmp_path, monkeypatch, capsys):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from _dist import (
+    assert_job_stopped_with_one_line_error,
     assert_survivor_stopped_cleanly,
     error_or_finished,
     run_ranks,
@@ -32,37 +33,47 @@ from vitatlas.learners.dbksvd.coders import batch_omp, sparse_decode
 from vitatlas.learners.dbksvd.ksvd_update import ksvd_update
 
 TOL = dict(rtol=1e-7, atol=1e-7)
-OPTS = dict(epochs=3, sample_batch=500, seed=1, dtype="float64")
+OPTS = dict(epochs=3, sample_batch=500, seed=1, dtype="float64", center=False, nonnegative=False)  # signed data
+# the defaults: the data mean (summed per rank, all-reduced) as b_dec and non-negative codes
+CENTRED = {**OPTS, "center": True, "nonnegative": True}
 
 
-def _data(n: int = 1500) -> np.ndarray:
+def _data(n: int = 1500, shift: float = 0.0) -> np.ndarray:
+    """Planted signed data; ``shift`` adds a shared mean (for the centred fits to find)."""
     X, _ = planted(n=n, d=16, m=32, k=3, noise=0.05, seed=5, low=1.0, high=2.0, signed=True)
-    return X.astype(np.float64)
+    return X.astype(np.float64) + shift
 
 
 def _fit_on_rank(rank: int, opts: dict):
-    model = DBKSVD(32, 3, **opts).fit(_data(), progress=False)
-    return model.atoms.numpy().copy(), list(model.history), model.fit_info.get("world_size")
+    model = DBKSVD(32, 3, **opts).fit(_data(shift=0.5 if opts["center"] else 0.0), progress=False)
+    bias = None if model.b_dec is None else model.b_dec.numpy().copy()
+    return model.atoms.numpy().copy(), list(model.history), model.fit_info.get("world_size"), bias
 
 
-def _supports(atoms: np.ndarray, X: np.ndarray) -> np.ndarray:
+def _supports(atoms: np.ndarray, X: np.ndarray, nonnegative: bool = False) -> np.ndarray:
     D = torch.from_numpy(atoms)
     Y = torch.from_numpy(X)
-    idx, _ = batch_omp(Y @ D.T, D @ D.T, (Y * Y).sum(1), 3)
+    idx, _ = batch_omp(Y @ D.T, D @ D.T, (Y * Y).sum(1), 3, nonnegative=nonnegative)
     return np.sort(idx.numpy(), axis=1)
 
 
-@pytest.mark.parametrize("opts", [OPTS, {**OPTS, "coder": "mp", "groups": [8, 32]}], ids=["omp", "mp-matryoshka"])
+@pytest.mark.parametrize("opts", [OPTS, {**OPTS, "coder": "mp", "groups": [8, 32]}, CENTRED],
+                         ids=["omp", "mp-matryoshka", "centred-nonnegative"])
 def test_two_ranks_fit_the_same_atoms_as_one_process(opts):
-    single = DBKSVD(32, 3, **opts).fit(_data(), progress=False)
+    X = _data(shift=0.5 if opts["center"] else 0.0)
+    single = DBKSVD(32, 3, **opts).fit(X, progress=False)
     out = run_ranks(_fit_on_rank, opts, world_size=2)
-    (a0, h0, ws0), (a1, h1, _) = out
+    (a0, h0, ws0, b0), (a1, h1, _, b1) = out
     np.testing.assert_array_equal(a0, a1)  # the ranks hold literally the same atoms
     assert h0 == h1 and ws0 == 2
+    if opts["center"]:  # the same mean on both ranks, and the one a single process computes
+        np.testing.assert_array_equal(b0, b1)
+        np.testing.assert_allclose(b0, single.b_dec.numpy(), **TOL)
     np.testing.assert_allclose(a0, single.atoms.numpy(), **TOL)
     np.testing.assert_allclose(h0, single.history, **TOL)  # the reduced signal_recovered history
-    X = _data()
-    assert (_supports(a0, X) == _supports(single.atoms.numpy(), X)).all()
+    X = X - (0 if single.b_dec is None else single.b_dec.numpy())
+    same = _supports(a0, X, opts["nonnegative"]) == _supports(single.atoms.numpy(), X, opts["nonnegative"])
+    assert same.all()
     assert single.history[-1] > single.history[0] + 0.02  # a fit that learned something, not a fixed point
 
 
@@ -178,9 +189,7 @@ def test_torchrun_fit_writes_one_run_equal_to_one_process_and_resumes_after_a_ki
     # rank 1 exits abruptly after iteration 6 (checkpoint at 4): the job fails with one line, a re-run resumes
     killed = tmp_path / "killed"
     res = torchrun(_cli_args(store, killed), nproc=2, env={"VITATLAS_TEST_EXIT_AT": "1:6"})
-    assert res.returncode != 0
-    errors = [line for line in res.stderr.splitlines() if "error:" in line and "[rank 0]" in line]
-    assert not errors or ("lost contact with the other processes" in errors[0] and "re-run" in errors[0])
+    assert_job_stopped_with_one_line_error(res)  # lost contact, or torchrun's SIGTERM came first: either says re-run
     assert json.loads((killed / "checkpoint" / "state.json").read_text())["step"] == 4
     res = torchrun(_cli_args(store, killed), nproc=2)
     assert res.returncode == 0, res.stderr[-3000:]

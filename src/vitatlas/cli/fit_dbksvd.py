@@ -29,6 +29,12 @@ from . import parse_groups
 @click.option("--atom-batch", type=int, default=None, help="Atoms updated in parallel (default: atoms/8).")
 @click.option("--stop-tol", type=float, default=1e-4, show_default=True,
               help="End once the atoms move less than this (median 1-|cos| per iteration) 3 times in a row; 0: never.")
+@click.option("--center/--no-center", default=None,
+              help="Subtract the data mean before coding, kept as the decoder bias b_dec (default: on).")
+@click.option("--nonnegative/--signed", "nonnegative", default=None,
+              help="Codes >= 0, each atom one direction (default), or signed K-SVD codes.")
+@click.option("--dup-threshold", type=float, default=None,
+              help="Re-draw the less used atom of any pair with |cos| above this (default: the library's).")
 @click.option("--approx", is_flag=True, help="Approximate K-SVD (one power step).")
 @click.option("--candidates", default="auto", show_default=True,
               help="Screening width while fitting: 'auto', 'exact' or an integer.")
@@ -38,8 +44,8 @@ from . import parse_groups
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Iterations between checkpoints.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, stop_tol, approx, candidates, groups,
-           device, dtype, seed, checkpoint_every, no_progress):
+def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, stop_tol, center, nonnegative,
+           dup_threshold, approx, candidates, groups, device, dtype, seed, checkpoint_every, no_progress):
     """Fit a Double-Batch K-SVD dictionary (resumes from OUT/checkpoint when re-run)."""
     import time
     from pathlib import Path
@@ -61,10 +67,13 @@ def dbksvd(acts, n_atoms, k, out, coder, epochs, sample_batch, atom_batch, stop_
             cand = int(candidates)
         except ValueError:
             raise VitatlasError(f"--candidates must be 'auto', 'exact' or an integer, got {candidates!r}") from None
-    # the options are checked by DBKSVDConfig's declared constraints before the store is opened
+    # the options are checked by DBKSVDConfig's declared constraints before the store is opened; the
+    # flags left unset keep the library's defaults
+    given = {"center": center, "nonnegative": nonnegative, "dup_threshold": dup_threshold}
     model = DBKSVD(n_atoms, k, coder=coder, epochs=epochs, sample_batch=sample_batch, atom_batch=atom_batch,
                    stop_tol=stop_tol, approx=approx, candidates=cand, groups=parse_groups(groups), device=device,
-                   dtype=dtype, seed=seed, checkpoint_every=checkpoint_every)
+                   dtype=dtype, seed=seed, checkpoint_every=checkpoint_every,
+                   **{key: v for key, v in given.items() if v is not None})
     store = ActivationStore(acts)
     start = time.perf_counter()
     out = Path(out)

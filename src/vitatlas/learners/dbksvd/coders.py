@@ -18,6 +18,11 @@ so coding costs a small fraction of the product DᵀY. It is an approximation: a
 candidates can never be chosen. ``candidates=None`` gives the exact algorithms (tested against
 scikit-learn's ``orthogonal_mp_gram`` and a numpy MP).
 
+Non-negative coding (``nonnegative=True``, both coders): each step picks the atom of largest *positive*
+correlation with the residual, and the coefficients are >= 0: MP only ever adds positive steps (its
+refit and OMP's final coefficients solve the non-negative least-squares problem on the chosen support,
+``_nnls_gram``). Each atom then stands for one direction, as an SAE latent does, not for a line.
+
 Stopping rules (both coders): at most ``k`` distinct atoms per sample; stop a sample early when its
 relative residual ‖y − Dγ‖/‖y‖ ≤ ``tol``, when the best remaining correlation is at round-off level
 (e.g. the sample is exactly represented), or (OMP) when the next atom is linearly dependent on the
@@ -89,7 +94,8 @@ def _argmax_abs(C: torch.Tensor, group: int = 8) -> torch.Tensor:
     return torch.gather(cols, 1, torch.gather(C, 1, cols).abs_().argmax(dim=1, keepdim=True))
 
 
-def _screen(C: torch.Tensor, G: torch.Tensor, candidates: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _screen(C: torch.Tensor, G: torch.Tensor, candidates: int | None,
+            nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Restrict each row to ``candidates`` atoms: its first greedy choice and the atoms most correlated after it.
 
     Both coders first take the atom of largest |DᵀY|, exactly (over all atoms). The candidates are that
@@ -99,16 +105,19 @@ def _screen(C: torch.Tensor, G: torch.Tensor, candidates: int | None) -> tuple[t
     structure never make the list and go unused (measured on DINOv2-S patch tokens, 1,536 atoms, k=8,
     32 candidates: 350 atoms unused per batch and held-out signal_recovered 0.714, against 0.722 this way).
 
+    ``nonnegative``: the first choice is the largest positive correlation and the candidates the atoms
+    most positively correlated after it (the only ones a non-negative coder can pick next).
+
     Returns (cc (B, M) correlations in candidate space, cand (B, M) global atom ids or None = all).
     """
     n = C.shape[1]
     if candidates is None or candidates >= n:
         return C, None
-    first = _argmax_abs(C)  # (B, 1)
+    first = C.argmax(dim=1, keepdim=True) if nonnegative else _argmax_abs(C)  # (B, 1)
     gj = G.index_select(0, first.squeeze(1))
     after = torch.addcmul(C, gj, torch.gather(C, 1, first), value=-1, out=gj)  # C − c_j·G_j, in one pass
     after.scatter_(1, first, float("inf"))  # the first choice is always a candidate
-    cand = _top_abs(after, candidates)
+    cand = _topk_nonneg(after.clamp_(min=0), candidates) if nonnegative else _top_abs(after, candidates)
     return torch.gather(C, 1, cand), cand
 
 
@@ -152,14 +161,15 @@ def _check(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int) -> None:
 
 @torch.no_grad()
 def matching_pursuit(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, tol: float = 0.0,
-                     max_steps: int | None = None, refit: bool = False,
-                     candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_steps: int | None = None, refit: bool = False, candidates: int | None = None,
+                     nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Matching pursuit in the Gram domain, all samples in parallel.
 
     Each step picks j = argmax |DᵀR| (restricted to the sample's current atoms once it uses ``k``),
     adds the correlation a = (DᵀR)_j to coefficient j and updates DᵀR -= a·G[:, j] and
     ‖R‖² -= a². Runs at most ``max_steps`` (default 4·k) steps. With ``refit`` the coefficients are
-    finally replaced by the least-squares fit on the chosen support.
+    finally replaced by the least-squares fit on the chosen support. ``nonnegative``: j = argmax (DᵀR)_j,
+    so every step adds a positive amount, and the refit is non-negative least squares.
 
     Returns indices (B, k) int64 (-1 padded) and values (B, k).
     """
@@ -167,7 +177,7 @@ def matching_pursuit(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int
     B = C.shape[0]
     k = min(k, C.shape[1])
     max_steps = 4 * k if max_steps is None else max_steps
-    cc, cand = _screen(C, G, candidates)
+    cc, cand = _screen(C, G, candidates, nonnegative)
     M = cc.shape[1]
     rc = cc.clone()
     sup = torch.full((B, k), -1, dtype=torch.long, device=C.device)
@@ -182,9 +192,9 @@ def matching_pursuit(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int
     for _ in range(max_steps):
         if not bool(active.any()):
             break
-        score = rc.abs()
+        score = rc.clone() if nonnegative else rc.abs()
         full = nnz >= k
-        score = torch.where(full.unsqueeze(1) & ~in_sup, torch.full_like(score, -1.0), score)
+        score = torch.where(full.unsqueeze(1) & ~in_sup, torch.full_like(score, -torch.inf), score)
         best, j = score.max(dim=1)
         active &= best > floor
         a = torch.where(active, rc[rows, j], torch.zeros_like(best))
@@ -201,30 +211,78 @@ def matching_pursuit(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int
         energy = energy - a * a
         active &= energy > stop_energy
     if refit:
-        val = _least_squares(cc, G, cand, sup, val)
+        val = _least_squares(cc, G, cand, sup, val, nonnegative)
     return _to_global(sup, cand), val
 
 
-def _least_squares(cc: torch.Tensor, G: torch.Tensor, cand: torch.Tensor | None, sup: torch.Tensor,
-                   fallback: torch.Tensor) -> torch.Tensor:
-    """Least-squares coefficients on each row's support: solve G_SS γ = c_S (padding -> identity)."""
+def _support_system(cc: torch.Tensor, G: torch.Tensor, cand: torch.Tensor | None,
+                    sup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G_SS (B, k, k) with identity on padding, c_S (B, k) with 0 on padding, used (B, k)) of each support."""
     used = sup >= 0
     gsup = _to_global(sup, cand).clamp(min=0)
     Gss = G[gsup.unsqueeze(2), gsup.unsqueeze(1)]  # (B, k, k)
     pair = used.unsqueeze(2) & used.unsqueeze(1)
     eye = torch.eye(sup.shape[1], dtype=G.dtype, device=G.device).expand_as(Gss)
-    Gss = torch.where(pair, Gss, eye)
-    rhs = torch.where(used, torch.gather(cc, 1, sup.clamp(min=0)), torch.zeros_like(fallback))
+    rhs = torch.gather(cc, 1, sup.clamp(min=0))
+    return torch.where(pair, Gss, eye), torch.where(used, rhs, torch.zeros_like(rhs)), used
+
+
+def _least_squares(cc: torch.Tensor, G: torch.Tensor, cand: torch.Tensor | None, sup: torch.Tensor,
+                   fallback: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
+    """Least-squares coefficients on each row's support: solve G_SS γ = c_S (padding -> identity).
+
+    ``nonnegative``: rows whose solution has a negative entry get the non-negative least-squares one.
+    """
+    Gss, rhs, used = _support_system(cc, G, cand, sup)
     sol, info = torch.linalg.solve_ex(Gss, rhs.unsqueeze(2))
     sol = sol.squeeze(2)
     ok = (info == 0).unsqueeze(1) & torch.isfinite(sol).all(dim=1, keepdim=True)
     # a singular support (duplicate atoms) keeps the pursuit's own coefficients
-    return torch.where(ok & used, sol, fallback)
+    sol = torch.where(ok & used, sol, fallback)
+    return _nonnegative_where_needed(Gss, rhs, sol) if nonnegative else sol
+
+
+def _nonnegative_where_needed(Gss: torch.Tensor, rhs: torch.Tensor, sol: torch.Tensor) -> torch.Tensor:
+    """``sol`` where it is already >= 0, the NNLS solution (``_nnls_gram``) on the other rows."""
+    bad = (sol < 0).any(dim=1)
+    if not bool(bad.any()):
+        return sol
+    out = sol.clone()
+    rows = torch.nonzero(bad).squeeze(1)
+    out[rows] = _nnls_gram(Gss[rows], rhs[rows], sol[rows].clamp(min=0))
+    return out
+
+
+NNLS_SWEEPS = 500  # cap on coordinate-descent sweeps (a k-atom support converges in tens: see the test)
+
+
+def _nnls_gram(Gss: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """min ½xᵀG x − cᵀx over x >= 0 per row (the NNLS problem min ‖y − D_S x‖ in the Gram domain).
+
+    Projected coordinate descent from ``x``: x_i <- max(0, x_i − ((G x)_i − c_i) / G_ii), sweep after
+    sweep, until no coordinate moves by more than round-off of the row's largest coefficient. k is
+    small (the support size), so each sweep is k batched (B, k) products; the objective is strictly
+    convex on a support of independent atoms, so the sweeps converge to the unique NNLS solution.
+    Padding slots (identity row, c = 0) stay at 0.
+    """
+    x = x.clone()
+    diag = torch.diagonal(Gss, dim1=1, dim2=2).clamp(min=torch.finfo(Gss.dtype).tiny)
+    eps = 64 * torch.finfo(Gss.dtype).eps
+    for _ in range(NNLS_SWEEPS):
+        moved = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for i in range(x.shape[1]):
+            grad = (Gss[:, i] * x).sum(dim=1) - rhs[:, i]
+            new = (x[:, i] - grad / diag[:, i]).clamp(min=0)
+            moved = torch.maximum(moved, (new - x[:, i]).abs())
+            x[:, i] = new
+        if bool((moved <= eps * x.abs().amax(dim=1).clamp(min=torch.finfo(x.dtype).tiny)).all()):
+            break
+    return x
 
 
 @torch.no_grad()
 def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, tol: float = 0.0,
-              candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              candidates: int | None = None, nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonal matching pursuit, Batch-OMP style (Rubinstein, Zibulevsky & Elad 2008), batched.
 
     Works only with C = DᵀY and G. The Cholesky factor L of G_SS is grown one row per step; alongside
@@ -236,13 +294,17 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
     with ℓ² = G_jj − ‖w‖², so each step costs one (t × M) product per sample. The coefficients
     γ_S = L⁻ᵀz come from one batched triangular solve at the end.
 
+    ``nonnegative``: each step picks the largest positive (DᵀR)_j (R the least-squares residual, as
+    above), and the final coefficients are the non-negative least-squares fit on the chosen support
+    (the triangular solve's where it is already >= 0).
+
     Returns indices (B, k) int64 (-1 padded) and values (B, k).
     """
     _check(C, G, ysq, k)
     B = C.shape[0]
     k = min(k, C.shape[1])
     dev, dt = C.device, C.dtype
-    cc, cand = _screen(C, G, candidates)
+    cc, cand = _screen(C, G, candidates, nonnegative)
     M = cc.shape[1]
     rc = cc.clone()  # DᵀR over the candidates
     sup = torch.full((B, k), -1, dtype=torch.long, device=dev)
@@ -259,7 +321,8 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
     for t in range(k):
         if not bool(active.any()):
             break
-        best, j = rc.abs().masked_fill_(in_sup, -1.0).max(dim=1)
+        score = rc.masked_fill(in_sup, -torch.inf) if nonnegative else rc.abs().masked_fill_(in_sup, -1.0)
+        best, j = score.max(dim=1)
         active &= best > floor
         # the last step feeds no further one: it needs only G_jj, not the Gram column and DᵀR update
         last = t == k - 1
@@ -284,12 +347,16 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
         energy -= zt * zt
         active &= energy > stop_energy
     gamma = torch.linalg.solve_triangular(L.mT, z.unsqueeze(2), upper=True).squeeze(2)
-    return _to_global(sup, cand), torch.where(sup >= 0, gamma, torch.zeros_like(gamma))
+    gamma = torch.where(sup >= 0, gamma, torch.zeros_like(gamma))
+    if nonnegative:
+        Gss, rhs, _ = _support_system(cc, G, cand, sup)
+        gamma = _nonnegative_where_needed(Gss, rhs, gamma)
+    return _to_global(sup, cand), gamma
 
 
 def code(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, coder: str = "omp", tol: float = 0.0,
          refit: bool = True, max_steps: int | None = None, candidates: int | None = None,
-         chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         chunk: int | None = None, nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch to ``coder`` ("mp" or "omp"), in row chunks of ``chunk`` samples to bound memory."""
     if coder not in CODERS:
         raise VitatlasError(f"unknown coder {coder!r}: use one of {', '.join(CODERS)}")
@@ -302,10 +369,10 @@ def code(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, coder: 
     for s in range(0, B, chunk):
         c, y = C[s:s + chunk], ysq[s:s + chunk]
         if coder == "omp":
-            parts.append(batch_omp(c, G, y, k, tol=tol, candidates=candidates))
+            parts.append(batch_omp(c, G, y, k, tol=tol, candidates=candidates, nonnegative=nonnegative))
         else:
             parts.append(matching_pursuit(c, G, y, k, tol=tol, max_steps=max_steps, refit=refit,
-                                          candidates=candidates))
+                                          candidates=candidates, nonnegative=nonnegative))
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -313,8 +380,8 @@ def code(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, coder: 
 
 def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, coder: str = "omp",
                  tol: float = 0.0, refit: bool = True, max_steps: int | None = None,
-                 candidates: int | None = None, chunk: int = 1024,
-                 residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 candidates: int | None = None, chunk: int = 1024, residual_out: torch.Tensor | None = None,
+                 nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Code signals Y (B, d) over atoms D (n_atoms, d): the product C = Y Dᵀ and the coder, in row chunks.
 
     With screening, each chunk's slice of C is formed in a reused buffer and coded while it is still
@@ -326,7 +393,7 @@ def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, c
     """
     if candidates is None or candidates >= D.shape[0]:
         idx, val = code(Y @ D.T, G, torch.linalg.vector_norm(Y, dim=1) ** 2, k, coder=coder, tol=tol,
-                        refit=refit, max_steps=max_steps, candidates=candidates)
+                        refit=refit, max_steps=max_steps, candidates=candidates, nonnegative=nonnegative)
         if residual_out is not None:
             residual(Y, idx, val, D, out=residual_out)
         return idx, val
@@ -347,7 +414,7 @@ def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, c
             C = torch.matmul(y, D.T, out=buf[:y.shape[0]])
             ysq = torch.linalg.vector_norm(y, dim=1) ** 2
             i, v = code(C, G, ysq, k, coder=coder, tol=tol, refit=refit, max_steps=max_steps,
-                        candidates=candidates, chunk=chunk)
+                        candidates=candidates, chunk=chunk, nonnegative=nonnegative)
             idx[s:s + chunk], val[s:s + chunk] = i, v
             if residual_out is not None:
                 residual(y, i, v, D, out=residual_out[s:s + chunk])

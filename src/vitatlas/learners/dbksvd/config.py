@@ -29,6 +29,9 @@ from ..options import (
 )
 from .coders import CODERS
 
+# What runs and checkpoints saved before an option existed did: a saved config without the key means this.
+LEGACY_VALUES = {"center": False, "nonnegative": False, "dup_threshold": 0.97}
+
 
 @dataclass(frozen=True)
 class DBKSVDConfig(Options):
@@ -50,6 +53,12 @@ class DBKSVDConfig(Options):
     stop_tol: float = option(1e-4, Real(min=0, max=1, max_open=True),
                              "end a stage once the atoms move less than this (median 1 − |cos| between iterations) "
                              "for 3 iterations in a row with every atom used; 0: run every iteration")
+    center: bool = option(True, Flag(), "subtract the data mean before coding (kept as the decoder bias ``b_dec``, "
+                          "added back by decode), as an SAE's b_dec")
+    nonnegative: bool = option(True, Flag(), "codes >= 0: each atom is one direction (coders pick the largest "
+                               "positive correlation; the K-SVD update keeps the codes >= 0)")
+    dup_threshold: float = option(0.97, Real(min=0, max=1, min_open=True),
+                                  "re-draw the less used atom of any pair with |cos| above this")
     approx: bool = option(False, Flag(), "AK-SVD (one step from the codes)")
     refit: bool = option(True, Flag(), "least-squares refit after matching pursuit")
     tol: float = option(0.0, Real(min=0, max=1, max_open=True), "stop coding a sample at this relative residual")

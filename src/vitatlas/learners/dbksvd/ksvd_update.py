@@ -7,7 +7,9 @@ rank-1 approximation of the residual without atom j, restricted to those samples
 
 The top singular vector comes from a few power-iteration steps warm-started from the current atom
 (the previous solution is already close), never from a full SVD. ``approx=True`` gives approximate
-K-SVD (AK-SVD, Rubinstein et al. 2008): one step u ∝ E_jᵀγ_j, then γ_j = E_j u.
+K-SVD (AK-SVD, Rubinstein et al. 2008): one step u ∝ E_jᵀγ_j, then γ_j = E_j u. ``nonnegative=True``
+keeps the codes >= 0 (for the non-negative coders): each power step uses γ = max(E u, 0), the best
+non-negative codes for direction u, and so does the final one.
 
 Atoms are shuffled and split into batches; all atoms of a batch are updated at once against the same
 residual snapshot (vectorised over the non-zeros that belong to the batch — no Python loop per atom),
@@ -46,7 +48,7 @@ def _ptr(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
 @torch.no_grad()
 def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                   a: torch.Tensor, atoms: torch.Tensor, n_power: int, approx: bool, memory: float = 0.0,
-                  distributed: bool = False) -> None:
+                  distributed: bool = False, nonnegative: bool = False) -> None:
     """Rank-1 updates of ``atoms`` from their non-zeros (rows, cols) sorted by batch slot ``a``.
 
     The restricted residuals E_j = R[Ω_j] + γ_j d_jᵀ are never formed: with S the (m, B) sparse
@@ -64,13 +66,14 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
     key, by_sample = torch.sort(rows * m + a)
     pattern = csr_tensor(_ptr(key // m, B), key % m, torch.ones_like(v_old), (B, m))
 
-    def e_dot(U: torch.Tensor) -> torch.Tensor:  # (P,): E_p · u_{a_p}
+    def e_dot(U: torch.Tensor) -> torch.Tensor:  # (P,): E_p · u_{a_p} (clamped at 0 when non-negative)
         if distributed and not rows.numel():
             return v_old.clone()  # empty: this rank has no non-zero of these atoms
         sd = torch.sparse.sampled_addmm(pattern, R, U.T, beta=0.0).values()
         out = torch.empty_like(sd)
         out[by_sample] = sd
-        return out + v_old * (D_old * U).sum(dim=1)[a]
+        out += v_old * (D_old * U).sum(dim=1)[a]
+        return out.clamp_(min=0) if nonnegative else out
 
     def et_times(w: torch.Tensor) -> torch.Tensor:  # (m, d): Σ_{p in atom} w_p E_p
         coef = torch.zeros(m, dtype=w.dtype, device=w.device).index_add_(0, a, w * v_old)
@@ -114,7 +117,8 @@ def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: tor
 
 @torch.no_grad()
 def update_atom_batch(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, atoms: torch.Tensor,
-                      *, n_power: int = 3, approx: bool = False, memory: float = 0.0) -> None:
+                      *, n_power: int = 3, approx: bool = False, memory: float = 0.0,
+                      nonnegative: bool = False) -> None:
     """Update the atoms ``atoms`` (1-D ids) in place, all against the current residual snapshot.
 
     R (B, d) residual Y − Σ val·D[idx] (updated in place), D (n_atoms, d) atoms (updated in place),
@@ -127,7 +131,7 @@ def update_atom_batch(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: 
     rows, cols = torch.nonzero(slot >= 0, as_tuple=True)
     a, order = torch.sort(slot[rows, cols], stable=True)
     rows, cols = rows[order], cols[order]
-    _update_slice(R, D, val, rows, cols, a, atoms, n_power, approx, memory)
+    _update_slice(R, D, val, rows, cols, a, atoms, n_power, approx, memory, nonnegative=nonnegative)
 
 
 @torch.no_grad()
@@ -206,7 +210,8 @@ def duplicates(G: torch.Tensor, counts: torch.Tensor, trainable: torch.Tensor, t
 def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, *, atom_batch: int,
                 trainable: torch.Tensor | None = None, n_power: int = 3, approx: bool = False,
                 generator: torch.Generator | None = None, redraw: bool = True, G: torch.Tensor | None = None,
-                dup_threshold: float = 0.97, memory: float = 0.0, distributed: bool = False) -> torch.Tensor:
+                dup_threshold: float = 0.97, memory: float = 0.0, distributed: bool = False,
+                nonnegative: bool = False) -> torch.Tensor:
     """One K-SVD sweep over the dictionary, in place on R, D and val.
 
     R (B, d) residual for codes (idx, val) (B, k); D (n_atoms, d). ``trainable`` (1-D ids, default all)
@@ -242,7 +247,7 @@ def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.
         atoms = order[start:start + step]
         if hi > lo or distributed:  # under torchrun every rank takes part in every batch's reductions
             _update_slice(R, D, val, rows[lo:hi], cols[lo:hi], r_sorted[lo:hi] - start, atoms, n_power, approx,
-                          memory, distributed)
+                          memory, distributed, nonnegative)
     if redraw:
         stale = counts == 0
         hit = None

@@ -21,7 +21,13 @@ With ``groups=[64, 256, 1024]`` (Matryoshka), the atoms are fitted group by grou
 the prefix D[:groups[g]] but only updates its new atoms (initialised from residuals of the previous
 prefix), so every prefix is a usable dictionary on its own.
 
-Handling of edge cases: zero rows get zero codes; NaN/Inf rows are refused (VitatlasError naming the
+Centring (``center``, the default): the data mean μ is computed once, in one streamed pass before the
+first iteration, and every sample is coded as y − μ; μ is the decoder bias ``b_dec`` (saved with the
+atoms), which ``decode`` adds back, as an SAE's. Non-negative codes (``nonnegative``, the default): the
+coders pick atoms by positive correlation and keep coefficients >= 0 (``coders``), the K-SVD update keeps
+the codes >= 0 (``ksvd_update``). Runs saved before these options existed load with both off.
+
+Handling of edge cases: zero rows get zero codes (without centring); NaN/Inf rows are refused (VitatlasError naming the
 row); ``k >= d`` is refused (the codes would not be sparse: every sample is fitted exactly);
 ``n_atoms < k`` is refused.
 
@@ -29,7 +35,9 @@ Data-parallel under ``torchrun`` (``vitatlas.distributed``): every rank walks th
 order and codes its own contiguous slice (``distributed.shard``) of each global batch against the same
 dictionary; the K-SVD update all-reduces the per-atom products Eᵀw and the usage counts, and the rows
 that replace unused atoms are drawn over all ranks with the same random numbers (``ksvd_update``), so
-every rank keeps the same atoms (checked, and rank 0's copy broadcast, at every checkpoint). The batch
+every rank keeps the same atoms (checked, and rank 0's copy broadcast, at every checkpoint). The mean
+of ``center`` is summed over each rank's share of the batches and all-reduced (float64), so it is the
+same on every rank. The batch
 signal_recovered and the atom movement (the early stop's measure) are reduced. Rank 0 alone writes
 checkpoints; on resume rank 0 reads the checkpoint and broadcasts it. A single process runs no
 collective and is unchanged. ``partial_fit`` is not split across ranks.
@@ -68,7 +76,7 @@ from ...errors import VitatlasError
 from ..checkpoint import Checkpoint, resume_options
 from ..options import resolve_dtype
 from .coders import code_signals, residual, to_dense
-from .config import DBKSVDConfig
+from .config import LEGACY_VALUES, DBKSVDConfig
 from .ksvd_update import ksvd_update
 
 CHECKPOINT_FORMAT = "vitatlas-dbksvd-checkpoint"
@@ -113,6 +121,8 @@ class DBKSVD(Dictionary):
         self._step = 0  # position in the planned schedule of iterations (a stopped stage skips its rest)
         self._quiet = 0  # iterations in a row in which the atoms stood still (see ``stop_tol``)
         self._ramp = 40  # iterations over which the memory weight grows (fit sets its own total)
+        self.b_dec: torch.Tensor | None = None  # (d,) data mean subtracted before coding (``center``)
+        self._Yc_buf: torch.Tensor | None = None  # the centred batch, reused while fitting (as ``_R_buf``)
 
     # ---- Dictionary interface -------------------------------------------------------------------
     @property
@@ -130,19 +140,36 @@ class DBKSVD(Dictionary):
     def _config(self) -> dict:
         return self.config.to_dict()
 
+    @classmethod
+    def _saved_options(cls, config: dict) -> dict:
+        """A run saved before an option existed behaves as it did then (``LEGACY_VALUES``)."""
+        return {**LEGACY_VALUES, **config}
+
     @property
     def atoms(self) -> torch.Tensor:
         self._check_fitted()
         return self._D
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {"atoms": self._D}
+        return {"atoms": self._D} if self.b_dec is None else {"atoms": self._D, "b_dec": self.b_dec}
 
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         D = tensors["atoms"]
         if D.shape != (self.n_atoms, int(meta["d"])):
             raise VitatlasError(f"saved atoms have shape {tuple(D.shape)}, expected ({self.n_atoms}, {meta['d']})")
         self.set_atoms(D)
+        self._load_bias(tensors.get("b_dec"), "saved dictionary")
+
+    def _load_bias(self, b: torch.Tensor | None, what: str) -> None:
+        """Restore ``b_dec`` from saved tensors: required (shape (d,)) when centred, else absent."""
+        if not self.config.center:
+            self.b_dec = None
+            return
+        if b is None or tuple(b.shape) != (self.d,):
+            got = "none" if b is None else f"shape {tuple(b.shape)}"
+            raise VitatlasError(f"the {what} is centred (center=true) but holds no decoder bias b_dec of shape "
+                                f"({self.d},) (got {got}): it is damaged, fit it again")
+        self.b_dec = b.to(self.device, self.dtype).contiguous()
 
     def set_atoms(self, D: torch.Tensor) -> None:
         """Use the rows of ``D`` (n_atoms, d) as the atoms, e.g. a prefix of another dictionary or a warm start."""
@@ -159,12 +186,24 @@ class DBKSVD(Dictionary):
 
     def _code(self, Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, candidates: int | None,
               residual_out: torch.Tensor | None = None):
+        """Codes of the (already centred) samples Y over atoms D."""
         return code_signals(Y, D, G, self.k, coder=self.config.coder, tol=self.config.tol, refit=self.config.refit,
-                            max_steps=self.config.mp_steps, candidates=candidates, residual_out=residual_out)
+                            max_steps=self.config.mp_steps, candidates=candidates, residual_out=residual_out,
+                            nonnegative=self.config.nonnegative)
+
+    def _centred(self, Y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Y − b_dec (Y itself when not centred), into ``out`` if given."""
+        if self.b_dec is None:
+            return Y
+        return torch.sub(Y, self.b_dec, out=out)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        idx, val = self._code(x, self._D, self._gram(), None)  # encoding is exact
+        idx, val = self._code(self._centred(x), self._D, self._gram(), None)  # encoding is exact
         return to_dense(idx, val, self.n_atoms)
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        out = codes @ self.atoms
+        return out if self.b_dec is None else out.add_(self.b_dec)
 
     def _fit_candidates(self, n_prefix: int) -> int | None:
         if self.config.candidates == "auto":
@@ -220,6 +259,9 @@ class DBKSVD(Dictionary):
         (data-parallel), Y is this rank's slice of the global batch: the update, the signal_recovered
         and the movement are over the whole global batch (module docstring).
         """
+        if self.b_dec is not None:
+            self._Yc_buf = self._buffer(self._Yc_buf, Y)
+            Y = self._centred(Y, out=self._Yc_buf[:Y.shape[0]])
         D = self._D[:hi].clone()
         G = D @ D.T
         R = self._residual_buffer(Y)
@@ -227,7 +269,8 @@ class DBKSVD(Dictionary):
         trainable = torch.arange(lo, hi, device=D.device)
         counts = ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable,
                              n_power=self.config.n_power, approx=self.config.approx, generator=self._gen, G=G,
-                             redraw=redraw, memory=self._memory_weight(), distributed=split)
+                             redraw=redraw, memory=self._memory_weight(), distributed=split,
+                             dup_threshold=self.config.dup_threshold, nonnegative=self.config.nonnegative)
         moved = 1 - (D[lo:hi] * self._D[lo:hi]).sum(dim=1).abs()
         self._D[lo:hi] = D[lo:hi]
         self._G = None
@@ -245,11 +288,39 @@ class DBKSVD(Dictionary):
 
     def _residual_buffer(self, Y: torch.Tensor) -> torch.Tensor:
         """A (len(Y), d) view of the reused residual buffer (grown, never shrunk, while fitting)."""
-        buf = self._R_buf
+        self._R_buf = self._buffer(self._R_buf, Y)
+        return self._R_buf[:Y.shape[0]]
+
+    @staticmethod
+    def _buffer(buf: torch.Tensor | None, Y: torch.Tensor) -> torch.Tensor:
+        """``buf`` if it can hold Y's rows (same width, dtype, device), else a new one like Y."""
         if buf is None or buf.shape[0] < Y.shape[0] or buf.shape[1:] != Y.shape[1:] or buf.dtype != Y.dtype \
                 or buf.device != Y.device:
-            buf = self._R_buf = torch.empty_like(Y)
-        return buf[:Y.shape[0]]
+            return torch.empty_like(Y)
+        return buf
+
+    @torch.no_grad()
+    def _fit_mean(self, X: ArrayLike, d: int) -> None:
+        """``b_dec`` = the mean row of X (``center``), in float64, in one streamed pass (None if not centred).
+
+        Data-parallel: each rank sums every world-size-th batch and the sums are all-reduced, so every
+        rank gets the same mean (one process reads every batch).
+        """
+        if not self.config.center:
+            self.b_dec = None
+            return
+        w = distributed.world()
+        total = torch.zeros(d, dtype=torch.float64)
+        count = torch.zeros(1, dtype=torch.float64)
+        batches = iter_batches(X, self._sample_batch(), shuffle=False, seed=0, device="cpu", dtype=self.dtype, d=d)
+        for b, Y in enumerate(batches):
+            if b % w.size == w.rank:
+                total += Y.sum(dim=0, dtype=torch.float64)
+                count += Y.shape[0]
+        if w.distributed:
+            distributed.all_reduce_(total)
+            distributed.all_reduce_(count)
+        self.b_dec = (total / count.clamp(min=1)).to(self.device, self.dtype)
 
     def _init_atoms(self, X: ArrayLike, n: int, d: int) -> None:
         """Atoms = random data rows (normalised); random directions for zero rows or n < n_atoms."""
@@ -262,6 +333,8 @@ class DBKSVD(Dictionary):
         source = type(X)(X.path, allow_incomplete=True) if is_store(X) else X
         rows = as_tensor(rows_of(source, ids), d=d, dtype=self.dtype)
         del source
+        if self.b_dec is not None:
+            rows = rows - self.b_dec.to(rows.device)
         self._init_from_rows(rows, 0, m, d)
 
     def _init_from_rows(self, rows: torch.Tensor, lo: int, hi: int, d: int) -> None:
@@ -278,6 +351,7 @@ class DBKSVD(Dictionary):
 
     def _init_stage_from_residual(self, Y: torch.Tensor, lo: int, hi: int) -> None:
         """Matryoshka: new atoms of a stage start as random residual rows of the previous prefix."""
+        Y = self._centred(Y)
         D = self._D[:lo]
         idx, val = self._code(Y, D, D @ D.T, self._fit_candidates(lo))
         R = residual(Y, idx, val, D)
@@ -304,6 +378,7 @@ class DBKSVD(Dictionary):
             raise VitatlasError("X is empty (0 rows): pass at least one sample")
         self.d = None
         self._D = None
+        self.b_dec = None
         self._check_width(d)
         self.record_fit_source(X)
         fingerprint = _fingerprint(X, n, d, self._config())
@@ -319,6 +394,7 @@ class DBKSVD(Dictionary):
         elif ckpt is not None and ckpt.exists():
             self._load_checkpoint(ckpt, fingerprint)
         else:
+            self._fit_mean(X, d)
             self._init_atoms(X, n, d)
         per_epoch, epochs = math.ceil(n / self._sample_batch()), self._epochs(n)
         total = len(self._stages()) * epochs * per_epoch
@@ -349,11 +425,11 @@ class DBKSVD(Dictionary):
                 if callback is not None:
                     callback(done, sr)
         except VitatlasError:
-            self.d, self._D, self._G = None, None, None  # bad data: leave no half-fitted dictionary behind
+            self.d, self._D, self._G, self.b_dec = None, None, None, None  # bad data: no half-fitted dictionary
             raise
         finally:
             bar.close()
-            self._R_buf = None
+            self._R_buf = self._Yc_buf = None
         if w.distributed:
             self._agree_on_atoms()
         if ckpt is not None:
@@ -394,6 +470,7 @@ class DBKSVD(Dictionary):
         if self._D is None:
             if not self.fit_info:
                 self.record_fit_source(X)
+            self._fit_mean(X, d)  # the first call's data decides the mean
             self._init_atoms(X, n, d)
         try:
             for Y in iter_batches(X, self._sample_batch(), shuffle=False, seed=0, device=self.device,
@@ -401,7 +478,7 @@ class DBKSVD(Dictionary):
                 self.history.append(self._iteration(Y, 0, self.n_atoms)[0])
                 self._step += 1
         finally:
-            self._R_buf = None
+            self._R_buf = self._Yc_buf = None
         return self
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -421,7 +498,8 @@ class DBKSVD(Dictionary):
         if w.distributed:
             self._agree_on_atoms()
         if w.is_main:
-            ckpt.save(self._step, {"atoms": self._D, "rng": self._gen.get_state()},
+            bias = {} if self.b_dec is None else {"b_dec": self.b_dec}
+            ckpt.save(self._step, {"atoms": self._D, "rng": self._gen.get_state(), **bias},
                       {"identity": fingerprint, "history": self.history, "d": self.d, "quiet": self._quiet})
         if w.distributed:
             distributed.barrier("writing the DBK-SVD checkpoint")
@@ -445,6 +523,7 @@ class DBKSVD(Dictionary):
         w = distributed.world()
         resume = distributed.broadcast_object(ckpt is not None and ckpt.exists())
         if not resume:
+            self._fit_mean(X, d)  # all-reduced: the same on every rank
             self._init_atoms(X, n, d)  # the same seeded rows on every rank
             self._agree_on_atoms()
             return
@@ -462,6 +541,10 @@ class DBKSVD(Dictionary):
             self.set_atoms(torch.zeros(self.n_atoms, d, dtype=self.dtype))
             self._step, self.history, self._quiet = int(state["step"]), list(state["history"]), int(state["quiet"])
         distributed.broadcast_(self._D, 0)
+        if self.config.center:
+            if not w.is_main:
+                self.b_dec = torch.zeros(d, dtype=self.dtype, device=self.device)
+            distributed.broadcast_(self.b_dec, 0)
         rng = self._gen.get_state()
         distributed.broadcast_(rng, 0)
         self._gen.set_state(rng)
@@ -471,6 +554,7 @@ class DBKSVD(Dictionary):
         if "atoms" not in t or "rng" not in t or not isinstance(meta.get("history"), list):
             raise VitatlasError(f"DBK-SVD checkpoint in {ckpt.dir} is damaged: delete {ckpt.dir} to start over")
         self.set_atoms(t["atoms"])
+        self._load_bias(t.get("b_dec"), f"DBK-SVD checkpoint in {ckpt.dir}")
         self._gen.set_state(t["rng"])
         self._step = int(meta["step"])
         self.history = list(meta["history"])
@@ -479,7 +563,12 @@ class DBKSVD(Dictionary):
 
 @torch.no_grad()
 def _fingerprint(X: ArrayLike, n: int, d: int, config: dict) -> str:
-    """Hash of the options that shape the fit and of the data (see ``data_fingerprint``)."""
-    h = hashlib.sha256(json.dumps({"opts": resume_options(config)}, sort_keys=True).encode())
+    """Hash of the options that shape the fit and of the data (see ``data_fingerprint``).
+
+    Options at their ``LEGACY_VALUES`` are left out, so a checkpoint written before they existed still
+    resumes under options that behave as it did.
+    """
+    opts = {k: v for k, v in resume_options(config).items() if not (k in LEGACY_VALUES and v == LEGACY_VALUES[k])}
+    h = hashlib.sha256(json.dumps({"opts": opts}, sort_keys=True).encode())
     h.update(data_fingerprint(X, n, d).encode())
     return h.hexdigest()
