@@ -304,3 +304,25 @@ def test_cli_writes_the_report_and_refuses_other_images(rotated, tmp_path, capsy
                               tmp_path / "bad", "--no-progress"], capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert "hold different images" in err
+
+
+def test_report_with_cards_shows_their_labels_and_refuses_cards_of_another_run(tmp_path):
+    import vitatlas
+
+    rng = np.random.default_rng(6)
+    labels = np.arange(60) % 3
+    X = rng.standard_normal((60, 6)).astype(np.float32) + labels[:, None] * 3.0  # classes apart
+    s = token_store(tmp_path / "s", X, per_image=1, tokens="cls", labels=labels)
+    d = make_baseline("kmeans", n_atoms=3, k=1).fit(s, progress=False)
+    cards = tmp_path / "cards"
+    vitatlas.interpret(d, s, top=4, images=False, progress=False).save(cards, progress=False)
+    c = compare(d, d, s, s, names=("one", "two"), progress=False)
+    text = write_compare(c, tmp_path / "out", cards_a=cards, cards_b=cards).read_text()
+    assert "| top-10 class | one card | two card |" in text
+    first = json.loads((cards / "atoms.jsonl").read_text().splitlines()[0])["labels"][0]
+    assert f"{first['label']} (κ {first['kappa']:.2f})" in text  # the card's class label, in both card columns
+    other = make_baseline("kmeans", n_atoms=4, k=1).fit(s, progress=False)
+    c2 = compare(d, other, s, s, progress=False)
+    with pytest.raises(VitatlasError, match="describe 3 atoms but run b has 4") as excinfo:
+        write_compare(c2, tmp_path / "out2", cards_b=cards)
+    one_line(excinfo)

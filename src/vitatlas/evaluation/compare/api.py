@@ -81,10 +81,11 @@ class Comparison:
         top = np.argsort(-np.abs(per_image), kind="stable")[:n]
         return [(int(self.alignment.image_ids[i]), float(per_image[i])) for i in top if per_image[i] != 0]
 
-    def label_of(self, image_pos_or_id: int) -> str | None:
+    def label_of(self, image_id: int) -> str | None:
+        """The class name (or number) of an image of the comparison, None when the store has no labels."""
         if self.image_labels is None:
             return None
-        pos = int(np.searchsorted(self.alignment.image_ids, image_pos_or_id))
+        pos = int(np.searchsorted(self.alignment.image_ids, image_id))
         lab = int(self.image_labels[pos])
         if lab < 0:
             return None

@@ -95,16 +95,16 @@ def unique_atoms(c: Comparison, side: int, n: int = N_LISTED) -> np.ndarray:
 def _table(c: Comparison, side: int, atoms: np.ndarray, cards: tuple, out: Path) -> list[str]:
     me, other = c.names[side], c.names[1 - side]
     head = f"| {me} atom | best match in {other} | score | r | mutual | top images (class) | top-10 class |"
-    rows = [head, "|---:|---:|---:|---:|:-:|---|---|"]
-    if cards[side] is not None or cards[1 - side] is not None:
-        rows = [head[:-1] + f" {me} card | {other} card |", "|---:|---:|---:|---:|:-:|---|---|---|---|"]
+    with_cards = cards[side] is not None or cards[1 - side] is not None
+    rows = ([head + f" {me} card | {other} card |", "|---:|---:|---:|---:|:-:|---|---|---|---|"] if with_cards
+            else [head, "|---:|---:|---:|---:|:-:|---|---|"])
     mut = c.mutual(side)
     m = c.matches[side]
     for a in atoms:
         j = int(m.match[a])
         row = (f"| {a} | {j} | {m.score[a]:.3f} | {m.correlation[a]:+.3f} | {'yes' if mut[a] else ''} | "
                f"{_images_text(c, side, int(a))} | {_class_mix(c, side, int(a))} |")
-        if len(rows[1].split("|")) > 9:
+        if with_cards:
             row += (f" {_card_label(cards[side], int(a))} {_card_link(cards[side], int(a), out)} |"
                     f" {_card_label(cards[1 - side], j)} {_card_link(cards[1 - side], j, out)} |")
         rows.append(row)
