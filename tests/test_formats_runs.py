@@ -73,7 +73,9 @@ def test_export_saelens_reimports_with_the_same_codes(tmp_path, trained, family)
     assert np.array_equal(got != 0, want != 0)
     close(got, want)  # b/s and threshold/s are folded in float32: equal within rounding
     close(back.reconstruct(X), sae.reconstruct(X))
-    assert back.fit_info["model"] == "hf:tiny" and back.fit_info["layer"] == 1
+    # what the SAE reads comes back from the metadata, the store's token kind included
+    assert {k: back.fit_info.get(k) for k in ("model", "layer", "tokens")} == {"model": "hf:tiny", "layer": 1,
+                                                                                "tokens": "patches"}
 
 
 @pytest.mark.parametrize("family", ["topk", "matryoshka-topk"])

@@ -54,8 +54,8 @@ def layer_from_hook(hook: str | None) -> int | None:
 def identity(options: ImportOptions, d: int, found: dict) -> dict:
     """fit_info for an imported SAE: the command line's model/layer/tokens over the checkpoint's own."""
     info = {"source": "store", "imported": True, "d": int(d)}
-    for key in ("model", "layer", "tokens"):
-        value = getattr(options, key)
+    for key in ("model", "model_revision", "layer", "tokens"):
+        value = getattr(options, key, None)
         value = found.get(key) if value is None else value
         if value is not None:
             info[key] = value

@@ -135,6 +135,8 @@ def from_config(cfg: dict, tensors: dict[str, torch.Tensor], options: ImportOpti
     layer = meta.get("hook_layer", cfg.get("hook_layer"))
     found = {"model": meta.get("model_name") or cfg.get("model_name"),
              "layer": layer if isinstance(layer, int) else layer_from_hook(hook)}
+    ours = meta.get("vitatlas") if isinstance(meta.get("vitatlas"), dict) else {}
+    found |= {k: ours[k] for k in ("model", "model_revision", "layer", "tokens") if ours.get(k) is not None}
     source = {"format": fmt, "architecture": arch, "file": where, "normalize_activations": norm,
               "apply_b_dec_to_input": apply_b_dec, "hook_name": hook, "model_name": found["model"]}
     if rescale:
