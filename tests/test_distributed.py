@@ -72,9 +72,11 @@ def test_collectives_on_two_gloo_processes():
 
 
 def _peer_dies(rank: int):
-    if rank == 1:
-        os._exit(3)  # a rank that vanishes mid-job (killed, out of memory)
     try:
+        # both ranks get past joining the group first: a rank 1 gone while rank 0 still joins would fail the join
+        distributed.barrier()
+        if rank == 1:
+            os._exit(3)  # a rank that vanishes mid-job (killed, out of memory)
         distributed.all_reduce_(torch.ones(4))
     except VitatlasError as exc:
         return str(exc)

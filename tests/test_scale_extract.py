@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from _dist import torchrun
+from _dist import assert_job_stopped_with_one_line_error, torchrun
 from _tiny import save_tiny_dinov2
 from PIL import Image
 
@@ -68,14 +68,11 @@ def test_two_ranks_write_the_store_of_one_process_and_resume_it_after_a_kill_wit
     every file of a store made by 2 ranks is checked against the one-process store."""
     model, folder, reference = setup
     killed = tmp_path / "killed"
-    # rank 1 computes shards 1 and 3: it dies before writing shard 3, after round 0 was committed
+    # rank 1 computes shards 1 and 3: it dies just before writing shard 3, in round 1, which it enters only
+    # once rank 0 has committed round 0 (the ranks meet after every commit), so round 0 is on disk however
+    # the two processes are scheduled
     res = torchrun(cli_args(model, folder, killed), nproc=2, env={"VITATLAS_TEST_EXIT_AT": "1:3"})
-    assert res.returncode != 0
-    lines = res.stderr.replace("\r", "\n").splitlines()
-    errors = [ln for ln in lines if "[rank 0] error:" in ln]
-    assert errors, res.stderr[-3000:]  # one line: lost contact with rank 1, or stopped by torchrun
-    assert "re-run the same command" in errors[0]
-    assert not [ln for ln in lines if ln.strip().startswith("File") and "vitatlas" in ln]  # no worker traceback
+    assert_job_stopped_with_one_line_error(res)
     for kind in ("cls", "patches"):  # only round 0 (shards 0 and 1) is committed, and every file of it is whole
         partial = ActivationStore(killed / kind, allow_incomplete=True)
         assert [s.name for s in partial.shards] == ["shard-00000", "shard-00001"]

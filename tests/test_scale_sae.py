@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from _dist import (
+    assert_job_stopped_with_one_line_error,
     assert_survivor_stopped_cleanly,
     error_or_finished,
     run_ranks,
@@ -142,7 +143,7 @@ def test_torchrun_fit_writes_one_run_equal_to_one_process_and_resumes_after_a_ki
     # kill rank 1 after step 7 (a checkpoint was written at step 4): the job fails; a re-run resumes
     killed = tmp_path / "killed"
     res = torchrun(_cli_args(store, killed), nproc=2, env={"VITATLAS_TEST_EXIT_AT": "1:7"})
-    assert res.returncode != 0
+    assert_job_stopped_with_one_line_error(res)
     state = json.loads((killed / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4 and not state["complete"]
     shutil.copytree(killed, tmp_path / "killed-1")
