@@ -24,7 +24,8 @@ from .matching import DECODER, behaviour_pairs, best_matches, choose_matching, m
 from .table import AtomTable, Query
 
 METRIC_ROWS = 8192  # rows of the store used for the compare page's reconstruction metrics
-BEHAVIOUR_IMAGES = 2000  # images of the store a behaviour match on the compare page uses (a fixed sample)
+BEHAVIOUR_IMAGES = 500  # images a behaviour match on the compare page uses (a fixed sample: one page visit
+# encodes them with both runs, ~257 rows an image on patch stores)
 
 
 @dataclass
