@@ -469,6 +469,7 @@ def _one_line(exc):
     ({"normalize_activations": "covariance_whitening"}, "normalize_activations 'covariance_whitening'"),
     ({"d_sae": N + 1}, "tensor 'W_dec' .* has shape"),
     ({"d_in": "twelve"}, "field 'd_in' must be a positive integer"),
+    ({"reshape_activations": "hook_z"}, "reads attention head outputs"),
 ])
 def test_bad_saelens_configs(tmp_path, change, match):
     write_saelens(tmp_path / "s", "standard", saelens_tensors("standard"), **change)

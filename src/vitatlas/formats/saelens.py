@@ -81,6 +81,9 @@ def from_config(cfg: dict, tensors: dict[str, torch.Tensor], options: ImportOpti
                             f"{', '.join(NORMALIZATIONS)}); fold it into the weights with SAELens first")
     if cfg.get("finetuning_scaling_factor") and "scaling_factor" in tensors:
         raise VitatlasError(f"{where}: a finetuning scaling_factor is not supported: re-save the SAE with SAELens 6")
+    if cfg.get("reshape_activations", "none") not in ("none", None):
+        raise VitatlasError(f"{where}: reshape_activations={cfg['reshape_activations']!r}: this SAE reads attention "
+                            "head outputs, not the residual stream a vitatlas store holds")
     f = Fields({k: v for k, v in tensors.items() if k != "scaling_factor"}, where)
     d_in, d_sae = config_int(cfg, "d_in", where), config_int(cfg, "d_sae", where)
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
