@@ -65,7 +65,7 @@ def unit_activations(dictionary: Dictionary, store: ActivationStore, side: Side,
             codes = np.asarray(dictionary.encode(store.rows(side.rows[lo:hi])), dtype=np.float32)
             if images is not None:
                 codes = aggregate_rows(codes, side.starts[images[0]:images[1]] - lo, aggregate)
-            parts.append(sp.csr_matrix(codes.astype(np.float64)))
+            parts.append(sp.csr_matrix(codes).astype(np.float64))  # sparse first: no dense float64 copy
             bar.update(hi - lo)
     out = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
     out.sum_duplicates()
