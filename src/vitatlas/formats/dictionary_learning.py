@@ -51,7 +51,7 @@ def read(path: Path, options: ImportOptions) -> ImportedSAE:
             t["threshold"] = f.take("threshold", (n,))
         else:
             activation, subtract = "jumprelu", True
-            t["threshold"] = f.take("threshold").reshape(()).expand(n).clone()
+            t["threshold"] = torch.full((n,), f.scalar("threshold"), dtype=torch.float64)
     else:
         n, d = f.matrix("encoder.weight")
         t = {"W_enc": f.take("encoder.weight", (n, d)), "b_enc": f.take("encoder.bias", (n,)),
@@ -74,7 +74,7 @@ def read(path: Path, options: ImportOptions) -> ImportedSAE:
                 opts["k"] = int(f.take("k").reshape(())) if f.has("k") else int(trainer.get("k", 0))
             else:
                 activation = "jumprelu"
-                t["threshold"] = f.take("threshold").reshape(()).expand(n).clone()
+                t["threshold"] = torch.full((n,), f.scalar("threshold"), dtype=torch.float64)
     layer = trainer.get("layer")
     found = {"model": trainer.get("lm_name"), "layer": layer if isinstance(layer, int) else None}
     source = {"format": "dictionary_learning", "architecture": cls, "file": str(weights),

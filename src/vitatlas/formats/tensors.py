@@ -73,7 +73,8 @@ def read_json_line(path: Path) -> tuple[dict, bytes]:
     try:
         header = json.loads(head.decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise VitatlasError(f"{path} does not start with saev's JSON header line: it is not a saev sae.pt") from None
+        raise VitatlasError(f"{path} does not start with saev's JSON header line: it is not a saev sae.pt (an "
+                            "overcomplete state dict needs --format overcomplete --kind ...)") from None
     if not sep or not isinstance(header, dict):
         raise VitatlasError(f"{path} has no state dict after its JSON header line: it is not a saev sae.pt")
     return header, rest
