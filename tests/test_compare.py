@@ -156,8 +156,9 @@ def test_behaviour_pairs_rotated_dictionaries_and_decoder_cosine_does_not(rotate
 def test_shuffled_images_give_matches_at_the_null(rotated):
     a, _, shuffled, da, db = rotated
     s = compare(da, db, a, shuffled, progress=False).summary()
-    # at the null about 1 - 0.99 of the atoms pass by chance; 48 atoms: allow a few
-    assert s["shared_fraction_a"] <= 0.1 and s["shared_fraction_b"] <= 0.1
+    # at the null about 1 - 0.99 of the atoms pass by chance, but one shuffling moves all 48 atoms' scores
+    # together (3/48 here): allow 7; matched stores give 48/48
+    assert s["shared_fraction_a"] <= 0.15 and s["shared_fraction_b"] <= 0.15
     assert s["median_score_a"] < 2 * s["median_null_score_a"]
     assert s["null_threshold_a"] < 0.2
 
