@@ -123,10 +123,10 @@ def bench_table(tmp: Path, n_atoms: int, repeats: int, device: str, browser: boo
         print(f"table page (server side), {name:24s}: {1000 * seconds:7.1f} ms wall, {1000 * cpu:7.1f} ms CPU "
               f"({page['total']} atoms match)")
     if browser:
-        browser_page_load(explorer, repeats)
+        browser_page_load(explorer, repeats, tmp / "chromium-profile")
 
 
-def browser_page_load(explorer, repeats: int) -> None:
+def browser_page_load(explorer, repeats: int, profile: Path) -> None:
     """Navigation to the drawn table in headless Chromium, when the browser is installed."""
     chromium = os.environ.get("VITATLAS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = os.environ.get("VITATLAS_CHROMEDRIVER") or shutil.which("chromedriver")
@@ -153,7 +153,7 @@ def browser_page_load(explorer, repeats: int) -> None:
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1000"):
+                "--window-size=1400,1000", f"--user-data-dir={profile}"):  # the profile goes with the run's tmp
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
     try:

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,39 +110,41 @@ def _memory_child(n_images: int, n_atoms: int, top: int, device: str) -> None:
             pass
 
     d, P = 384, 256
-    root = Path(tempfile.mkdtemp(prefix="vitatlas-bench-interpret-"))
-    positions = list(range(1, P + 1))
-    writer = StoreWriter(root / "store", d=d, dtype="float16", identity={"bench": True},
-                         meta={"model": {"name": "synthetic", "image_size": 224, "patch_size": 14,
-                                         "n_prefix_tokens": 1}, "source": {"name": "synthetic"}, "layer": 0,
-                               "tokens": "patches", "token_positions": positions}, has_labels=False)
-    rng = np.random.default_rng(0)
-    for start in range(0, n_images, 32):
-        ids = np.arange(start, min(start + 32, n_images))
-        acts = rng.standard_normal((ids.size * P, d)).astype(np.float32)
-        index = np.stack([np.repeat(ids, P), np.tile(positions, ids.size)], axis=1)
-        writer.write_shard(acts, index, None, n_images=ids.size)
-    writer.finish()
-    store = vitatlas.ActivationStore(root / "store")
-    before = peak_rss_mib()
-    t0 = time.perf_counter()
-    cards = vitatlas.interpret(SignedTopK(n_atoms, d, device=device), store, top=top, progress=False, images=False,
-                               device=device)
-    cards.save(root / "cards", progress=False, render=False)  # atoms.jsonl, top.safetensors, index.html
-    seconds = time.perf_counter() - t0
-    kept = sum(v.numel() * v.element_size() for v in cards.tensors.values())
-    print(json.dumps({"atoms": n_atoms, "top": top, "patches_per_image": P, "images": n_images,
-                      "rows": store.n_rows, "signed": cards.meta["signed"], "seconds": round(seconds, 1),
-                      "top_tensors_mib": round(kept / 2**20), "peak_rss_before_pass_mib": round(before),
-                      "peak_rss_mib": round(peak_rss_mib()), "device": device,
-                      "gpu_peak_mib": gpu_peak_mib(device)}))
+    # removed on success, on an error and on Ctrl-C (main turns SIGTERM into an exit too): 24 MB a run
+    with tempfile.TemporaryDirectory(prefix="vitatlas-bench-interpret-") as tmp:
+        root = Path(tmp)
+        positions = list(range(1, P + 1))
+        writer = StoreWriter(root / "store", d=d, dtype="float16", identity={"bench": True},
+                             meta={"model": {"name": "synthetic", "image_size": 224, "patch_size": 14,
+                                             "n_prefix_tokens": 1}, "source": {"name": "synthetic"}, "layer": 0,
+                                   "tokens": "patches", "token_positions": positions}, has_labels=False)
+        rng = np.random.default_rng(0)
+        for start in range(0, n_images, 32):
+            ids = np.arange(start, min(start + 32, n_images))
+            acts = rng.standard_normal((ids.size * P, d)).astype(np.float32)
+            index = np.stack([np.repeat(ids, P), np.tile(positions, ids.size)], axis=1)
+            writer.write_shard(acts, index, None, n_images=ids.size)
+        writer.finish()
+        store = vitatlas.ActivationStore(root / "store")
+        before = peak_rss_mib()
+        t0 = time.perf_counter()
+        cards = vitatlas.interpret(SignedTopK(n_atoms, d, device=device), store, top=top, progress=False, images=False,
+                                   device=device)
+        cards.save(root / "cards", progress=False, render=False)  # atoms.jsonl, top.safetensors, index.html
+        seconds = time.perf_counter() - t0
+        kept = sum(v.numel() * v.element_size() for v in cards.tensors.values())
+        print(json.dumps({"atoms": n_atoms, "top": top, "patches_per_image": P, "images": n_images,
+                          "rows": store.n_rows, "signed": cards.meta["signed"], "seconds": round(seconds, 1),
+                          "top_tensors_mib": round(kept / 2**20), "peak_rss_before_pass_mib": round(before),
+                          "peak_rss_mib": round(peak_rss_mib()), "device": device,
+                          "gpu_peak_mib": gpu_peak_mib(device)}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", help="a fitted run directory (e.g. demo-out/runs/dbksvd/dbksvd-k8)")
     ap.add_argument("--store", help="the store it was fitted on (e.g. demo-out/acts/patches)")
-    ap.add_argument("--out", default=None, help="where to write the cards (default: a temporary directory)")
+    ap.add_argument("--out", default=None, help="where to write the cards (default: a temporary directory, removed afterwards)")
     ap.add_argument("--memory", action="store_true", help="peak memory for 16,384 atoms x 16 images")
     ap.add_argument("--atoms", type=int, default=16384)
     ap.add_argument("--images", type=int, default=120, help="images of the synthetic store (--memory)")
@@ -150,6 +153,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="--memory with 1,024 atoms over 16 images")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still removes its temporary files
     torch.set_num_threads(args.threads)
     if args.quick:
         args.memory, args.atoms, args.images = True, 1024, 16
@@ -163,8 +167,11 @@ def main() -> None:
     if args.run:
         if not args.store:
             ap.error("--run needs --store")
-        out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vitatlas-cards-"))
-        print(json.dumps(bench_run(args.run, args.store, out, args.device)), flush=True)
+        if args.out:
+            print(json.dumps(bench_run(args.run, args.store, Path(args.out), args.device)), flush=True)
+        else:  # the cards are only timed: a temporary directory, removed afterwards
+            with tempfile.TemporaryDirectory(prefix="vitatlas-cards-") as tmp:
+                print(json.dumps(bench_run(args.run, args.store, Path(tmp), args.device)), flush=True)
     if args.memory:
         cmd = [sys.executable, __file__, "--child", "--atoms", str(args.atoms), "--images", str(args.images),
                "--threads", str(args.threads), "--device", args.device]

@@ -23,6 +23,8 @@ takes seconds and is what the tests run).
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,22 +74,21 @@ def main() -> None:
     from vitatlas.intervene import Edit, intervene, intervention
 
     torch.set_num_threads(args.threads)
+    # random models go to a directory removed when main ends, also after an error or a SIGTERM
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    tmp = tempfile.TemporaryDirectory(prefix="vitatlas-bench-intervene-")
     if args.tiny:
-        import sys
-
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from _tiny import save_tiny_dinov2
 
-        model = models.load(f"hf:{save_tiny_dinov2(Path(tempfile.mkdtemp()) / 'tiny', image_size=56, layers=4)}",
+        model = models.load(f"hf:{save_tiny_dinov2(Path(tmp.name) / 'tiny', image_size=56, layers=4)}",
                             device=device)
         args.layer = min(args.layer, model.n_layers - 2)
     elif args.model.startswith("random:"):
-        import sys
-
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from extract import random_model
 
-        model = models.load(random_model(args.model.split(":", 1)[1], Path(tempfile.mkdtemp())), device=device)
+        model = models.load(random_model(args.model.split(":", 1)[1], Path(tmp.name)), device=device)
         args.layer = min(args.layer, model.n_layers - 2)
     else:
         model = models.load(args.model, device=device)

@@ -1,6 +1,9 @@
-"""Suite-wide settings."""
+"""Suite-wide settings: one intra-op thread, and a check that the suite leaves no temporary files."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,3 +21,43 @@ def _torch_threads():
     torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(before)
+
+
+# ---- the suite's own temporary files ----------------------------------------------------------------------
+# Every run gets a fresh temporary directory: TMPDIR (inherited by subprocesses, torchrun and its ranks,
+# Chromium) and tempfile's default point at it from configure time on. Tests write to pytest's tmp_path
+# (its basetemp stays where pytest keeps it, outside this directory, pinned before the switch); anything
+# still in the directory at the end of the session was left by a test, a fixture, a helper or a child
+# process, and fails the run with the list. The directory is removed either way.
+_SUITE_TMP = pytest.StashKey[tuple]()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has set up its factory
+def pytest_configure(config):
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is not None:
+        factory.getbasetemp()  # pinned in the real temporary directory, where pytest keeps (and prunes) it
+    before = (os.environ.get("TMPDIR"), tempfile.tempdir)
+    suite_tmp = tempfile.mkdtemp(prefix="vitatlas-suite-tmp-")
+    config.stash[_SUITE_TMP] = (suite_tmp, before)
+    os.environ["TMPDIR"] = tempfile.tempdir = suite_tmp
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SUITE_TMP not in session.config.stash:
+        return
+    suite_tmp, (env_before, tempdir_before) = session.config.stash[_SUITE_TMP]
+    left = sorted(p.name for p in Path(suite_tmp).iterdir())
+    if env_before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = env_before
+    tempfile.tempdir = tempdir_before
+    shutil.rmtree(suite_tmp, ignore_errors=True)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = (f"the suite left {len(left)} entr{'y' if len(left) == 1 else 'ies'} in its temporary directory "
+                   f"(now removed): {', '.join(left[:20])}; write to tmp_path, or clean up in a finally")
+        if reporter is not None:
+            reporter.write_line(f"ERROR: {message}", red=True, bold=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -12,11 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 from test_explore_fixtures import first_image, tiny_world
@@ -30,7 +28,6 @@ pytestmark = pytest.mark.skipif(
     reason="no Chromium/chromedriver: run `bash scripts/install_browser.sh` (apt: chromium chromium-driver) or set "
            "VITATLAS_CHROMIUM and VITATLAS_CHROMEDRIVER")
 
-SHOTS = Path(tempfile.gettempdir()) / "vitatlas-explore-screenshots"
 WAIT = 20  # seconds: generous for a busy shared machine; a passing test returns as soon as the page is ready
 
 
@@ -75,16 +72,21 @@ def base_url(explorer):
 
 
 @pytest.fixture(scope="module")
-def driver():
+def driver(tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    # the browser's profile and the failure screenshots live in pytest's basetemp, not in the temporary
+    # directory: chromedriver's own profile directory stays behind when the browser is not quit cleanly
+    base = tmp_path_factory.mktemp("chromium")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1100", "--disable-extensions", "--no-first-run"):
+                "--window-size=1400,1100", "--disable-extensions", "--no-first-run",
+                f"--user-data-dir={base / 'profile'}"):
         options.add_argument(arg)
     d = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    d.screenshot_dir = base / "screenshots"  # where screenshot_on_failure saves
     d.set_page_load_timeout(WAIT)
     yield d
     d.quit()
@@ -95,8 +97,8 @@ def screenshot_on_failure(driver, name: str):
     try:
         yield
     except BaseException as exc:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        path = SHOTS / f"{name}-{int(time.time())}.png"
+        driver.screenshot_dir.mkdir(parents=True, exist_ok=True)
+        path = driver.screenshot_dir / f"{name}-{int(time.time())}.png"
         try:
             driver.save_screenshot(str(path))
             where = f"screenshot: {path}; page {driver.current_url}"
