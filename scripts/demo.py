@@ -1,6 +1,6 @@
 """The main job on the embedded default: extract -> fit DBK-SVD and TopK SAEs at several k -> evaluate ->
-report (trade-off curves over k) -> atom cards -> the segmentation intervention test -> the command that
-opens the explorer.
+report (trade-off curves over k) -> atom cards -> the segmentation intervention test (a strength sweep)
+-> the scorecard of the k=8 runs (printed) -> the command that opens the explorer.
 
 Runs the same `vitatlas` commands a user would type (see README). Re-running resumes: a finished
 extraction, fit, card set or probe is not redone. DBK-SVD is fitted once per k; the SAEs are one sweep
@@ -8,6 +8,7 @@ extraction, fit, card set or probe is not redone. DBK-SVD is fitted once per k; 
 gets atom cards, interventions and the explorer. Environment knobs: DEMO_IMAGES (default 1500),
 DEMO_KS (4,8,16,32), DEMO_OUT (demo-out), DEMO_TOP (top images per atom card, default 9),
 DEMO_EVAL_ROWS (rows the report evaluates on, 20000), DEMO_PROBE_IMAGES (500), DEMO_INTERVENE_IMAGES (200),
+DEMO_SCORECARD_IMAGES (whole images the scorecard scores on, 200),
 DEMO_DBKSVD_EPOCHS (2: passes over the 384k patch rows = 64 iterations per fit; the four fits took 113 s
 that way on 2 cores, and the library's default schedule of at least 160 iterations would add about 3
 minutes to a demo that has to stay under 15).
@@ -94,11 +95,19 @@ def main() -> None:
             "--task", "segmentation", "--probe", str(probe), *_cards_args(cards),
             "--limit", os.environ.get("DEMO_INTERVENE_IMAGES", "200"), "--out", str(out / "intervene"))
 
+    scorecard = out / "scorecard"
+    shutil.rmtree(scorecard, ignore_errors=True)
+    # the intervention rows come from the test just run (same runs, same names): nothing is measured twice
+    inter = ["--intervene-from", str(out / "intervene")] if (out / "intervene" / "intervene.json").exists() else []
+    run("scorecard", *(str(main_run(runs, n)) for n in RUNS), "--acts", str(patches), "--out", str(scorecard),
+        "--max-images", os.environ.get("DEMO_SCORECARD_IMAGES", "200"), *inter)
+
     print_headline(rows)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; report: {(report / 'report.md').resolve()}")
     print(f"atom cards: {(cards / RUNS[0] / 'index.html').resolve()} and {(cards / RUNS[1] / 'index.html').resolve()}")
     if (out / "intervene" / "report.md").exists():
         print(f"interventions: {(out / 'intervene' / 'report.md').resolve()}")
+    print(f"scorecard: {(scorecard / 'scorecard.md').resolve()}")
     print("\nexplore the atoms in the browser (serves until Ctrl-C; add --open to open a browser):\n  "
           + explore_command(out, runs, patches, cards, probe))
 

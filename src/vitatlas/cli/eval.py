@@ -57,7 +57,8 @@ def find_runs(paths: tuple[str, ...]) -> list[tuple[str, Path]]:
 @click.option("--max-rows", type=int, default=None, help="Evaluate on a fixed random subset of this many rows.")
 @click.option("--layer", type=int, default=None, help="Layer to open when --acts holds several.")
 @click.option("--batch-size", type=int, default=4096, show_default=True)
-@click.option("--top-n", type=int, default=32, show_default=True, help="Top rows per atom used for its label.")
+@click.option("--top-n", type=int, default=32, show_default=True,
+              help="Top rows per atom kept in atoms/*.json (labels use the top 32 images, docs/scorecard.md).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
