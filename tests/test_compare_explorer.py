@@ -76,9 +76,12 @@ def test_the_compare_page_says_it_matches_by_behaviour(world, elsewhere, tmp_pat
     index = export_site(explorer, tmp_path / "site", max_images=0, progress=False)
     options = webdriver.ChromeOptions()
     options.binary_location = browser.CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
+    # the profile in tmp_path: Chromium's default one would stay behind in the temporary directory
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(executable_path=browser.CHROMEDRIVER))
+    driver.screenshot_dir = tmp_path / "screenshots"  # where screenshot_on_failure saves
     try:
         driver.set_page_load_timeout(browser.WAIT)
         with browser.screenshot_on_failure(driver, "compare-behaviour"):
