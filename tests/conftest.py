@@ -29,29 +29,33 @@ def _torch_threads():
 # (its basetemp stays where pytest keeps it, outside this directory, pinned before the switch); anything
 # still in the directory at the end of the session was left by a test, a fixture, a helper or a child
 # process, and fails the run with the list. The directory is removed either way.
-_SUITE_TMP = pytest.StashKey[tuple]()
+_SUITE_TMP = pytest.StashKey[tuple]()  # (the directory, the variables and tempfile.tempdir before)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's tmpdir plugin has set up its factory
 def pytest_configure(config):
     factory = getattr(config, "_tmp_path_factory", None)
+    before = {name: os.environ.get(name) for name in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
     if factory is not None:
-        factory.getbasetemp()  # pinned in the real temporary directory, where pytest keeps (and prunes) it
-    before = (os.environ.get("TMPDIR"), tempfile.tempdir)
+        basetemp = factory.getbasetemp()  # pinned in the real temporary directory, where pytest keeps (and prunes) it
+        # torch keeps its compile cache in TMPDIR/torchinductor_<user> on purpose, across runs: the suite's goes
+        # to the basetemp (importing torch._dynamo, as the SAE trainer does, creates it)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(basetemp / "torchinductor"))
     suite_tmp = tempfile.mkdtemp(prefix="vitatlas-suite-tmp-")
-    config.stash[_SUITE_TMP] = (suite_tmp, before)
+    config.stash[_SUITE_TMP] = (suite_tmp, before, tempfile.tempdir)
     os.environ["TMPDIR"] = tempfile.tempdir = suite_tmp
 
 
 def pytest_sessionfinish(session, exitstatus):
     if _SUITE_TMP not in session.config.stash:
         return
-    suite_tmp, (env_before, tempdir_before) = session.config.stash[_SUITE_TMP]
+    suite_tmp, env_before, tempdir_before = session.config.stash[_SUITE_TMP]
     left = sorted(p.name for p in Path(suite_tmp).iterdir())
-    if env_before is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = env_before
+    for name, value in env_before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     tempfile.tempdir = tempdir_before
     shutil.rmtree(suite_tmp, ignore_errors=True)
     if left:
