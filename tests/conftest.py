@@ -63,5 +63,6 @@ def pytest_sessionfinish(session, exitstatus):
         message = (f"the suite left {len(left)} entr{'y' if len(left) == 1 else 'ies'} in its temporary directory "
                    f"(now removed): {', '.join(left[:20])}; write to tmp_path, or clean up in a finally")
         if reporter is not None:
+            reporter.write("\n")  # after the progress dots
             reporter.write_line(f"ERROR: {message}", red=True, bold=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -13,6 +13,7 @@ import doctest
 import importlib
 import inspect
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -245,8 +246,9 @@ DOC_MODULES = ["vitatlas.dictionary", "vitatlas.evaluation"] + sorted(
 
 
 @pytest.mark.parametrize("module", DOC_MODULES)
-def test_docstring_examples_run(module):
+def test_docstring_examples_run(module, tmp_path, monkeypatch):
     """Every ``>>>`` example in these modules runs on small synthetic data (none is skipped)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # an example's tempfile.mkdtemp() lands in tmp_path
     mod = importlib.import_module(module)
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
