@@ -243,28 +243,55 @@ def _least_squares(cc: torch.Tensor, G: torch.Tensor, cand: torch.Tensor | None,
 
 
 def _nonnegative_where_needed(Gss: torch.Tensor, rhs: torch.Tensor, sol: torch.Tensor) -> torch.Tensor:
-    """``sol`` where it is already >= 0, the NNLS solution (``_nnls_gram``) on the other rows."""
+    """``sol`` (least squares) where it is already >= 0, the NNLS solution (``_nnls_gram``) on the other rows."""
     bad = (sol < 0).any(dim=1)
     if not bool(bad.any()):
         return sol
     out = sol.clone()
     rows = torch.nonzero(bad).squeeze(1)
-    out[rows] = _nnls_gram(Gss[rows], rhs[rows], sol[rows].clamp(min=0))
+    out[rows] = _nnls_gram(Gss[rows], rhs[rows], sol[rows])
     return out
 
 
-NNLS_SWEEPS = 500  # cap on coordinate-descent sweeps (a k-atom support converges in tens: see the test)
+NNLS_SWEEPS = 500  # cap on coordinate-descent sweeps for the rare rows the active-set guess does not settle
 
 
 def _nnls_gram(Gss: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """min ½xᵀG x − cᵀx over x >= 0 per row (the NNLS problem min ‖y − D_S x‖ in the Gram domain).
 
-    Projected coordinate descent from ``x``: x_i <- max(0, x_i − ((G x)_i − c_i) / G_ii), sweep after
-    sweep, until no coordinate moves by more than round-off of the row's largest coefficient. k is
-    small (the support size), so each sweep is k batched (B, k) products; the objective is strictly
-    convex on a support of independent atoms, so the sweeps converge to the unique NNLS solution.
+    ``x``: the unconstrained least-squares solution G⁻¹c. Its positive coordinates are the first guess
+    of the set that stays positive; the guess drops the coordinates that come out negative and
+    re-solves (one batched k × k solve each time) until none does. Its solution is the NNLS optimum
+    exactly when the KKT conditions hold: no dropped coordinate would lower the objective by growing
+    ((G x)_i − c_i >= 0). Rows where they fail finish by projected coordinate descent,
+    x_i <- max(0, x_i − ((G x)_i − c_i) / G_ii), sweeps until no coordinate moves by more than
+    round-off (the objective is strictly convex on a support of independent atoms: one optimum).
     Padding slots (identity row, c = 0) stay at 0.
     """
+    k = x.shape[1]
+    eye = torch.eye(k, dtype=Gss.dtype, device=Gss.device).expand_as(Gss)
+    keep = x > 0
+    for _ in range(k):
+        A = torch.where(keep.unsqueeze(2) & keep.unsqueeze(1), Gss, eye)
+        sol, info = torch.linalg.solve_ex(A, torch.where(keep, rhs, torch.zeros_like(rhs)).unsqueeze(2))
+        sol = torch.where(keep & (info == 0).unsqueeze(1), sol.squeeze(2), torch.zeros_like(rhs))
+        negative = keep & (sol < 0)
+        if not bool(negative.any()):
+            break
+        keep &= ~negative
+    x = sol.clamp(min=0)
+    eps = 64 * torch.finfo(Gss.dtype).eps
+    grad = torch.bmm(Gss, x.unsqueeze(2)).squeeze(2) - rhs
+    tol = eps * rhs.abs().amax(dim=1, keepdim=True)
+    unsettled = ((~keep & (grad < -tol)) | (keep & (sol < 0))).any(dim=1)
+    if bool(unsettled.any()):
+        rows = torch.nonzero(unsettled).squeeze(1)
+        x[rows] = _nnls_descent(Gss[rows], rhs[rows], x[rows])
+    return x
+
+
+def _nnls_descent(Gss: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Projected coordinate descent for ``_nnls_gram`` from a feasible ``x``, to round-off."""
     x = x.clone()
     diag = torch.diagonal(Gss, dim1=1, dim2=2).clamp(min=torch.finfo(Gss.dtype).tiny)
     eps = 64 * torch.finfo(Gss.dtype).eps
