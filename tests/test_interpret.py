@@ -60,8 +60,9 @@ def tiny_store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ksvd(tiny_store):
-    # OMP codes are signed: both sides get top lists
-    return vitatlas.DBKSVD(n_atoms=24, k=3, seed=0).fit(ActivationStore(tiny_store / "patches"), progress=False)
+    # signed OMP codes (nonnegative=False): both sides get top lists
+    return vitatlas.DBKSVD(n_atoms=24, k=3, seed=0, nonnegative=False).fit(ActivationStore(tiny_store / "patches"),
+                                                                       progress=False)
 
 
 def slow_reference(dictionary, store, top, rank, sign=1.0):
