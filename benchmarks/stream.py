@@ -5,16 +5,18 @@
    each run) against a plain sequential read of the same files, and with the pages cached against
    converting every shard to float32 whole. Two streams: float32 batches checked on the CPU (what a
    CPU trainer gets) and batches in the store's dtype (what a GPU trainer is handed; it converts on
-   the device). Rounds alternate the runs; each keeps its best.
-2. Processes: bytes each process reads (``/proc/self/io`` rchar, the stream's own count) for one epoch
+   the device; with ``--device cuda`` also that stream's float32 batches on the GPU). Rounds alternate
+   the runs; each keeps its best.
+2. Processes: bytes each process reads (``/proc/self/io`` rchar) for one shuffled epoch
    as rank 0 of 1 and as ranks 0 and 1 of 2 (two processes at once), and each one's peak RSS.
 3. Explained-variance gap: a synthetic store of ``--classes`` classes, written sorted by class and
    written again with the same rows in random order; a TopK SAE and a DBK-SVD (one epoch each) are fitted
    on both and scored on the same held-out rows. The shuffle window is set to 1/``--windows`` of the
    store (and chunks to 1/128 of a window, as at full scale), so the store is several windows long.
 
-    python benchmarks/stream.py --quick       # ~30 s: a 48 MB store, 1 round, 1 seed, small fits
-    python benchmarks/stream.py               # 2 GB store, 3 rounds, 3 seeds (~10 min on 2 cores)
+    python benchmarks/stream.py --quick       # a 48 MB store, 1 round, 1 seed, small fits (~25 s of CPU)
+    python benchmarks/stream.py               # 2 GB store, 3 rounds, 3 seeds of 200k-row fits (~40 min, 2 shared cores)
+    python benchmarks/stream.py --device cuda # fits on the GPU, and the stream handed to it
 """
 
 from __future__ import annotations
@@ -91,7 +93,28 @@ def make_store(path: Path, rows: int, d: int, chunk_rows: int = 65536) -> Activa
     return ActivationStore(path)
 
 
-def throughput(store: ActivationStore, batch: int, rounds: int) -> None:
+def copy_files(store: ActivationStore, to: Path) -> None:
+    """Read and write every shard once, synced: the least a one-time shuffled copy of the store costs."""
+    to.mkdir(exist_ok=True)
+    buf = bytearray(8 << 20)
+    for p in files_of(store):
+        with open(p, "rb", buffering=0) as f, open(to / p.name, "wb", buffering=0) as g:
+            while n := f.readinto(buf):
+                g.write(memoryview(buf)[:n])
+            os.fsync(g.fileno())
+    for p in to.iterdir():
+        p.unlink()
+    to.rmdir()
+
+
+def shuffled_to_device(store: ActivationStore, batch: int, seed: int, device: str) -> int:
+    n = sum(1 for _ in iter_batches(store, batch, shuffle=True, seed=seed, device=device))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return n
+
+
+def throughput(store: ActivationStore, batch: int, rounds: int, device: str = "cpu") -> None:
     mb = store_bytes(store) / 1e6
     windows = len(store.plan(batch, shuffle=True, seed=0).windows)
     best: dict[str, float] = {}
@@ -99,9 +122,13 @@ def throughput(store: ActivationStore, batch: int, rounds: int) -> None:
     cold = {"sequential read (cold)": lambda: sequential_read(store),
             "shuffled stream float32 (cold)": lambda: shuffled_float32(store, batch, 1),
             "shuffled stream store dtype (cold)": lambda: shuffled_store_dtype(store, batch, 2)}
+    cold["copy of the store (cold; read + write + fsync)"] = lambda: copy_files(store, store.path.parent / "copy")
     warm = {"whole-shard float32 (cached)": lambda: whole_shard_float32(store),
             "shuffled stream float32 (cached)": lambda: shuffled_float32(store, batch, 3),
             "shuffled stream store dtype (cached)": lambda: shuffled_store_dtype(store, batch, 4)}
+    if device != "cpu":  # float16 over the bus, converted and checked on the device
+        cold[f"shuffled stream float32 on {device} (cold)"] = lambda: shuffled_to_device(store, batch, 5, device)
+        warm[f"shuffled stream float32 on {device} (cached)"] = lambda: shuffled_to_device(store, batch, 6, device)
     for _ in range(rounds):
         for name, fn in cold.items():
             stream_module.drop_cache(files_of(store))
@@ -111,14 +138,16 @@ def throughput(store: ActivationStore, batch: int, rounds: int) -> None:
             best[name] = min(best.get(name, np.inf), timed(fn))
     print(f"\n## throughput: {store.n_rows:,} rows x {store.d} float16 = {mb:.0f} MB, {len(store.shards)} shards, "
           f"batch {batch}, {windows} shuffle windows, best of {rounds}")
-    print(f"{'run':40s} {'s':>7s} {'MB/s':>8s} {'batches/s':>10s}")
+    print(f"{'run':48s} {'s':>7s} {'MB/s':>8s} {'batches/s':>10s}")
     for name, s in best.items():
-        print(f"{name:40s} {s:7.2f} {mb / s:8.0f} {n_batches / s if 'stream' in name else float('nan'):10.0f}")
+        print(f"{name:48s} {s:7.2f} {mb / s:8.0f} {n_batches / s if 'stream' in name else float('nan'):10.0f}")
     for a, b in (("shuffled stream float32 (cold)", "sequential read (cold)"),
                  ("shuffled stream store dtype (cold)", "sequential read (cold)"),
                  ("shuffled stream float32 (cached)", "whole-shard float32 (cached)"),
                  ("shuffled stream store dtype (cached)", "whole-shard float32 (cached)")):
         print(f"ratio {a} / {b}: {best[b] / best[a]:.2f}")
+    print(f"a one-time shuffled copy costs at least {best['copy of the store (cold; read + write + fsync)'] / best['shuffled stream store dtype (cold)']:.1f} "
+          f"cold epochs of the stream, and as much disk again")
 
 
 def rchar() -> int:
@@ -179,36 +208,39 @@ def processes(store: ActivationStore, batch: int) -> None:
 # ---- explained-variance gap ----------------------------------------------------------------------------
 
 def class_data(n: int, d: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``classes`` classes: a class mean, 8 class-specific sparse atoms and 32 shared ones, noise."""
+    """Rows of ``classes`` classes: a class mean, 24 class-specific sparse atoms and 32 shared ones, noise
+    (more directions than the fits have atoms, so what a fit saw last matters)."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, classes, n)
     means = rng.standard_normal((classes, d)) * 1.5
-    own = rng.standard_normal((classes, 8, d))
+    own = rng.standard_normal((classes, 24, d))
     shared = rng.standard_normal((32, d))
     X = means[y] + 0.2 * rng.standard_normal((n, d))
-    on = rng.random((n, 8)) < 0.25
-    X += np.einsum("nk,nkd->nd", on * rng.exponential(1.0, (n, 8)), own[y])
+    on = rng.random((n, 24)) < 0.25
+    X += np.einsum("nk,nkd->nd", on * rng.exponential(1.0, (n, 24)), own[y])
     on = rng.random((n, 32)) < 0.1
     X += (on * rng.exponential(1.0, (n, 32))) @ shared
     return X.astype(np.float32), y
 
 
 def held_out_ev(dictionary, X: np.ndarray) -> float:
-    R = np.asarray(dictionary.reconstruct(X), np.float64)
+    R = dictionary.reconstruct(X)
+    R = np.asarray(R.detach().cpu() if isinstance(R, torch.Tensor) else R, np.float64)
     return 1.0 - float(((X - R) ** 2).sum() / ((X - X.mean(0)) ** 2).sum())
 
 
 def ev_gap(root: Path, n: int, d: int, classes: int, seeds: list[int], windows: int, sae_latents: int,
-           atoms: int) -> None:
-    import vitatlas
+           atoms: int, device: str = "cpu") -> None:
     from vitatlas.learners.dbksvd import DBKSVD
     from vitatlas.learners.sae import SAE
 
     window_bytes = n * d * 4 // windows  # the shuffle window, counted in float32 as SHUFFLE_BUFFER_BYTES is
     store_module.SHUFFLE_BUFFER_BYTES = window_bytes
     stream_module.CHUNK_BYTES = max(d * 2, window_bytes // 2 // 128)  # 128 chunks per window, as at full scale
+    stream_module.MIN_PIECE_BYTES = 4 * d * 2  # pieces of at least 4 rows (5 at ViT-S width, 2 at ViT-B)
     print(f"\n## explained-variance gap: {n:,} rows x {d}, {classes} classes, shuffle window 1/{windows} of "
-          f"the store ({window_bytes / 2 / 1e6:.1f} MB float16, chunks of {stream_module.CHUNK_BYTES // (2 * d)} rows)")
+          f"the store ({window_bytes / 2 / 1e6:.1f} MB float16, chunks of {stream_module.CHUNK_BYTES // (2 * d)} rows, "
+          "pieces of at least 4 rows)")
     print(f"{'seed':>4s} {'learner':8s} {'sorted':>8s} {'random':>8s} {'gap':>8s}")
     gaps: dict[str, list[float]] = {"sae": [], "dbksvd": []}
     for seed in seeds:
@@ -219,8 +251,8 @@ def ev_gap(root: Path, n: int, d: int, classes: int, seeds: list[int], windows: 
                   for k, o in order.items()}
         ev = {}
         for name, make in (("sae", lambda s=seed: SAE(kind="topk", n_latents=sae_latents, k=8, epochs=1,
-                                                      batch_size=1024, seed=s)),
-                           ("dbksvd", lambda s=seed: DBKSVD(n_atoms=atoms, k=8, epochs=1, seed=s))):
+                                                      batch_size=1024, seed=s, device=device)),
+                           ("dbksvd", lambda s=seed: DBKSVD(n_atoms=atoms, k=8, epochs=1, seed=s, device=device))):
             for k, s in stores.items():
                 ev[name, k] = held_out_ev(make().fit(s, progress=False), test)
             gaps[name].append(ev[name, "random"] - ev[name, "sorted"])
@@ -229,7 +261,6 @@ def ev_gap(root: Path, n: int, d: int, classes: int, seeds: list[int], windows: 
             for p in s.path.iterdir():
                 p.unlink()
             s.path.rmdir()
-        del vitatlas
     for name, g in gaps.items():
         print(f"{name}: gap (random - sorted) mean {np.mean(g):+.4f}, max {np.max(g):+.4f} over {len(g)} seed(s)")
 
@@ -245,14 +276,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the explained-variance gap")
-    ap.add_argument("--ev-rows", type=int, default=300_000)
+    ap.add_argument("--ev-rows", type=int, default=200_000)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--windows", type=int, default=8, help="the store is this many shuffle windows long")
     ap.add_argument("--dir", default=None, help="where the temporary stores go (default: the system temp dir)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: where the fits run and where a stream is handed")
     ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "processes", "ev"])
     args = ap.parse_args()
     if args.quick:
-        args.store_mb, args.rounds, args.seeds, args.ev_rows = 48, 1, 1, 30_000
+        args.store_mb, args.rounds, args.seeds, args.ev_rows = 48, 1, 1, 20_000
         store_module.SHUFFLE_BUFFER_BYTES = 16 << 20  # the quick store is still several windows long
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -263,13 +295,13 @@ def main() -> None:
             rows = args.store_mb * (1 << 20) // (2 * args.d)
             store = make_store(root / "big", rows, args.d)
             if "throughput" not in args.skip:
-                throughput(store, args.batch, args.rounds)
+                throughput(store, args.batch, args.rounds, args.device)
             if "processes" not in args.skip:
                 processes(store, args.batch)
             print(f"({time.perf_counter() - t0:.0f} s so far)")
         if "ev" not in args.skip:
             ev_gap(root, args.ev_rows, 64, args.classes, list(range(args.seeds)), args.windows,
-                   sae_latents=128 if args.quick else 512, atoms=64 if args.quick else 256)
+                   sae_latents=128 if args.quick else 512, atoms=64 if args.quick else 256, device=args.device)
     print(f"({time.perf_counter() - t0:.0f} s in all)")
 
 

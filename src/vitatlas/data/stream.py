@@ -40,7 +40,7 @@ CHUNK_BYTES = 1 << 20  # contiguous bytes read per chunk: large enough for disk 
 PIECES_PER_BATCH = 1024  # a batch is up to this many runs of consecutive rows (pieces) from distinct chunks
 MIN_PIECE_BYTES = 4096  # but pieces of at least this many bytes
 PREFETCH_BATCHES = 4  # finished batches waiting in the queue
-READ_THREADS = 2  # reads in flight at once while a window is read
+READ_THREADS = 4  # reads in flight at once (random 1 MB reads from a cold cache: 470 MB/s at 1, 700 at 4 here)
 MAX_WINDOWS = 4  # window buffers alive at once: one being read, one waiting, up to two being cut into batches
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 
