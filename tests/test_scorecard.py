@@ -63,6 +63,7 @@ def test_every_run_is_scored_on_the_same_whole_images(setup):
             assert (got is None and ref is None) or got == pytest.approx(ref, nan_ok=True), key
     assert np.isfinite(card["runs"]["ksvd"]["spatial_coherence"])
     assert card["runs"]["pca"]["l0"] == pytest.approx(4.0)
+    assert card["runs"]["ksvd"]["near_duplicate_atoms"] == card["metrics"]["ksvd"]["near_duplicate_atoms"]
     all_rows = sample_images(store, None)
     assert all_rows.size == store.n_rows and sample_images(store, 100).size == store.n_rows
 

@@ -112,7 +112,7 @@ def plot(card: dict, path: Path) -> None:
     ax.grid(axis="x", alpha=0.3)
     for y in range(len(rows)):
         ax.axhline(y, color="#eee", linewidth=0.8, zorder=0)
-    ax.set_xlabel("score (right is better; lower-is-better measures drawn as 1 − value)")
+    ax.set_xlabel("right is better (lower-is-better measures as 1 − value)", fontsize=9)
     ax.set_title("Scorecard: each learner against the others", fontsize=10, loc="left")
     ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.04), ncol=min(4, len(names)), frameon=False)
     fig.tight_layout()

@@ -116,7 +116,8 @@ def scorecard(dictionaries: dict[str, Dictionary], store: ActivationStore | str,
         m.pop("atoms", None)
         metrics[name] = m
         runs[name] = {key: m.get(key) for key, _, _ in MEASURES if not key.startswith("intervention")}
-        runs[name].update({"n_atoms": m["n_atoms"], "kind": m["kind"]})
+        runs[name].update({"n_atoms": m["n_atoms"], "kind": m["kind"], "near_duplicate_atoms": m.get("near_duplicate_atoms"),
+                           "n_confident_atoms": m.get("n_confident_atoms")})
         runs[name].update(from_intervention.get(name, {}))
     setup = {"store": str(store.path.resolve()), "n_images": int(np.unique(image_ids).size), "n_rows": int(rows.size),
              "store_images": int(np.unique(store.index[:, 0]).size), "seed": seed, "patch_grid": grid,
