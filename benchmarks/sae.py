@@ -15,7 +15,10 @@ Its BatchTopK takes the batch's total number of codes (k · batch size).
    measured on all rows after training (the same code for both), and the ratios vitatlas / peer.
 2. BatchTopK at k = 32 (``--threads``), same data.
 3. The time of a sweep of 4 SAEs (k = k/4, k/2, k, 2k) in one pass vs one SAE vs 4 separate fits.
-4. ``--big`` (on by default with ``--device cuda``): TopK tokens/s at d = 768, 16,384 latents, k = 32,
+4. ``init``: the dead latents of issue 19, TopK at each of ``--ks`` with ``init="random"`` (the old
+   default) against the default ``init="data"``, the default budget, on the same rows: explained
+   variance, signal recovered, dead and dense fractions on all rows.
+5. ``--big`` (on by default with ``--device cuda``): TopK tokens/s at d = 768, 16,384 latents, k = 32,
    batch 4,096, random data, against the peer on the same device.
 
 ``--device cuda`` runs both libraries on the GPU (timings synchronise the device).
@@ -231,7 +234,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the other parts (0 = torch's choice)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (both libraries)")
     ap.add_argument("--big", action="store_true", help="also the d=768, 16384-latent tokens/s run (default on cuda)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: table,batchtopk,sweep,big")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: table,batchtopk,sweep,init,big")
     args = ap.parse_args()
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -274,6 +277,10 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         sweep_timing(X, name, latents, args.k, epochs, batch, seed)
+    if "init" not in skip:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        init_comparison(X, name, latents, ks, batch, seed, device)
     if "big" not in skip and (args.big or (device.startswith("cuda") and not args.quick)):
         if args.threads and device == "cpu":
             torch.set_num_threads(args.threads)
@@ -330,6 +337,23 @@ def sweep_timing(X, name, latents, k, epochs, batch, seed) -> None:
           f"sweep {sweep:.1f}s = {sweep / one:.2f}x one, {len(ks)} separate fits {separate:.1f}s "
           f"(sweep saves {1 - sweep / separate:.0%}); the data pass alone, the only part a sweep shares, "
           f"takes {data_s:.1f}s ({data_s / one:.0%} of one fit)")
+
+
+def init_comparison(X, name, latents, ks, batch, seed, device) -> None:
+    """TopK SAEs at each k, old (random) and new (data) initialisation, the default budget, one sweep."""
+    saes = [SAE(kind="topk", n_latents=latents, k=k, batch_size=batch, seed=seed, device=device, init=init)
+            for k in ks for init in ("random", "data")]
+    t0 = time.perf_counter()
+    SAESweep(saes).fit(X, progress=False)
+    seconds = time.perf_counter() - t0
+    print(f"\ninit (issue 19): TopK, {latents} latents, default budget ({saes[0].fit_info['steps']} steps), {name} "
+          f"{X.shape[0]} rows; metrics on all of them; sweep of {len(saes)} in {seconds:.0f}s")
+    print("| k | init | explained_variance | signal_recovered | dead_fraction | dense_fraction |")
+    print("|---|---|---|---|---|---|")
+    for s in saes:
+        m = reconstruction_metrics(s, X)
+        print(f"| {s.k} | {s.optim.init} | {m['explained_variance']:.4f} | {m['signal_recovered']:.4f} | "
+              f"{m['dead_fraction']:.4f} | {m['dense_fraction']:.4f} |")
 
 
 def print_row(row):

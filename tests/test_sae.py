@@ -127,6 +127,86 @@ def test_units_are_the_datas_own(small):
     assert isinstance(sae.encode(t), torch.Tensor) and isinstance(sae.encode(X[:5]), np.ndarray)
 
 
+# ---- initialisation and dead latents -------------------------------------------------------------------
+
+def test_data_directions_against_numpy():
+    from vitatlas.learners.sae.model import data_directions
+
+    rng = np.random.default_rng(2)
+    random, rows, mean = rng.standard_normal((6, 5)), rng.standard_normal((4, 5)), rng.standard_normal(5)
+    rows[2] = mean  # no direction: stays random
+    got = data_directions(torch.from_numpy(random), torch.from_numpy(rows), torch.from_numpy(mean)).numpy()
+    want = random.copy()
+    want[[0, 1, 3]] = rows[[0, 1, 3]] - mean
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    few = data_directions(torch.from_numpy(random), torch.zeros(0, 5, dtype=torch.float64), torch.from_numpy(mean))
+    np.testing.assert_array_equal(few.numpy(), random)
+
+
+def test_encoder_scale_is_the_least_squares_fit_of_the_initial_reconstruction():
+    from vitatlas.learners.sae.model import SAEModule, encoder_scale
+
+    X = torch.from_numpy(_subspace_problem(n=600)).double()
+    mean = X.mean(0)
+    for kw in (dict(kind="topk", k=4), dict(kind="relu")):
+        cfg = SAE(n_latents=64, **kw).config
+        m = SAEModule.initial(cfg, 48, mean, 1.0, seed=0, device="cpu", dtype=torch.float64, rows=X)
+        w = m.W_dec.numpy()
+        c = float(m.W_enc.norm(dim=1).mean())
+        np.testing.assert_allclose(m.W_enc.numpy(), c * w, rtol=1e-12)  # the decoder transpose, scaled
+        held = X[64:]  # the rows after the decoder's
+        z = m.activate(m.pre_activations(held))  # the module's own activation at the start
+        x_hat = (z @ m.W_dec).numpy()
+        # reference: the scale s minimising ||xc - s * x1||^2, x1 the reconstruction with the unscaled encoder
+        x1 = x_hat / c
+        xc = (held - mean).numpy()
+        s_ref = np.linalg.lstsq(x1.reshape(-1, 1), xc.reshape(-1), rcond=None)[0][0]
+        assert c == pytest.approx(s_ref, rel=1e-9)
+        assert 0 < c < 1  # the unscaled sum of winners near a row overshoots it
+        assert encoder_scale(cfg, torch.from_numpy(w), held[:0], mean) == 1.0  # no rows: unscaled
+
+
+def test_data_stats_and_init_rows(small):
+    X = small[:1500] * 3.0 + 1.0
+    mean, scale, rows = SAESweep._data_stats(X, 32, "cpu", torch.float32, seed=0, want_rows=2000)
+    ref = X.astype(np.float64)
+    np.testing.assert_allclose(mean.numpy(), ref.mean(0), rtol=1e-6, atol=1e-6)
+    assert scale == pytest.approx(np.sqrt(32 / (ref ** 2).sum(1).mean()), rel=1e-6)
+    # every row, once each, in the shuffled order (fewer rows than wanted: all of them)
+    assert rows.shape == (1500, 32) and not np.array_equal(rows.numpy(), ref)
+    np.testing.assert_array_equal(np.sort(rows.numpy(), axis=0), np.sort(ref.astype(np.float32), axis=0))
+    _, _, first = SAESweep._data_stats(X, 32, "cpu", torch.float32, seed=0, want_rows=10)
+    np.testing.assert_array_equal(first.numpy(), rows[:10].numpy())
+    from vitatlas.learners.sae.model import SAEModule
+
+    cfg = SAE(kind="topk", n_latents=64, k=3).config
+    m = SAEModule.initial(cfg, 32, mean * scale, scale, seed=0, device="cpu", dtype=torch.float32, rows=rows * scale)
+    want = (rows[:64] - mean).numpy()
+    np.testing.assert_allclose(m.W_dec.numpy(), want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-6)
+    c = float(m.W_enc.norm(dim=1).mean())  # the encoder is the decoder, scaled (see the encoder_scale test)
+    np.testing.assert_allclose(m.W_enc.numpy(), c * m.W_dec.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def _subspace_problem(n=4096, d=48, r=16, m=192, seed=0):
+    """m planted atoms inside an r-dimensional subspace of R^d, plus an offset: like ViT tokens, whose variance
+    sits in few directions. Random unit latents are mostly outside the subspace; many never win a top-k."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.standard_normal((d, r)))[0]
+    Z, _ = planted(n=n, d=r, m=m, k=3, seed=seed)
+    return (Z @ basis.T + 3.0 * basis[:, 0] + 0.01 * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def test_topk_defaults_keep_latents_alive_where_the_old_ones_left_many_dead():
+    X = _subspace_problem()
+    opts = dict(kind="topk", n_latents=192, k=3, batch_size=256, seed=0)  # the default budget: 128 steps
+    old = SAE(**opts, init="random", aux_relative=False).fit(X, progress=False)  # the defaults before issue 19
+    new = SAE(**opts).fit(X, progress=False)
+    m_old, m_new = reconstruction_metrics(old, X), reconstruction_metrics(new, X)
+    assert m_old["dead_fraction"] > 0.1  # a problem that kills latents: measured 0.172 dead
+    assert m_new["dead_fraction"] <= 0.05, m_new["dead_fraction"]  # measured 0.000
+    assert m_new["explained_variance"] > m_old["explained_variance"] + 0.03  # measured 0.761 against 0.680
+
+
 # ---- save / load / checkpoints ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["topk", "batchtopk", "jumprelu", "matryoshka", "relu"])
@@ -183,6 +263,41 @@ def test_checkpoint_refuses_other_options_data_and_corruption(small, tmp_path):
     (ck / "state.json").write_text("{not json")
     with pytest.raises(VitatlasError, match="corrupt"):
         fast("topk", epochs=1).fit(small, progress=False, checkpoint_dir=ck)
+
+
+def test_checkpoint_of_the_older_trainer_resumes_with_its_options_or_is_refused(small, tmp_path):
+    # the trainer before the init / aux_relative options trained as init="random", aux_relative=False and
+    # wrote checkpoints whose identity lacks both keys: made here by deleting them from a fresh checkpoint
+    old = dict(init="random", aux_relative=False, epochs=2, checkpoint_every=4, batch_size=256)  # 16 steps
+    ref = fast("topk", **old).fit(small, progress=False)
+
+    def kill(step, metrics):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    ck = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        fast("topk", **old).fit(small, progress=False, checkpoint_dir=ck, callback=kill)
+    state = json.loads((ck / "state.json").read_text())
+    for c in state["identity"]["configs"]:
+        del c["init"], c["aux_relative"]
+    (ck / "state.json").write_text(json.dumps(state))
+    with pytest.raises(VitatlasError, match=r"older vitatlas.*pass init='random', aux_relative=False") as e:
+        fast("topk", **dict(old, init="data")).fit(small, progress=False, checkpoint_dir=ck)
+    assert "\n" not in str(e.value)
+    resumed = fast("topk", **old).fit(small, progress=False, checkpoint_dir=ck)
+    for name in ref.params:
+        torch.testing.assert_close(resumed.params[name], ref.params[name], rtol=0, atol=0)
+
+
+def test_runs_saved_before_the_new_options_report_how_they_were_trained():
+    from pathlib import Path
+
+    run = Path(__file__).parent / "data" / "legacy-runs" / "sae-topk"
+    assert "init" not in json.loads((run / "config.json").read_text())["config"]
+    sae = vitatlas.load(run)
+    assert sae.optim.init == "random" and sae.config.activation.aux_relative is False
+    assert SAE(**sae._config())._config() == sae._config()
 
 
 def test_store_streaming_fit_and_jsonl_log(small, tmp_path):
@@ -261,6 +376,9 @@ def test_sweep_refuses_members_that_cannot_share_batches():
     (dict(kind="matryoshka", n_latents=8, k=2, groups=[4, 6]), "ending at n_latents"),
     (dict(kind="topk", n_latents=8, k=2, epochs=2, tokens=1000), "epochs or tokens, not both"),
     (dict(kind="topk", n_latents=8, k=2, tokens=0), "tokens"),
+    (dict(kind="topk", n_latents=8, k=2, init="pca"), "init must be one of 'data', 'random', got 'pca'"),
+    (dict(kind="relu", n_latents=8, aux_relative=True), "aux_relative is not used by a relu SAE"),
+    (dict(kind="topk", n_latents=8, k=2, aux_relative=1), "aux_relative must be True or False"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(VitatlasError, match=match):

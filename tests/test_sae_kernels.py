@@ -226,3 +226,50 @@ def test_squared_error_matches_autograd_with_and_without_bias():
     out2 = out0.clone().requires_grad_(True)
     K.squared_error(x, out2)[0].backward()
     torch.testing.assert_close(out2.grad, -2 * (x - out0), rtol=1e-12, atol=1e-12)
+
+
+# ---- the TopK objective with AuxK against a dense autograd reference ---------------------------------
+
+def _dense_topk_loss(W_enc, b_enc, W_dec, b_dec, x, dead, k, aux_k, coef, relative):
+    """The TopK + AuxK loss written plainly: dense codes, masks, autograd for every gradient."""
+    b, d = x.shape
+    pre = F.linear(x - b_dec, W_enc, b_enc)
+    mask = torch.zeros_like(pre).scatter_(1, torch.topk(pre.detach(), k, dim=1).indices, 1.0)
+    x_hat = (F.relu(pre) * mask) @ W_dec + b_dec
+    loss = (x - x_hat).pow(2).sum() / (b * d)
+    e = (x - x_hat).detach()
+    pre_dead = pre[:, dead]
+    ka = min(aux_k, int(dead.sum()))
+    aux_mask = torch.zeros_like(pre_dead).scatter_(1, torch.topk(pre_dead.detach(), ka, dim=1).indices, 1.0)
+    e_hat = (F.relu(pre_dead) * aux_mask) @ W_dec[dead]
+    aux = (e - e_hat).pow(2).sum() / (b * d)
+    if relative:
+        aux = aux / (e.pow(2).sum() / (b * d))
+    return loss + coef * aux, aux
+
+
+def test_topk_objective_with_auxk_matches_dense_reference():
+    from vitatlas.learners.sae import SAE
+    from vitatlas.learners.sae import objectives as O
+    from vitatlas.learners.sae.model import SAEModule
+
+    g = torch.Generator().manual_seed(5)
+    x = 3.0 * torch.randn(40, 12, generator=g, dtype=torch.float64)
+    dead = torch.zeros(30, dtype=torch.bool)
+    dead[[1, 4, 5, 11, 17, 20, 28]] = True
+    for relative, coef in ((False, 1 / 32), (True, 0.25)):
+        cfg = SAE(kind="topk", n_latents=30, k=4, aux_coef=coef, aux_relative=relative).config
+        m = SAEModule.initial(cfg, 12, x.mean(0), 1.0, seed=1, device="cpu", dtype=torch.float64)
+        with torch.no_grad():  # a trained-looking model: biases and an encoder that is not the decoder
+            m.b_enc.copy_(0.1 * torch.randn(30, generator=g, dtype=torch.float64))
+            m.W_enc.add_(0.3 * torch.randn(30, 12, generator=g, dtype=torch.float64))
+        m.requires_grad_(True)
+        out = O.topk_objective(m, x, dead, aux_k=3)
+        out.loss.backward()
+        ref = [p.detach().clone().requires_grad_(True) for p in (m.W_enc, m.b_enc, m.W_dec, m.b_dec)]
+        ref_loss, ref_aux = _dense_topk_loss(*ref, x, dead, 4, 3, coef, relative)
+        ref_loss.backward()
+        torch.testing.assert_close(out.loss.detach(), ref_loss.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out.aux, ref_aux.detach(), rtol=1e-12, atol=1e-12)
+        for got, want in zip((m.W_enc, m.b_enc, m.W_dec, m.b_dec), ref):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)

@@ -4,8 +4,8 @@
   ``Matryoshka``) holds only the options that family uses, so ``k`` on a ReLU SAE or ``l1`` on a
   TopK SAE cannot be expressed.
 * ``SAEConfig`` = activation + ``n_latents``: what the model *is*.
-* ``OptimConfig``: how one SAE learns (lr, warm-up, clipping, when a latent counts as dead); may
-  differ between the members of a sweep.
+* ``OptimConfig``: how one SAE learns (initialisation, lr, warm-up, clipping, when a latent counts as
+  dead); may differ between the members of a sweep.
 * ``TrainConfig``: how the data is streamed (epochs, batch size, seed, device, dtype, ...); the
   members of a sweep train on the same batches, so their ``TrainConfig`` must be ``==``.
 
@@ -14,7 +14,7 @@
 
     >>> model, optim, train = sae_options("topk", 64, k=4, lr=1e-3, batch_size=256)
     >>> model.activation
-    TopK(k=4, aux_coef=0.03125, aux_k=None)
+    TopK(k=4, aux_coef=0.03125, aux_k=None, aux_relative=False)
     >>> optim.lr, train.batch_size
     (0.001, 256)
     >>> sae_options("relu", 64, k=4)
@@ -79,6 +79,8 @@ class TopK(Options):
     k: int = option(rule=Int(min=1), doc="active latents per sample")
     aux_coef: float = option(1 / 32, Real(min=0), "AuxK loss weight")
     aux_k: int | None = option(None, Int(min=1, optional=True), "dead latents per row in AuxK (None: d // 2)")
+    aux_relative: bool = option(False, Flag(), "AuxK error relative to the residual's energy (Gao et al.), "
+                                "not per coordinate")
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,9 @@ class OptimConfig(Options):
     grad_clip: float | None = option(1.0, Real(min=0, optional=True), "max gradient norm (None or 0: off)")
     dead_tokens: int | None = option(None, Int(min=1, optional=True),
                                      "a latent is dead after this many tokens without firing (None: min(1e7, rows, budget/8))")
+    init: str = option("data", Choice(("data", "random")),
+                       "decoder (= encoder) rows at the start: 'data' = directions of data rows about the mean, "
+                       "'random' = Gaussian")
 
 
 @dataclass(frozen=True)
@@ -226,11 +231,24 @@ def flat_options(model: SAEConfig, optim: OptimConfig, train: TrainConfig) -> di
             **optim.to_dict(), **train.to_dict()}
 
 
+# Options added after runs were saved, with the value every run saved before them was trained with (the
+# defaults changed with them): a config.json or checkpoint without one of these keys gets that value, so
+# an old run reports how it was trained and an old checkpoint resumes only with its own options.
+ADDED_OPTIONS = {"init": "random", "aux_relative": False}
+
+
 def upgrade_saved_options(config: dict) -> dict:
-    """A config.json written before the typed configs held every option for every kind (unused ones
-    at their defaults, and ignored): keep only what the saved kind uses."""
+    """The options of a saved config.json (or checkpoint), upgraded to the current form.
+
+    Written before the typed configs, it held every option for every kind (unused ones at their defaults,
+    and ignored): keep only what the saved kind uses. Written before an ``ADDED_OPTIONS`` option existed:
+    that option's old behaviour."""
     kind = config.get("kind")
     if kind not in ACTIVATIONS:
         return dict(config)
     used = {"kind", "n_latents", "k", "l1", *ACTIVATIONS[kind].names(), *OptimConfig.names(), *TrainConfig.names()}
-    return {k: v for k, v in config.items() if k in used}  # k=None / l1=None read as "not given"
+    out = {k: v for k, v in config.items() if k in used}  # k=None / l1=None read as "not given"
+    for name, old in ADDED_OPTIONS.items():
+        if name in used and name not in out:
+            out[name] = old
+    return out

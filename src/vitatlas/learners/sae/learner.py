@@ -7,7 +7,7 @@
     >>> codes.shape, X_hat.shape, int((codes[0] != 0).sum())
     ((512, 32), (512, 16), 4)
     >>> sae.family, sae.learner, sae.config.activation
-    ('topk', 'sae', TopK(k=4, aux_coef=0.03125, aux_k=None))
+    ('topk', 'sae', TopK(k=4, aux_coef=0.03125, aux_k=None, aux_relative=False))
 
 Model (x in the original units of the data)::
 
@@ -52,9 +52,18 @@ are one function per family (``sae.objectives``).
 
 Training: Adam with linear warm-up then cosine decay to 0, gradient clipping, decoder rows unit-norm
 with the gradient component parallel to each row removed before the step and renormalised after,
-b_dec initialised to the data mean, W_enc initialised to W_dec (the decoder transpose as encoder),
-TopK decoding through sparse kernels (``sae.kernels``). See ``sae.train`` for the loop, checkpoints,
-logging and sweeps.
+b_dec initialised to the data mean, W_dec's rows to the directions of distinct data rows about that
+mean (``init="data"``, the default; ``init="random"``: Gaussian directions, the default before issue
+19) and W_enc to W_dec (the decoder transpose as encoder), TopK decoding through sparse kernels
+(``sae.kernels``). See ``sae.train`` for the loop, checkpoints, logging and sweeps.
+
+Why data directions: ViT tokens put their variance in few directions, and a random unit latent is
+mostly outside them: its pre-activation rarely wins a top-k, it gets no gradient from the
+reconstruction, and AuxK (weak at short budgets) does not bring it back. On the demo's data (128k
+DINOv2-S layer-8 patch rows, 1,536 latents, k = 8, the default budget) random directions left
+DEAD_RANDOM of the latents dead on those rows, data directions DEAD_DATA, at explained variance
+EV_RANDOM -> EV_DATA; on a planted problem inside a 12-d subspace of R^48 (tests/test_sae.py)
+34% against 0%.
 """
 
 from __future__ import annotations

@@ -156,7 +156,18 @@ def _with_auxk(m: SAEModule, loss, x, x_hat, pre, dead, aux_k: int, rows: int | 
         apat = K.SparsePattern.from_topk(idx, m.config.n_latents)
         e_hat, _ = K.sparse_codes_decode(pre, xc, m.b_dec, m.W_enc, m.b_enc, m.W_dec, apat)
     aux = K.squared_error(e, e_hat)[0] / ((rows or x.shape[0]) * x.shape[1])
+    if m.config.activation.aux_relative:
+        aux = aux / residual_energy(e, rows, x.shape[1])
     return loss + coef * aux, aux.detach()
+
+
+def residual_energy(e: torch.Tensor, rows: int | None, d: int) -> torch.Tensor:
+    """Σ‖e‖² / (rows·d) of the (global) batch's residual, without gradient: the unit of a relative AuxK
+    error (1 = the dead latents explain none of the residual). Floored so an exact fit divides by no zero."""
+    energy = e.detach().pow(2).sum()
+    if rows is not None:
+        energy = distributed.all_reduce_(energy.reshape(1), "sum")[0]
+    return (energy / ((rows or e.shape[0]) * d)).clamp_min(1e-12)
 
 
 def topk_objective(m: SAEModule, x: torch.Tensor, dead, aux_k: int, rows: int | None = None) -> Objective:

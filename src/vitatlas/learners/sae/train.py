@@ -74,10 +74,12 @@ from ...arrays import ArrayLike
 from ...data.batches import data_fingerprint, iter_batches, n_rows_and_width
 from ...dictionary import Dictionary
 from ...errors import VitatlasError
+from ...io import read_json
+from ..checkpoint import STATE as CHECKPOINT_STATE
 from ..checkpoint import Checkpoint, resume_options
 from ..options import resolve_device, resolve_dtype
 from . import kernels as K
-from .config import SPARSE_KINDS, OptimConfig, SAEConfig, TrainConfig
+from .config import ADDED_OPTIONS, SPARSE_KINDS, OptimConfig, SAEConfig, TrainConfig, upgrade_saved_options
 from .model import SAEModule
 from .objectives import OBJECTIVES
 
@@ -100,6 +102,7 @@ class SAE(Protocol):
 
 CHECKPOINT_FORMAT = "vitatlas-sae-checkpoint"
 INIT_ROWS = 32768
+SCALE_ROWS = 4096  # rows (after the decoder's) that fit the encoder's initial scale (``model.encoder_scale``)
 # The default budget (epochs and tokens not given), in rows: DEFAULT_EPOCHS passes over the data, but at
 # least MIN_DEFAULT_ROWS (an SAE needs about a thousand Adam steps to settle) and at most
 # MAX_DEFAULT_EPOCHS passes (a small store is not repeated dozens of times: give ``tokens`` for that).
@@ -420,10 +423,15 @@ class SAESweep:
             step, epoch, pos = self._resume(ckpt, members, d, identity)
             distributed.barrier("loading the SAE checkpoint")  # nobody overwrites it while another rank reads
         else:
-            mean, scale = self._data_stats(X, d, device, dtype, tc.seed)
+            # data init: each member's first n_latents shuffled rows become its decoder rows, the next
+            # SCALE_ROWS set its encoder's scale
+            want_rows = max((m.sae.config.n_latents for m in members if m.sae.optim.init == "data"), default=0)
+            mean, scale, rows = self._data_stats(X, d, device, dtype, tc.seed, want_rows and want_rows + SCALE_ROWS)
             for m in members:
+                n_init = m.sae.config.n_latents + SCALE_ROWS
+                data_rows = rows[:n_init] * scale if m.sae.optim.init == "data" else None
                 m.sae.attach(SAEModule.initial(m.sae.config, d, mean * scale, scale, seed=tc.seed,
-                                                    device=device, dtype=dtype))
+                                               device=device, dtype=dtype, rows=data_rows))
                 m.start()
 
         progress = progress and w.is_main  # one bar and one log: rank 0's
@@ -486,20 +494,28 @@ class SAESweep:
     # -- helpers -------------------------------------------------------------------------------------
     @staticmethod
     @torch.no_grad()
-    def _data_stats(X: ArrayLike, d: int, device: str, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, float]:
-        """Mean (d,) and input scale sqrt(d / mean ‖x‖²) from up to INIT_ROWS shuffled rows."""
+    def _data_stats(X: ArrayLike, d: int, device: str, dtype: torch.dtype, seed: int,
+                    want_rows: int = 0) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """Mean (d,) and input scale sqrt(d / mean ‖x‖²) from up to INIT_ROWS shuffled rows, and the first
+        ``want_rows`` of those shuffled rows (all of them when the data has fewer; float64 on the CPU) for
+        a data initialisation: more than INIT_ROWS are read when more are wanted."""
         total = torch.zeros(d, dtype=torch.float64, device=device)
         sq = torch.zeros((), dtype=torch.float64, device=device)
-        rows = 0
+        rows, n_kept = 0, 0
+        kept: list[torch.Tensor] = []
         w = distributed.world()
         for x in iter_batches(X, 8192, shuffle=True, seed=seed + 7919, device=device, dtype=dtype, d=d):
-            rows += x.shape[0]
-            if w.distributed:  # each rank sums its part of the same rows; the sums are reduced below
-                part = distributed.shard(x.shape[0])
-                x = x[part.start:part.stop]
-            total += x.sum(0, dtype=torch.float64)  # float64 sums of the training dtype's rows
-            sq += (x * x).sum(dtype=torch.float64)
-            if rows >= INIT_ROWS:
+            if n_kept < want_rows:  # the global batch's rows: the same on every rank
+                kept.append(x[:want_rows - n_kept].to("cpu", torch.float64))
+                n_kept += kept[-1].shape[0]
+            if rows < INIT_ROWS:  # the statistics: whole batches up to INIT_ROWS rows
+                rows += x.shape[0]
+                if w.distributed:  # each rank sums its part of the same rows; the sums are reduced below
+                    part = distributed.shard(x.shape[0])
+                    x = x[part.start:part.stop]
+                total += x.sum(0, dtype=torch.float64)  # float64 sums of the training dtype's rows
+                sq += (x * x).sum(dtype=torch.float64)
+            if rows >= INIT_ROWS and n_kept >= want_rows:
                 break
         if w.distributed:
             distributed.all_reduce_(total)
@@ -507,7 +523,8 @@ class SAESweep:
         msq = float(sq) / rows
         if not msq > 0:
             raise VitatlasError("X is all zeros: an SAE cannot be fitted to it")
-        return (total / rows), math.sqrt(d / msq)
+        init_rows = torch.cat(kept) if kept else torch.zeros(0, d, dtype=torch.float64)
+        return total / rows, math.sqrt(d / msq), init_rows
 
     @staticmethod
     def _log(log, bar, members, metrics: dict, step: int, epoch: int, tokens_per_s: float, event: str = "step") -> None:
@@ -551,9 +568,18 @@ class SAESweep:
             if not isinstance(saved, dict) or saved.get("d") != d or saved.get("data") != identity["data"]:
                 return (f"checkpoint in {ckpt.dir} was made on different data; use another checkpoint directory or "
                         "delete it")
+            missing = _options_added_since(saved)
+            if missing:
+                old = ", ".join(f"{k}={v!r}" for k, v in missing.items())
+                return (f"checkpoint in {ckpt.dir} was written by an older vitatlas, before the SAE options "
+                        f"{', '.join(missing)} (it trains with {old}); pass {old} to resume it, or delete it")
             return (f"checkpoint in {ckpt.dir} was made with different SAE options; re-run with the same options or "
                     "delete it")
 
+        saved = _saved_identity(ckpt)
+        if isinstance(saved, dict) and isinstance(saved.get("configs"), list) and _options_added_since(saved) and \
+                {**saved, "configs": [upgrade_saved_options(c) for c in saved["configs"]]} == identity:
+            identity = saved  # an older trainer's checkpoint of these very options: it resumes as it was written
         meta, tensors = ckpt.load(identity, mismatch=mismatch)
         try:
             for i, m in enumerate(members):
@@ -563,6 +589,27 @@ class SAESweep:
             raise VitatlasError(f"SAE checkpoint in {ckpt.dir} is incomplete (missing {exc}); delete it to start "
                                 "over") from None
         return int(meta["step"]), int(meta["epoch"]), int(meta["batch"])
+
+
+def _saved_identity(ckpt: Checkpoint):
+    """The identity recorded in the checkpoint (None when unreadable: ``Checkpoint.load`` then says why)."""
+    try:
+        meta = read_json(ckpt.dir / CHECKPOINT_STATE, what="SAE checkpoint")
+    except VitatlasError:
+        return None
+    return meta.get("identity") if isinstance(meta, dict) else None
+
+
+def _options_added_since(saved: dict) -> dict:
+    """``ADDED_OPTIONS`` (name: the value an older trainer used) that a saved identity's SAEs lack."""
+    configs = saved.get("configs") if isinstance(saved, dict) else None
+    if not isinstance(configs, list):
+        return {}
+    lacking = {}
+    for c in configs:
+        if isinstance(c, dict):
+            lacking.update({k: v for k, v in upgrade_saved_options(c).items() if k in ADDED_OPTIONS and k not in c})
+    return lacking
 
 
 def fit_many(saes: Sequence[SAE], X: ArrayLike, **kwargs) -> list[SAE]:
