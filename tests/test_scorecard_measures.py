@@ -145,3 +145,23 @@ def test_concept_labels_use_the_top_images_and_count_confident_atoms():
     assert summary["confident_fraction"] == pytest.approx(1 / 3)
     assert lab["faithfulness"][0] == pytest.approx(1.0)
     assert confident_count(np.array([np.nan, CONFIDENT_KAPPA, CONFIDENT_KAPPA + 1e-9])) == 1
+
+
+def test_evaluate_keeps_whole_images_under_a_memory_budget_and_checks_the_grid():
+    from vitatlas import VitatlasError
+    from vitatlas.evaluation import evaluate
+    from vitatlas.learners.baselines import RandomDictionary
+
+    rng = np.random.default_rng(6)
+    g, n_img = 3, 20
+    X = rng.standard_normal((n_img * g * g, 5)).astype(np.float32)
+    ids = np.repeat(np.arange(n_img), g * g)
+    cells = np.tile(np.arange(g * g), n_img)
+    y = np.repeat(np.arange(n_img) % 2, g * g)
+    dic = RandomDictionary(6, 5, seed=0).fit(X)  # 5 of 6 atoms per row: every 3x3 map qualifies or not by value
+    out = evaluate(dic, X, y, image_ids=ids, patch_grid=[g, g], patch_cells=cells, memory_budget=4 * 6 * 50)
+    assert out["settings"]["rows_for_auroc"] == 45  # 5 whole images of 9 rows fit in room for 50 rows
+    assert out["spatial_coherence_images"] == 5
+    assert out["settings"]["images_for_labels"] == n_img  # the image maxima are not cut by the row budget
+    with pytest.raises(VitatlasError, match="patch_cells"):
+        evaluate(dic, X, y, image_ids=ids, patch_grid=[g, g], patch_cells=cells[:-1])
