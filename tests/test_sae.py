@@ -196,11 +196,11 @@ def _subspace_problem(n=4096, d=48, r=16, m=192, seed=0):
     return (Z @ basis.T + 3.0 * basis[:, 0] + 0.01 * rng.standard_normal((n, d))).astype(np.float32)
 
 
-def test_topk_defaults_keep_latents_alive_where_the_old_ones_left_many_dead():
+def test_data_init_keeps_latents_alive_where_random_directions_leave_many_dead():
     X = _subspace_problem()
-    opts = dict(kind="topk", n_latents=192, k=3, batch_size=256, seed=0)  # the default budget: 128 steps
-    old = SAE(**opts, init="random", aux_relative=False).fit(X, progress=False)  # the defaults before issue 19
-    new = SAE(**opts).fit(X, progress=False)
+    opts = dict(kind="topk", n_latents=192, k=3, batch_size=256, seed=0, aux_relative=False)  # 128 steps
+    old = SAE(**opts, init="random").fit(X, progress=False)  # the defaults before issue 19
+    new = SAE(**opts, init="data").fit(X, progress=False)
     m_old, m_new = reconstruction_metrics(old, X), reconstruction_metrics(new, X)
     assert m_old["dead_fraction"] > 0.1  # a problem that kills latents: measured 0.172 dead
     assert m_new["dead_fraction"] <= 0.05, m_new["dead_fraction"]  # measured 0.000
@@ -376,7 +376,7 @@ def test_sweep_refuses_members_that_cannot_share_batches():
     (dict(kind="matryoshka", n_latents=8, k=2, groups=[4, 6]), "ending at n_latents"),
     (dict(kind="topk", n_latents=8, k=2, epochs=2, tokens=1000), "epochs or tokens, not both"),
     (dict(kind="topk", n_latents=8, k=2, tokens=0), "tokens"),
-    (dict(kind="topk", n_latents=8, k=2, init="pca"), "init must be one of 'data', 'random', got 'pca'"),
+    (dict(kind="topk", n_latents=8, k=2, init="pca"), "init must be one of 'random', 'data', got 'pca'"),
     (dict(kind="relu", n_latents=8, aux_relative=True), "aux_relative is not used by a relu SAE"),
     (dict(kind="topk", n_latents=8, k=2, aux_relative=1), "aux_relative must be True or False"),
 ])

@@ -35,7 +35,7 @@ def test_single_sae_saved_into_run_and_resumes(acts, tmp_path):
     assert res.exception is None, res.output
     assert "explained_variance=" in res.output and "dead_fraction=" in res.output and "l0=4.00" in res.output
     sae = vitatlas.load(out)
-    assert sae.n_atoms == 64 and sae.k == 4 and sae.optim.init == "data"
+    assert sae.n_atoms == 64 and sae.k == 4 and sae.optim.init == "random" and sae.config.activation.aux_relative
     assert (out / "log.jsonl").exists() and json.loads((out / "checkpoint" / "state.json").read_text())["complete"]
     lines = (out / "log.jsonl").read_text().count("\n")
     res2 = run(args)  # re-run: resumes from the finished checkpoint, no new training steps logged
@@ -56,10 +56,10 @@ def test_sweep_writes_one_directory_per_combination(acts, tmp_path):
 
 
 def test_init_option_reaches_the_saved_run(acts, tmp_path):
-    res = run(["--kind", "topk", "--acts", str(acts), "--atoms", "32", "--k", "2", "--init", "random",
+    res = run(["--kind", "topk", "--acts", str(acts), "--atoms", "32", "--k", "2", "--init", "data",
                "--out", str(tmp_path / "r"), "--epochs", "1", "--batch-size", "500", "--no-progress"])
     assert res.exception is None, res.output
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["init"] == "random"
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["init"] == "data"
     res = run(["--kind", "topk", "--acts", str(acts), "--atoms", "32", "--k", "2", "--init", "pca",
                "--out", str(tmp_path / "e"), "--no-progress"])
     assert res.exception is not None and "pca" in str(res.exception)

@@ -34,7 +34,7 @@ from . import parse_groups
 @click.option("--base", type=click.Choice(["topk", "batchtopk"]), default=None,
               help="Matryoshka activation (default: batchtopk).")
 @click.option("--init", type=click.Choice(["data", "random"]), default=None,
-              help="Decoder rows at the start: directions of data rows (default) or random.")
+              help="Decoder rows at the start: random directions (default) or directions of data rows.")
 @click.option("--epochs", type=int, default=None, help="Passes over the store (default: the --tokens budget).")
 @click.option("--tokens", type=int, default=None,
               help="Training budget in rows (default: 3 passes, at least 1M rows, at most 8 passes).")

@@ -14,7 +14,7 @@
 
     >>> model, optim, train = sae_options("topk", 64, k=4, lr=1e-3, batch_size=256)
     >>> model.activation
-    TopK(k=4, aux_coef=0.03125, aux_k=None, aux_relative=False)
+    TopK(k=4, aux_coef=0.03125, aux_k=None, aux_relative=True)
     >>> optim.lr, train.batch_size
     (0.001, 256)
     >>> sae_options("relu", 64, k=4)
@@ -79,7 +79,7 @@ class TopK(Options):
     k: int = option(rule=Int(min=1), doc="active latents per sample")
     aux_coef: float = option(1 / 32, Real(min=0), "AuxK loss weight")
     aux_k: int | None = option(None, Int(min=1, optional=True), "dead latents per row in AuxK (None: d // 2)")
-    aux_relative: bool = option(False, Flag(), "AuxK error relative to the residual's energy (Gao et al.), "
+    aux_relative: bool = option(True, Flag(), "AuxK error relative to the residual's energy (Gao et al.), "
                                 "not per coordinate")
 
 
@@ -155,7 +155,7 @@ class OptimConfig(Options):
     grad_clip: float | None = option(1.0, Real(min=0, optional=True), "max gradient norm (None or 0: off)")
     dead_tokens: int | None = option(None, Int(min=1, optional=True),
                                      "a latent is dead after this many tokens without firing (None: min(1e7, rows, budget/8))")
-    init: str = option("data", Choice(("data", "random")),
+    init: str = option("random", Choice(("random", "data")),
                        "decoder (= encoder) rows at the start: 'data' = directions of data rows about the mean, "
                        "'random' = Gaussian")
 

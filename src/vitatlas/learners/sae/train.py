@@ -10,7 +10,9 @@ Data: ``iter_batches`` with shuffling seeded per epoch (``seed * 1_000_003 + epo
 ActivationStore larger than RAM streams shard by shard; the last partial batch of an epoch is dropped
 (BatchTopK thresholds and the learning-rate schedule assume full batches). Before the first step the
 data mean and mean squared norm are estimated on up to ``INIT_ROWS`` shuffled rows; they set every
-member's input scale and b_dec.
+member's input scale and b_dec. With ``init="data"`` the first n_latents of those shuffled rows (more
+are read when needed; the same rows on every rank) give the decoder's directions and the next
+``SCALE_ROWS`` the encoder's scale (``model.SAEModule.initial``).
 
 Budget (``training_budget``): ``epochs`` whole passes when given, else ``tokens`` rows, else the
 default ``default_rows(n)``: 3 passes over the data, at least 1M rows (about a thousand Adam steps at
