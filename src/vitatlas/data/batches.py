@@ -72,7 +72,7 @@ def iter_batch_shares(X: ArrayLike, batch_size: int, *, shuffle: bool, seed: int
     stop = n - n % batch_size if (drop_last and n >= batch_size) else n
     for start in range(max(0, start_batch) * batch_size, stop, batch_size):
         end = min(start + batch_size, n)
-        part = distributed.shard(end - start, rank, size)
+        part = distributed.shard(end - start, rank, size) if size > 1 else range(end - start)  # one process: all
         lo, hi = start + part.start, start + part.stop
         rows = slice(lo, hi) if order is None else order[lo:hi]
         if isinstance(X, torch.Tensor):

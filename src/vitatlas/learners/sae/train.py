@@ -41,7 +41,8 @@ Logs: a tqdm bar (postfix: explained_variance, l0, dead_fraction) and, with ``lo
 per SAE every ``log_every`` steps and at each epoch end in ``log_dir/log.jsonl``.
 
 Data-parallel (under torchrun, ``vitatlas.distributed``): every rank streams the same global batches (same
-seed, same order) and trains on its contiguous share of each (``distributed.shard``). The losses are this
+seed, same order) and reads and trains on only its contiguous share of each (``distributed.shard``,
+through ``iter_batch_shares``: N processes read the store once between them). The losses are this
 rank's sums divided by the *global* batch's row count, and each SAE's gradients are summed over the ranks
 in one flat all-reduce, so every rank takes the single-process step on the global batch (up to float
 rounding in the order of the sums). Also reduced: the latents that fired (a max-all-reduce of the mask:
@@ -73,7 +74,7 @@ import torch
 
 from ... import distributed
 from ...arrays import ArrayLike
-from ...data.batches import data_fingerprint, iter_batches, n_rows_and_width
+from ...data.batches import data_fingerprint, iter_batch_shares, iter_batches, n_rows_and_width
 from ...dictionary import Dictionary
 from ...errors import VitatlasError
 from ...io import read_json
@@ -223,13 +224,11 @@ class _Member:
         progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
         return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    def step(self, x_raw: torch.Tensor, step: int, part: slice | None = None) -> None:
-        """One step on the batch ``x_raw``; ``part``: this rank's rows of it when data-parallel (None: all)."""
+    def step(self, x_raw: torch.Tensor, step: int, rows: int | None = None) -> None:
+        """One step on ``x_raw``: the whole batch, or when data-parallel this rank's share of a global batch
+        of ``rows`` rows (losses over the global row count, gradients summed over the ranks)."""
         sae, m = self.sae, self.module
-        x = x_all = x_raw * m.scale
-        rows = None
-        if part is not None:  # data-parallel: losses over the global batch's row count, gradients summed
-            x, rows = x_all[part], x_all.shape[0]
+        x = x_raw * m.scale
         dead = self.since_fired >= self.dead_window if sae.config.family in SPARSE_KINDS else None
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if (sae.train_config.amp and x.device.type == "cuda") \
             else contextlib.nullcontext()
@@ -247,7 +246,7 @@ class _Member:
         self.opt.zero_grad(set_to_none=True)
         K.normalize_rows_(m.W_dec.data)
         with torch.no_grad():
-            b = x_all.shape[0]
+            b = x.shape[0] if rows is None else rows  # the global batch's rows
             self.since_fired += b
             fired = out.fired if rows is None else self._fired_anywhere(out.fired)
             self.since_fired[fired] = 0
@@ -260,11 +259,20 @@ class _Member:
                 th.copy_(mom * th + (1 - mom) * out.batch_threshold.to(th.dtype))
             a = self.acc
             a["sse"] += out.sse.double()
-            a["sst"] += (x - x_all.mean(0)).pow_(2).sum().double()  # about the (global) batch mean
+            a["sst"] += (x - self._batch_mean(x, rows)).pow_(2).sum().double()  # about the global batch mean
             a["nnz"] += out.nnz.double()
             a["rows"] += b
             a["loss"] += out.loss.detach().double()
             a["steps"] += 1
+
+    @staticmethod
+    def _batch_mean(x: torch.Tensor, rows: int | None) -> torch.Tensor:
+        """The mean of the global batch: this rank holds only its share of it when data-parallel."""
+        if rows is None:
+            return x.mean(0)
+        total = x.sum(0)
+        distributed.all_reduce_(total)
+        return total / rows
 
     # -- data-parallel reductions (never called for one process) ------------------------------------------
     def _all_reduce_grads(self) -> None:
@@ -448,18 +456,13 @@ class SAESweep:
         t0, rows_done = time.perf_counter(), 0
         try:
             while step < total:
-                batches = iter_batches(X, tc.batch_size, shuffle=True, seed=epoch_seed(tc.seed, epoch), device=device,
-                                       dtype=dtype, drop_last=drop_last, d=d)
-                for b_idx, x in enumerate(batches):
-                    if b_idx < pos:
-                        continue  # already trained on before the checkpoint we resumed from
-                    part = None
-                    if w.distributed:  # this rank's rows of the global batch (the same batch on every rank)
-                        rows = distributed.shard(x.shape[0])
-                        part = slice(rows.start, rows.stop)
+                # each rank reads only its share of every global batch; a resumed epoch starts at batch pos
+                shares = iter_batch_shares(X, tc.batch_size, shuffle=True, seed=epoch_seed(tc.seed, epoch),
+                                           device=device, dtype=dtype, drop_last=drop_last, d=d, start_batch=pos)
+                for b_idx, (rows, x) in enumerate(shares, start=pos):
                     for m in members:
-                        m.step(x, step, part)
-                    step, pos, rows_done = step + 1, b_idx + 1, rows_done + x.shape[0]
+                        m.step(x, step, rows if w.distributed else None)
+                    step, pos, rows_done = step + 1, b_idx + 1, rows_done + rows
                     bar.update(1)
                     eta.tick(step)
                     if step % tc.log_every == 0 or callback is not None:
