@@ -24,6 +24,7 @@ QUICKEST = {
     "interpret.py": (["--quick", "--threads", "1"], '"atoms": 1024'),
     "intervene.py": (["--tiny", "--images", "4", "--repeats", "1", "--threads", "1"], "intervention() one pass"),
     "explore.py": (["--smoke", "--threads", "1"], "intervention (clamp atom"),
+    "stream.py": (["--quick"], "ratio read by each of 2"),
 }
 
 

@@ -8,7 +8,8 @@ moment leaves either the previous checkpoint or the new one, never a mix. Older 
 removed after the commit.
 
     >>> import tempfile, torch
-    >>> ck = Checkpoint(tempfile.mkdtemp(), "demo-checkpoint", "demo checkpoint")
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> ck = Checkpoint(tmp.name, "demo-checkpoint", "demo checkpoint")
     >>> ck.exists()
     False
     >>> ck.save(3, {"w": torch.ones(2)}, {"identity": {"seed": 0}, "history": [0.5]})
@@ -19,6 +20,7 @@ removed after the commit.
     Traceback (most recent call last):
     ...
     vitatlas.errors.VitatlasError: demo checkpoint in ... was made with other options or other data: ...
+    >>> tmp.cleanup()
 """
 
 from __future__ import annotations
