@@ -25,6 +25,7 @@ QUICKEST = {
     "intervene.py": (["--tiny", "--images", "4", "--repeats", "1", "--threads", "1"], "intervention() one pass"),
     "explore.py": (["--smoke", "--threads", "1"], "intervention (clamp atom"),
     "stream.py": (["--quick"], "ratio read by each of 2"),
+    "dbksvd_ideas.py": (["--quick", "--threads", "1"], "scorecard on"),
 }
 
 

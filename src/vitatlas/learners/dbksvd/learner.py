@@ -32,8 +32,8 @@ row); ``k >= d`` is refused (the codes would not be sparse: every sample is fitt
 ``n_atoms < k`` is refused.
 
 Data-parallel under ``torchrun`` (``vitatlas.distributed``): every rank walks the same global batch
-order and codes its own contiguous slice (``distributed.shard``) of each global batch against the same
-dictionary; the K-SVD update all-reduces the per-atom products Eᵀw and the usage counts, and the rows
+order and reads and codes only its own contiguous slice (``distributed.shard``) of each global batch
+against the same dictionary; the K-SVD update all-reduces the per-atom products Eᵀw and the usage counts, and the rows
 that replace unused atoms are drawn over all ranks with the same random numbers (``ksvd_update``), so
 every rank keeps the same atoms (checked, and rank 0's copy broadcast, at every checkpoint). The mean
 of ``center`` is summed over each rank's share of the batches and all-reduced (float64), so it is the
@@ -70,7 +70,7 @@ import torch
 
 from ... import distributed
 from ...arrays import ArrayLike, as_tensor
-from ...data.batches import data_fingerprint, is_store, iter_batches, n_rows_and_width, rows_of
+from ...data.batches import data_fingerprint, is_store, iter_batch_shares, iter_batches, n_rows_and_width, rows_of
 from ...dictionary import Dictionary
 from ...errors import VitatlasError
 from ..checkpoint import Checkpoint, resume_options
@@ -303,8 +303,8 @@ class DBKSVD(Dictionary):
     def _fit_mean(self, X: ArrayLike, d: int) -> None:
         """``b_dec`` = the mean row of X (``center``), in float64, in one streamed pass (None if not centred).
 
-        Data-parallel: each rank sums every world-size-th batch and the sums are all-reduced, so every
-        rank gets the same mean (one process reads every batch).
+        Data-parallel: each rank reads and sums only its share of every batch and the sums are
+        all-reduced, so every rank gets the same mean from one read of the store between them.
         """
         if not self.config.center:
             self.b_dec = None
@@ -312,11 +312,10 @@ class DBKSVD(Dictionary):
         w = distributed.world()
         total = torch.zeros(d, dtype=torch.float64)
         count = torch.zeros(1, dtype=torch.float64)
-        batches = iter_batches(X, self._sample_batch(), shuffle=False, seed=0, device="cpu", dtype=self.dtype, d=d)
-        for b, Y in enumerate(batches):
-            if b % w.size == w.rank:
-                total += Y.sum(dim=0, dtype=torch.float64)
-                count += Y.shape[0]
+        for _, Y in iter_batch_shares(X, self._sample_batch(), shuffle=False, seed=0, device="cpu", dtype=self.dtype,
+                                      d=d):
+            total += Y.sum(dim=0, dtype=torch.float64)
+            count += Y.shape[0]
         if w.distributed:
             distributed.all_reduce_(total)
             distributed.all_reduce_(count)
@@ -358,9 +357,22 @@ class DBKSVD(Dictionary):
         perm = torch.randperm(R.shape[0], generator=self._gen).to(R.device)
         self._init_from_rows(R[perm], lo, hi, Y.shape[1])
 
-    def _batches(self, X: ArrayLike, epoch_seed: int, device: str | None = None):
-        return iter_batches(X, self._sample_batch(), shuffle=True, seed=epoch_seed, device=device or self.device,
-                            dtype=self.dtype, d=self.d)
+    def _batches(self, X: ArrayLike, epoch_seed: int, *, split: bool, start_batch: int = 0):
+        """This rank's rows of each of an epoch's batches from ``start_batch`` on (all rows when not split:
+        data-parallel shares stay on the CPU, each rank moves its own to its device)."""
+        if not split:
+            return iter_batches(X, self._sample_batch(), shuffle=True, seed=epoch_seed, device=self.device,
+                                dtype=self.dtype, d=self.d, start_batch=start_batch)
+        return (Y for _, Y in iter_batch_shares(X, self._sample_batch(), shuffle=True, seed=epoch_seed, device="cpu",
+                                                 dtype=self.dtype, d=self.d, start_batch=start_batch))
+
+    def _first_batch(self, X: ArrayLike, epoch_seed: int) -> torch.Tensor:
+        """The whole first global batch of an epoch (read on every rank), on this rank's device."""
+        batches = self._batches(X, epoch_seed, split=False)
+        try:
+            return next(batches)
+        finally:
+            batches.close()  # stops a store stream's read-ahead threads
 
     def fit(self, X: ArrayLike, *, checkpoint_dir: str | Path | None = None, progress: bool = True,
             callback: Callable[[int, float], None] | None = None) -> DBKSVD:
@@ -403,10 +415,8 @@ class DBKSVD(Dictionary):
                    unit="batch", dynamic_ncols=True)
         try:
             for lo, hi, Y, last, stage_end in self._pending_iterations(X, per_epoch, epochs, w.distributed):
-                if w.distributed:
-                    part = distributed.shard(Y.shape[0])
-                    sr, quiet = self._iteration(Y[part.start:part.stop].to(self.device), lo, hi,
-                                                redraw=not last, split=True)
+                if w.distributed:  # Y is this rank's share of the global batch
+                    sr, quiet = self._iteration(Y.to(self.device), lo, hi, redraw=not last, split=True)
                 else:
                     sr, quiet = self._iteration(Y, lo, hi, redraw=not last)
                 self.history.append(sr)
@@ -442,8 +452,8 @@ class DBKSVD(Dictionary):
         Each stage (atoms [lo, hi) trainable) runs ``epochs`` passes of ``per_epoch`` batches; ``last``
         marks a stage's last iteration (no re-draw there: it would leave untrained atoms). Iterations
         done before the checkpoint we resumed from are skipped, and so is the rest of a stage once
-        ``self._step`` jumps to its end (it stopped early). Data-parallel (``split``) batches stay on the
-        CPU: each rank moves its own slice to its device.
+        ``self._step`` jumps to its end (it stopped early). Data-parallel (``split``), the batch is this
+        rank's share of the global batch (read alone, kept on the CPU).
         """
         for s, (lo, hi) in enumerate(self._stages()):
             stage_end = (s + 1) * epochs * per_epoch
@@ -451,12 +461,11 @@ class DBKSVD(Dictionary):
                 first = (s * epochs + epoch) * per_epoch
                 if self._step >= first + per_epoch:
                     continue  # done before the checkpoint we resumed from, or the stage ended early
-                batches = self._batches(X, self.seed * 100003 + s * 1009 + epoch, device="cpu" if split else None)
-                for b, Y in enumerate(batches):
-                    if first + b < self._step:
-                        continue  # done before the checkpoint we resumed from
-                    if s > 0 and epoch == 0 and b == 0:
-                        self._init_stage_from_residual(Y.to(self.device), lo, hi)
+                seed = self.seed * 100003 + s * 1009 + epoch
+                start = max(0, self._step - first)  # batches done before the checkpoint we resumed from
+                for b, Y in enumerate(self._batches(X, seed, split=split, start_batch=start), start=start):
+                    if s > 0 and epoch == 0 and b == 0:  # needs the whole first batch, also when split
+                        self._init_stage_from_residual(Y if not split else self._first_batch(X, seed), lo, hi)
                     yield lo, hi, Y, epoch == epochs - 1 and b == per_epoch - 1, stage_end
                     if self._step >= stage_end:
                         break  # the stage ended early
