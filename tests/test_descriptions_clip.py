@@ -156,7 +156,7 @@ def described(saved):
     assert result.exit_code == 0, result.output
     assert "(embedding)" in result.output
     store = vitatlas.ActivationStore(out)
-    dictionary = vitatlas.DBKSVD(6, 2, epochs=3).fit(store, progress=False)
+    dictionary = vitatlas.DBKSVD(6, 2, epochs=3, nonnegative=False).fit(store, progress=False)  # signed codes
     codes = dictionary.encode(store.to_numpy())
     top = store.index[np.argsort(-codes, axis=0, kind="stable")[:8].T, 0].astype(np.int64)  # (6, 8) image ids
     with warnings.catch_warnings():

@@ -4,8 +4,8 @@ Order (``EpochPlan``). The store is cut into *chunks*: ``CHUNK_BYTES`` of consec
 shard. Shuffling deals the chunks into *windows* of about ``window_rows`` rows (the memory bound), each
 window taking one random chunk from each of as many equal strata of the store (``_stratified_windows``),
 so every window samples the whole store evenly. Inside a window the chunks are cut into *pieces* of
-``piece_rows`` rows (``batch_size / PIECES_PER_BATCH``, at least ``MIN_PIECE_BYTES``) and the pieces are
-permuted. Batches are consecutive positions of that order: a store sorted by class gives batches whose
+``piece_rows`` rows (``batch_size / PIECES_PER_BATCH``, at least ``MIN_PIECE_BYTES``, at most
+``batch_size / MIN_PIECES_PER_BATCH``) and the pieces are permuted. Batches are consecutive positions of that order: a store sorted by class gives batches whose
 class mix is close to iid, while the disk is still read in whole chunks. Without shuffling the order is
 the store's own. Every window's order is a function of (seed, window number) alone, so a stream can start
 at any batch.
@@ -39,6 +39,7 @@ from ..errors import VitatlasError
 CHUNK_BYTES = 1 << 20  # contiguous bytes read per chunk: large enough for disk speed, small enough to mix
 PIECES_PER_BATCH = 1024  # a batch is up to this many runs of consecutive rows (pieces) from distinct chunks
 MIN_PIECE_BYTES = 4096  # but pieces of at least this many bytes
+MIN_PIECES_PER_BATCH = 8  # and, however narrow the rows, at least this many pieces per batch
 PREFETCH_BATCHES = 4  # finished batches waiting in the queue
 READ_THREADS = 4  # reads in flight at once (random 1 MB reads from a cold cache: 470 MB/s at 1, 700 at 4 here)
 MAX_WINDOWS = 4  # window buffers alive at once: one being read, one waiting, up to two being cut into batches
@@ -88,9 +89,11 @@ class EpochPlan:
             [np.arange(i, min(i + per_window, len(self.chunk_len))) for i in range(0, len(self.chunk_len), per_window)]
         self.window_start = np.cumsum([0] + [int(self.chunk_len[w].sum()) for w in self.windows])
         # without shuffling a whole chunk is one piece; with it, pieces small enough for ~PIECES_PER_BATCH per
-        # batch, but at least MIN_PIECE_BYTES (each piece costs a Python-level iovec)
+        # batch, but at least MIN_PIECE_BYTES (each piece costs a Python-level iovec); with narrow rows 4 KB
+        # outgrows a batch (170 rows of 6-d float32), so a batch always gathers MIN_PIECES_PER_BATCH pieces
         least = max(1, (MIN_PIECE_BYTES if piece_bytes is None else piece_bytes) // self.row_bytes)
-        self.piece_rows = min(self.chunk_rows, max(least, batch_size // PIECES_PER_BATCH)) if shuffle else self.chunk_rows
+        self.piece_rows = min(self.chunk_rows, max(least, batch_size // PIECES_PER_BATCH),
+                              max(1, batch_size // MIN_PIECES_PER_BATCH)) if shuffle else self.chunk_rows
 
     def batch_range(self, b: int, rank: int = 0, size: int = 1) -> tuple[int, int]:
         """Positions of batch b in the epoch's order (this rank's share of them when ``size`` > 1)."""
