@@ -5,13 +5,13 @@ report (trade-off curves over k) -> atom cards -> the segmentation intervention 
 Runs the same `vitatlas` commands a user would type (see README). Re-running resumes: a finished
 extraction, fit, card set or probe is not redone. DBK-SVD is fitted once per k; the SAEs are one sweep
 (`--k 4 --k 8 ...`: one pass over the data trains them all). The k=8 run of each learner is the one that
-gets atom cards, interventions and the explorer. Environment knobs: DEMO_IMAGES (default 1500),
+gets atom cards, interventions and the explorer. Environment knobs: DEMO_IMAGES (default 1000),
 DEMO_KS (4,8,16; add 32 for the full curve: the non-negative DBK-SVD at k = 32 alone took about 4 min
 on 2 cores, its first iterations' NNLS being slow, which would take the demo past 15 minutes),
 DEMO_OUT (demo-out), DEMO_TOP (top images per atom card, default 9),
-DEMO_EVAL_ROWS (rows the report evaluates on, 20000), DEMO_PROBE_IMAGES (500), DEMO_INTERVENE_IMAGES (200),
+DEMO_EVAL_ROWS (rows the report evaluates on, 20000), DEMO_PROBE_IMAGES (500), DEMO_INTERVENE_IMAGES (120),
 DEMO_SCORECARD_IMAGES (whole images the scorecard scores on, 200),
-DEMO_DBKSVD_EPOCHS (2: passes over the 384k patch rows = 64 iterations per fit; the k = 4, 8, 16 fits
+DEMO_DBKSVD_EPOCHS (2: passes over the patch rows; at 1500 images, 64 iterations per fit, the k = 4, 8, 16 fits
 took 23, 31 and 62 s that way on an idle 2-core machine, and the library's default schedule of at least
 160 iterations would multiply that by 2.5 in a demo that has to stay under 15 minutes).
 """
@@ -52,7 +52,7 @@ def run(*args: str) -> None:
 
 def main() -> None:
     t0 = time.perf_counter()
-    n_images = int(os.environ.get("DEMO_IMAGES", "1500"))
+    n_images = int(os.environ.get("DEMO_IMAGES", "1000"))
     out = Path(os.environ.get("DEMO_OUT", "demo-out"))
     data = "embedded:fashion-mnist:test"
     if not fashion_mnist_available():
@@ -95,7 +95,7 @@ def main() -> None:
         shutil.rmtree(out / "intervene", ignore_errors=True)
         run("intervene", *(str(main_run(runs, n)) for n in RUNS), "--model", "embedded:dinov2-s", "--data", data,
             "--task", "segmentation", "--probe", str(probe), *_cards_args(cards),
-            "--limit", os.environ.get("DEMO_INTERVENE_IMAGES", "200"), "--out", str(out / "intervene"))
+            "--limit", os.environ.get("DEMO_INTERVENE_IMAGES", "120"), "--out", str(out / "intervene"))
 
     scorecard = out / "scorecard"
     shutil.rmtree(scorecard, ignore_errors=True)
