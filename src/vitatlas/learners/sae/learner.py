@@ -85,19 +85,9 @@ import torch
 from ...dictionary import ArrayLike, Dictionary
 from ...errors import VitatlasError
 from ..options import resolve_dtype
-from .config import (  # noqa: F401  (public names)
-    DEFAULT_L1,
-    KINDS,
-    SPARSE_KINDS,
-    OptimConfig,
-    SAEConfig,
-    TrainConfig,
-    flat_options,
-    sae_options,
-    upgrade_saved_options,
-)
+from .config import OptimConfig, SAEConfig, TrainConfig, flat_options, sae_options, upgrade_saved_options
 from .model import SAEModule
-from .train import SAESweep, fit_many  # noqa: F401  (SAESweep is part of this module's API)
+from .train import SAESweep
 
 
 class SAE(Dictionary):
