@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from _planted import planted
+from test_cli_store import run_cli
 
 from vitatlas import VitatlasError
 from vitatlas.data.store import ActivationStore, StoreWriter
@@ -273,21 +274,6 @@ def test_behaviour_match_across_layers_reports_the_refused_decoder_cosine(tmp_pa
 
 # ---- the command line -------------------------------------------------------------------------------
 
-def run_cli(args, capsys):
-    import sys
-
-    from vitatlas.cli import run
-
-    old = sys.argv
-    sys.argv = ["vitatlas", *map(str, args)]
-    try:
-        run()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    return (code, *capsys.readouterr())
 
 
 def test_cli_writes_the_report_and_refuses_other_images(rotated, tmp_path, capsys):
