@@ -410,23 +410,6 @@ def test_nnls_gram_matches_scipy_on_coherent_supports():
     np.testing.assert_allclose(x, ref, atol=1e-8)
 
 
-def test_nnls_active_set_guess_settles_most_rows_and_descent_finishes_the_rest(monkeypatch):
-    rng = np.random.default_rng(15)
-    B, k, d = 200, 6, 10
-    A = rng.standard_normal((B, d, k)) + 1.5 * rng.standard_normal((B, d, 1))
-    A /= np.linalg.norm(A, axis=1, keepdims=True)
-    y = rng.standard_normal((B, d))
-    Gss = torch.from_numpy(np.einsum("bdi,bdj->bij", A, A))
-    rhs = torch.from_numpy(np.einsum("bdi,bd->bi", A, y))
-    finished = []
-    descent = coders._nnls_descent
-    monkeypatch.setattr(coders, "_nnls_descent", lambda G, c, x: finished.append(len(c)) or descent(G, c, x))
-    x = coders._nnls_gram(Gss, rhs, torch.linalg.solve(Gss, rhs)).numpy()
-    ref = np.stack([nnls_reference(A[b], y[b]) for b in range(B)])
-    np.testing.assert_allclose(x, ref, atol=1e-8)
-    assert finished and 0 < finished[0] < B // 4  # the guess is exact on most rows, not all
-
-
 @pytest.mark.parametrize("coder", ["mp", "omp"])
 def test_nonnegative_screened_coding_is_nonnegative_and_starts_at_the_largest_positive_correlation(coder):
     D, Y = problem(B=300, d=24, n=200, seed=14)
