@@ -59,6 +59,34 @@ def verify(path, layer):
     click.echo(f"ok: {len(s.shards)} shard(s), {s.n_rows} rows verified in {s.path}")
 
 
+@store.command("shuffle")
+@click.argument("src", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New directory for the copy.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the order (same seed, same copy).")
+@click.option("--layer", type=int, default=None, help="Layer to copy from a multi-layer store.")
+@click.option("--memory-mb", type=float, default=256, show_default=True,
+              help="Rows held in memory at once (the order does not depend on it).")
+@click.option("--shard-mb", type=float, default=64, show_default=True, help="Size of the copy's shards.")
+def shuffle(src, out, seed, layer, memory_mb, shard_mb):
+    """Write a copy of a store with its rows in a random order over the whole store (resumable).
+
+    Rows keep their index and label rows and the store's dtype; memory stays bounded (rows are scattered
+    into bucket files, then each bucket is permuted in memory). Re-run the same command to resume a killed
+    copy. Test hook: ``VITATLAS_TEST_EXIT_AT=0:N`` leaves after the copy's N-th commit.
+    """
+    import time
+
+    from ..data.shuffle_copy import shuffle_store
+    from ..data.store import ActivationStore
+    from .test_hooks import exit_hook
+
+    t = time.perf_counter()
+    s = shuffle_store(ActivationStore(src, layer=layer), out, seed=seed, progress=True,
+                      memory_bytes=int(memory_mb * (1 << 20)), shard_bytes=int(shard_mb * (1 << 20)),
+                      on_step=exit_hook())
+    click.echo(f"shuffled {s.n_rows} rows x d={s.d} ({s.dtype}) in {time.perf_counter() - t:.1f} s -> {s.path}")
+
+
 @store.command("from-npy")
 @click.argument("file", type=click.Path())
 @click.option("--labels", "labels_file", type=click.Path(), default=None,
