@@ -3,10 +3,12 @@
 1. Throughput (``--store-mb`` of float16 at width ``--d``): the shuffled stream's MB/s of store bytes
    and batches/s, from a cold page cache (the store's pages dropped with posix_fadvise(DONTNEED) before
    each run) against a plain sequential read of the same files, and with the pages cached against
-   converting every shard to float32 whole. Two streams: float32 batches checked on the CPU (what a
-   CPU trainer gets) and batches in the store's dtype (what a GPU trainer is handed; it converts on
-   the device; with ``--device cuda`` also that stream's float32 batches on the GPU). Rounds alternate
-   the runs; each keeps its best.
+   converting every shard to float32 whole (with numpy, and with torch, which the stream uses). Two
+   streams: float32 batches checked on the CPU (what a CPU trainer gets) and batches in the store's
+   dtype (what a GPU trainer is handed; it converts on the device; with ``--device cuda`` also that
+   stream's float32 batches on the GPU); and ``vitatlas store shuffle`` of the store from a cold cache
+   (seconds per GB, and in cold epochs of the stream). Each of ``--rounds`` rounds runs everything once
+   and the ratios are printed round by round (each within one round: the machine's load changes).
 2. Processes: bytes each process reads (``/proc/self/io`` rchar) for one shuffled epoch
    as rank 0 of 1 and as ranks 0 and 1 of 2 (two processes at once), and each one's peak RSS.
 3. Explained-variance gap: a synthetic store of ``--classes`` classes, written sorted by class and
@@ -93,18 +95,19 @@ def make_store(path: Path, rows: int, d: int, chunk_rows: int = 65536) -> Activa
     return ActivationStore(path)
 
 
-def copy_files(store: ActivationStore, to: Path) -> None:
-    """Read and write every shard once, synced: the least a one-time shuffled copy of the store costs."""
-    to.mkdir(exist_ok=True)
-    buf = bytearray(8 << 20)
-    for p in files_of(store):
-        with open(p, "rb", buffering=0) as f, open(to / p.name, "wb", buffering=0) as g:
-            while n := f.readinto(buf):
-                g.write(memoryview(buf)[:n])
-            os.fsync(g.fileno())
-    for p in to.iterdir():
+def shuffled_copy(store: ActivationStore, to: Path) -> None:
+    """``vitatlas store shuffle``: the one-time iid copy (read, scatter into buckets, sort, write, SHA-256)."""
+    from vitatlas.data.shuffle_copy import shuffle_store
+
+    copy = shuffle_store(store, to, seed=0)
+    for p in copy.path.iterdir():
         p.unlink()
-    to.rmdir()
+    copy.path.rmdir()
+
+
+def whole_shard_float32_torch(store: ActivationStore) -> None:
+    for p in files_of(store):
+        torch.from_numpy(np.load(p, mmap_mode="c")).float()  # copy-on-write: a writable map
 
 
 def shuffled_to_device(store: ActivationStore, batch: int, seed: int, device: str) -> int:
@@ -114,40 +117,52 @@ def shuffled_to_device(store: ActivationStore, batch: int, seed: int, device: st
     return n
 
 
-def throughput(store: ActivationStore, batch: int, rounds: int, device: str = "cpu") -> None:
+def throughput(store: ActivationStore, batch: int, rounds: int, device: str = "cpu", copy: bool = True) -> None:
     mb = store_bytes(store) / 1e6
     windows = len(store.plan(batch, shuffle=True, seed=0).windows)
-    best: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
     n_batches = -(-store.n_rows // batch)
     cold = {"sequential read (cold)": lambda: sequential_read(store),
             "shuffled stream float32 (cold)": lambda: shuffled_float32(store, batch, 1),
             "shuffled stream store dtype (cold)": lambda: shuffled_store_dtype(store, batch, 2)}
-    cold["copy of the store (cold; read + write + fsync)"] = lambda: copy_files(store, store.path.parent / "copy")
-    warm = {"whole-shard float32 (cached)": lambda: whole_shard_float32(store),
+    if copy:
+        cold["shuffled copy (cold; vitatlas store shuffle)"] = lambda: shuffled_copy(store, store.path.parent / "copy")
+    warm = {"whole-shard float32, numpy (cached)": lambda: whole_shard_float32(store),
+            "whole-shard float32, torch (cached)": lambda: whole_shard_float32_torch(store),
             "shuffled stream float32 (cached)": lambda: shuffled_float32(store, batch, 3),
             "shuffled stream store dtype (cached)": lambda: shuffled_store_dtype(store, batch, 4)}
     if device != "cpu":  # float16 over the bus, converted and checked on the device
         cold[f"shuffled stream float32 on {device} (cold)"] = lambda: shuffled_to_device(store, batch, 5, device)
         warm[f"shuffled stream float32 on {device} (cached)"] = lambda: shuffled_to_device(store, batch, 6, device)
-    for _ in range(rounds):
+    loads = []
+    for _ in range(rounds):  # each round runs everything once: a ratio is taken within one round
         for name, fn in cold.items():
             stream_module.drop_cache(files_of(store))
-            best[name] = min(best.get(name, np.inf), timed(fn))
+            times.setdefault(name, []).append(timed(fn))
         sequential_read(store)  # warm the cache
         for name, fn in warm.items():
-            best[name] = min(best.get(name, np.inf), timed(fn))
+            times.setdefault(name, []).append(timed(fn))
+        loads.append(os.getloadavg()[0])
     print(f"\n## throughput: {store.n_rows:,} rows x {store.d} float16 = {mb:.0f} MB, {len(store.shards)} shards, "
-          f"batch {batch}, {windows} shuffle windows, best of {rounds}")
-    print(f"{'run':48s} {'s':>7s} {'MB/s':>8s} {'batches/s':>10s}")
-    for name, s in best.items():
-        print(f"{name:48s} {s:7.2f} {mb / s:8.0f} {n_batches / s if 'stream' in name else float('nan'):10.0f}")
-    for a, b in (("shuffled stream float32 (cold)", "sequential read (cold)"),
-                 ("shuffled stream store dtype (cold)", "sequential read (cold)"),
-                 ("shuffled stream float32 (cached)", "whole-shard float32 (cached)"),
-                 ("shuffled stream store dtype (cached)", "whole-shard float32 (cached)")):
-        print(f"ratio {a} / {b}: {best[b] / best[a]:.2f}")
-    print(f"a one-time shuffled copy costs at least {best['copy of the store (cold; read + write + fsync)'] / best['shuffled stream store dtype (cold)']:.1f} "
-          f"cold epochs of the stream, and as much disk again")
+          f"batch {batch}, {windows} shuffle windows, {rounds} rounds (load average after each: "
+          + ", ".join(f"{x:.1f}" for x in loads) + ")")
+    print(f"{'run':48s} {'MB/s in each round':>30s} {'batches/s (best)':>17s}")
+    for name, t in times.items():
+        rates = " ".join(f"{mb / x:6.0f}" for x in t)
+        print(f"{name:48s} {rates:>30s} {n_batches / min(t) if 'stream' in name else float('nan'):17.0f}")
+    for a, b in (("shuffled stream store dtype (cold)", "sequential read (cold)"),
+                 ("shuffled stream float32 (cold)", "sequential read (cold)"),
+                 ("shuffled stream float32 (cached)", "whole-shard float32, numpy (cached)"),
+                 ("shuffled stream float32 (cached)", "whole-shard float32, torch (cached)"),
+                 ("shuffled stream store dtype (cached)", "whole-shard float32, numpy (cached)")):
+        r = np.array(times[b]) / np.array(times[a])
+        print(f"ratio {a} / {b}: " + " ".join(f"{x:.2f}" for x in r) + f"  (median {np.median(r):.2f})")
+    if copy:
+        c = np.array(times["shuffled copy (cold; vitatlas store shuffle)"])
+        e = np.array(times["shuffled stream store dtype (cold)"])
+        print(f"shuffled copy: {' '.join(f'{x / (mb / 1e3):.1f}' for x in c)} s per GB of store, "
+              f"{' '.join(f'{x:.1f}' for x in c / e)} cold epochs of the stream (median {np.median(c / e):.1f}), "
+              "and as much disk again")
 
 
 def rchar() -> int:
@@ -281,7 +296,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="the store is this many shuffle windows long")
     ap.add_argument("--dir", default=None, help="where the temporary stores go (default: the system temp dir)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N: where the fits run and where a stream is handed")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "processes", "ev"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "processes", "ev", "copy"])
     args = ap.parse_args()
     if args.quick:
         args.store_mb, args.rounds, args.seeds, args.ev_rows = 48, 1, 1, 20_000
@@ -295,7 +310,7 @@ def main() -> None:
             rows = args.store_mb * (1 << 20) // (2 * args.d)
             store = make_store(root / "big", rows, args.d)
             if "throughput" not in args.skip:
-                throughput(store, args.batch, args.rounds, args.device)
+                throughput(store, args.batch, args.rounds, args.device, copy="copy" not in args.skip)
             if "processes" not in args.skip:
                 processes(store, args.batch)
             print(f"({time.perf_counter() - t0:.0f} s so far)")

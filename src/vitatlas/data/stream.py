@@ -16,10 +16,12 @@ the store's dtype: the rows are copied once from the page cache, and once more w
 torchrun (``rank``/``size``) a process reads only the positions of its own share of every global batch
 (``distributed.shard`` of each batch): the batches are the same whatever the number of processes.
 
-Read-ahead (``stream``). One thread reads windows (at most one finished window waits), a second cuts
-them into batches and converts each (``convert``, e.g. to a checked float32 tensor) into a bounded queue;
-the caller only takes finished batches. The threads spend their time in syscalls and numpy/torch copies,
-which release the GIL.
+Read-ahead (``stream``). One thread queues each window's reads in a pool of ``READ_THREADS`` threads that
+lives as long as the stream, and queues the next window's reads before the current one is finished
+(``READ_AHEAD_WINDOWS``), so reads stay in flight across window ends instead of draining at each; at most
+one finished window waits. A second thread cuts windows into batches and converts each (``convert``, e.g.
+to a checked float32 tensor) into a bounded queue; the caller only takes finished batches. The threads
+spend their time in syscalls and numpy/torch copies, which release the GIL.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,8 +44,9 @@ PIECES_PER_BATCH = 1024  # a batch is up to this many runs of consecutive rows (
 MIN_PIECE_BYTES = 4096  # but pieces of at least this many bytes
 MIN_PIECES_PER_BATCH = 8  # and, however narrow the rows, at least this many pieces per batch
 PREFETCH_BATCHES = 4  # finished batches waiting in the queue
-READ_THREADS = 4  # reads in flight at once (random 1 MB reads from a cold cache: 470 MB/s at 1, 700 at 4 here)
-MAX_WINDOWS = 4  # window buffers alive at once: one being read, one waiting, up to two being cut into batches
+READ_THREADS = 8  # reads in flight at once (a VM disk serves random 1 MB reads in parallel: 470 MB/s at 1, 700 at 4 here)
+MAX_WINDOWS = 4  # window buffers alive at once: being read, waiting, or being cut into batches
+READ_AHEAD_WINDOWS = 2  # windows whose reads are queued at once: the next one's reads start before this one ends
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 
 
@@ -136,6 +140,40 @@ def read_window(plan: EpochPlan, w: int, batches: range, rank: int = 0, size: in
                 counter: list[int] | None = None, buffer: np.ndarray | None = None) -> Window:
     """Read the positions of window w that belong to ``batches`` (this rank's shares of them), into
     ``buffer`` (flat, in the store's dtype) when it is large enough."""
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vitatlas-io") as pool:
+        return _submit_window(plan, w, batches, rank, size, buffer, pool).wait(counter)
+
+
+class _PendingWindow:
+    """A window whose reads are queued in the I/O pool; ``wait`` hands it over once they are all done."""
+
+    def __init__(self, window: Window, futures: list, fds: dict[int, int]):
+        self.window, self.futures, self.fds = window, futures, fds
+
+    def wait(self, counter: list[int] | None = None) -> Window:
+        try:
+            total = sum(f.result() for f in self.futures)
+        finally:
+            self.close()
+        if counter is not None:
+            counter[0] += total
+        return self.window
+
+    def close(self) -> None:
+        for f in self.futures:
+            f.cancel()
+        for f in self.futures:
+            if not f.cancelled():
+                f.exception()  # a read in flight still writes into its buffer and uses its file: let it end
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+def _submit_window(plan: EpochPlan, w: int, batches: range, rank: int, size: int, buffer: np.ndarray | None,
+                   pool: ThreadPoolExecutor) -> _PendingWindow:
+    """Queue the reads of window w (see ``read_window``) in ``pool`` and return at once, so the reads of the
+    next window queue behind them and the disk never waits at a window's end."""
     ws, we = int(plan.window_start[w]), int(plan.window_start[w + 1])
     first = max(batches.start, ws // plan.batch_size)
     last = min(batches.stop, -(-we // plan.batch_size))
@@ -150,8 +188,9 @@ def read_window(plan: EpochPlan, w: int, batches: range, rank: int = 0, size: in
     if buffer is None or buffer.size < total * plan.d:
         buffer = np.empty(total * plan.d, plan.dtype)
     data = buffer[:total * plan.d].reshape(total, plan.d)
+    window = Window(w, data, parts, buffer)
     if not total:
-        return Window(w, data, parts, buffer)
+        return _PendingWindow(window, [], {})
     shard, start, n = plan.pieces(w)
     pos = np.concatenate([[0], np.cumsum(n)])
     # the slices of pieces that fall in the wanted ranges: (shard, source row, rows, destination row)
@@ -169,13 +208,13 @@ def read_window(plan: EpochPlan, w: int, batches: range, rank: int = 0, size: in
     keep = s_n > 0
     s_shard, s_src, s_n, s_dst = s_shard[keep], s_src[keep], s_n[keep], s_dst[keep]
     order = np.lexsort((s_src, s_shard))
-    _preadv_runs(plan, data, s_shard[order], s_src[order], s_n[order], s_dst[order], counter)
-    return Window(w, data, parts, buffer)
+    return _queue_runs(plan, data, s_shard[order], s_src[order], s_n[order], s_dst[order], window, pool)
 
 
-def _preadv_runs(plan: EpochPlan, data: np.ndarray, shard, src, n, dst, counter) -> None:
-    """Read each run of consecutive source rows with one preadv into the slices it fills; the runs are
-    spread over ``READ_THREADS`` threads (several reads in flight: a cold SSD serves them in parallel)."""
+def _queue_runs(plan: EpochPlan, data: np.ndarray, shard, src, n, dst, window: Window,
+                pool: ThreadPoolExecutor) -> _PendingWindow:
+    """Queue one preadv per run of consecutive source rows, into the slices it fills, in file order; the
+    pool's ``READ_THREADS`` threads keep that many reads in flight (a cold SSD serves them in parallel)."""
     rb = plan.row_bytes
     out = memoryview(data.reshape(-1).view(np.uint8))
     # a new run wherever the shard changes or the next slice does not continue the previous one
@@ -198,19 +237,15 @@ def _preadv_runs(plan: EpochPlan, data: np.ndarray, shard, src, n, dst, counter)
                                 f"run `vitatlas store verify {f.path.parent}` and re-extract")
         return got
 
+    pending = _PendingWindow(window, [], fds)
     try:
         for s in np.unique(shard):
             fds[int(s)] = _open(plan.shards[int(s)])
-        if READ_THREADS > 1 and len(tasks) > 1:
-            with ThreadPoolExecutor(min(READ_THREADS, len(tasks)), thread_name_prefix="vitatlas-io") as pool:
-                total = sum(pool.map(run, tasks))
-        else:
-            total = sum(map(run, tasks))
-        if counter is not None:
-            counter[0] += total
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+        pending.futures = [pool.submit(run, t) for t in tasks]
+    except BaseException:
+        pending.close()
+        raise
+    return pending
 
 
 def _open(f: ShardFile) -> int:
@@ -266,24 +301,44 @@ def stream(plan: EpochPlan, convert: Callable[[np.ndarray, int, int], object], *
 
     def reader():
         nonlocal allocated
+        pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vitatlas-io")
+        pending: deque[_PendingWindow] = deque()  # windows whose reads are queued, oldest first
+
+        def deliver() -> bool:
+            return put(windows, pending.popleft().wait(counter))
+
         try:
             first = plan.window_of(plan.batch_range(batches.start)[0])
             last = plan.window_of(plan.batch_range(batches.stop - 1)[1] - 1)
             for w in range(first, last + 1):
-                if allocated < MAX_WINDOWS:
-                    try:
-                        buffer = free.get_nowait()
-                    except queue.Empty:
-                        buffer, allocated = np.empty(capacity, plan.dtype), allocated + 1
-                else:
+                try:
+                    buffer = free.get_nowait()
+                except queue.Empty:
+                    buffer = None
+                if buffer is None and allocated < MAX_WINDOWS:
+                    buffer, allocated = np.empty(capacity, plan.dtype), allocated + 1
+                if buffer is None:
+                    while pending:  # hand over what is read before waiting for a buffer the caller frees
+                        if not deliver():
+                            return
                     buffer = get(free)
                     if buffer is _DONE:
                         return
-                if not put(windows, read_window(plan, w, batches, rank, size, counter, buffer)):
+                pending.append(_submit_window(plan, w, batches, rank, size, buffer, pool))
+                # the next window's reads are queued behind this one's before this one is handed over
+                while len(pending) > READ_AHEAD_WINDOWS:
+                    if not deliver():
+                        return
+            while pending:
+                if not deliver():
                     return
             put(windows, _DONE)
         except BaseException as exc:  # handed to the caller, who re-raises it
             put(windows, _Failed(exc))
+        finally:
+            for p in pending:
+                p.close()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def assembler():
         try:
