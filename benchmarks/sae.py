@@ -15,9 +15,10 @@ Its BatchTopK takes the batch's total number of codes (k · batch size).
    measured on all rows after training (the same code for both), and the ratios vitatlas / peer.
 2. BatchTopK at k = 32 (``--threads``), same data.
 3. The time of a sweep of 4 SAEs (k = k/4, k/2, k, 2k) in one pass vs one SAE vs 4 separate fits.
-4. ``init``: the dead latents of issue 19, TopK at each of ``--ks`` with ``init="random"`` (the old
-   default) against the default ``init="data"``, the default budget, on the same rows: explained
-   variance, signal recovered, dead and dense fractions on all rows.
+4. ``init``: the dead latents of issue 19, TopK at each of ``--ks``: the default (``init="random"``,
+   ``revive="none"``: AuxK alone) against ``revive="lift"``, ``revive="resample"``, ``init="data"`` and
+   ``init="data", revive="lift"``, the default budget, on the same rows: explained variance, signal
+   recovered, dead and dense fractions on all rows, and the latents revived.
 5. ``--big`` (on by default with ``--device cuda``): TopK tokens/s at d = 768, 16,384 latents, k = 32,
    batch 4,096, random data, against the peer on the same device.
 
@@ -339,21 +340,32 @@ def sweep_timing(X, name, latents, k, epochs, batch, seed) -> None:
           f"takes {data_s:.1f}s ({data_s / one:.0%} of one fit)")
 
 
+DEAD_VARIANTS = {  # issue 19: the dead-latent options, each against the default on the same batches
+    "default (init=random, revive=none)": {},
+    "revive=lift": {"revive": "lift"},
+    "revive=resample": {"revive": "resample"},
+    "init=data": {"init": "data"},
+    "init=data, revive=lift": {"init": "data", "revive": "lift"},
+}
+
+
 def init_comparison(X, name, latents, ks, batch, seed, device) -> None:
-    """TopK SAEs at each k, old (random) and new (data) initialisation, the default budget, one sweep."""
-    saes = [SAE(kind="topk", n_latents=latents, k=k, batch_size=batch, seed=seed, device=device, init=init)
-            for k in ks for init in ("random", "data")]
+    """TopK SAEs at each k: the default (random init, AuxK alone) against each dead-latent option (``sae.resample``),
+    the default budget, one sweep; metrics on all rows."""
+    runs = [(k, label, SAE(kind="topk", n_latents=latents, k=k, batch_size=batch, seed=seed, device=device, **opts))
+            for k in ks for label, opts in DEAD_VARIANTS.items()]
     t0 = time.perf_counter()
-    SAESweep(saes).fit(X, progress=False)
+    SAESweep([s for _, _, s in runs]).fit(X, progress=False)
     seconds = time.perf_counter() - t0
-    print(f"\ninit (issue 19): TopK, {latents} latents, default budget ({saes[0].fit_info['steps']} steps), {name} "
-          f"{X.shape[0]} rows; metrics on all of them; sweep of {len(saes)} in {seconds:.0f}s")
-    print("| k | init | explained_variance | signal_recovered | dead_fraction | dense_fraction |")
-    print("|---|---|---|---|---|---|")
-    for s in saes:
+    print(f"\ndead latents (issue 19): TopK, {latents} latents, default budget ({runs[0][2].fit_info['steps']} steps), "
+          f"{name} {X.shape[0]} rows; metrics on all of them (dead = never fires on them); sweep of {len(runs)} in "
+          f"{seconds:.0f}s")
+    print("| k | options | explained_variance | signal_recovered | dead_fraction | dense_fraction | revived |")
+    print("|---|---|---|---|---|---|---|")
+    for k, label, s in runs:
         m = reconstruction_metrics(s, X)
-        print(f"| {s.k} | {s.optim.init} | {m['explained_variance']:.4f} | {m['signal_recovered']:.4f} | "
-              f"{m['dead_fraction']:.4f} | {m['dense_fraction']:.4f} |")
+        print(f"| {k} | {label} | {m['explained_variance']:.4f} | {m['signal_recovered']:.4f} | "
+              f"{m['dead_fraction']:.4f} | {m['dense_fraction']:.4f} | {s.fit_info.get('revived_latents', '-')} |")
 
 
 def print_row(row):

@@ -14,7 +14,7 @@
 
     >>> model, optim, train = sae_options("topk", 64, k=4, lr=1e-3, batch_size=256)
     >>> model.activation
-    TopK(k=4, aux_coef=0.03125, aux_k=None, aux_relative=True)
+    TopK(k=4, aux_coef=0.03125, aux_k=None, aux_relative=True, revive='none')
     >>> optim.lr, train.batch_size
     (0.001, 256)
     >>> sae_options("relu", 64, k=4)
@@ -81,6 +81,10 @@ class TopK(Options):
     aux_k: int | None = option(None, Int(min=1, optional=True), "dead latents per row in AuxK (None: d // 2)")
     aux_relative: bool = option(True, Flag(), "AuxK error relative to the residual's energy (Gao et al.), "
                                 "not per coordinate")
+    revive: str = option("none", Choice(("none", "resample", "lift")),
+                         "what is done to latents that stop firing (sae.resample): 'none' = AuxK only, 'lift' = "
+                         "their encoder bias is raised until they fire on their best row of the batch, "
+                         "'resample' = new directions from badly reconstructed rows")
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,7 @@ def flat_options(model: SAEConfig, optim: OptimConfig, train: TrainConfig) -> di
 # Options added after runs were saved, with the value every run saved before them was trained with (the
 # defaults changed with them): a config.json or checkpoint without one of these keys gets that value, so
 # an old run reports how it was trained and an old checkpoint resumes only with its own options.
-ADDED_OPTIONS = {"init": "random", "aux_relative": False}
+ADDED_OPTIONS = {"init": "random", "aux_relative": False, "revive": "none"}
 
 
 def upgrade_saved_options(config: dict) -> dict:

@@ -24,6 +24,10 @@ budget may end part-way through a pass. With a progress bar the trainer prints t
 passes, steps) at the start and, after ``ETA_STEPS`` steps, the measured time per step and the time
 left.
 
+Silent latents (``revive``, ``sae.resample``; off by default): every revive window (LIFT_TOKENS tokens
+for "lift", ``dead_tokens`` for "resample") the latents that did not fire in it are lifted or resampled
+on that step's batch, after the optimizer step.
+
 The step is the encoder GEMM, the top-k and O(B·k·d) sparse work (``kernels``); AuxK decodes
 densely over the dead latents when there are few of them (three (B, dead, d) GEMMs beat the sparse
 kernels when aux_k is a large part of them); Adam is the fused (single-pass) implementation; the
@@ -85,6 +89,7 @@ from . import kernels as K
 from .config import ADDED_OPTIONS, SPARSE_KINDS, OptimConfig, SAEConfig, TrainConfig, upgrade_saved_options
 from .model import SAEModule
 from .objectives import OBJECTIVES
+from .resample import LIFT_TOKENS, lift_dead, resample_dead, resample_schedule, resample_seed
 
 
 class SAE(Protocol):
@@ -186,6 +191,15 @@ class _Member:
         self.dead_window = optim.dead_tokens if optim.dead_tokens is not None else \
             max(1, min(10_000_000, n_rows, budget.rows // 8))
         self.objective = OBJECTIVES[sae.config.family]
+        self.revive = getattr(sae.config.activation, "revive", "none")
+        # resampling: latents dead for the AuxK window, in the first RESAMPLE_UNTIL of the run; lifting: latents
+        # silent for LIFT_TOKENS tokens (rarer ones are dead on most scorecard samples), all along the run
+        self.revive_window = min(self.dead_window, LIFT_TOKENS) if self.revive == "lift" else self.dead_window
+        self.resample_every, self.resample_until = resample_schedule(
+            budget.steps, self.revive_window, min(budget.batch_size, n_rows)) if self.revive != "none" else (0, 0)
+        if self.revive == "lift":
+            self.resample_until = budget.steps
+        self.revived = 0  # latents lifted or resampled so far in this process (fit_info)
         self.opt: torch.optim.Adam | None = None
         self.history: dict[str, float] = {}
 
@@ -264,6 +278,23 @@ class _Member:
             a["rows"] += b
             a["loss"] += out.loss.detach().double()
             a["steps"] += 1
+        done = step + 1
+        if self.resample_every and done % self.resample_every == 0 and done <= self.resample_until:
+            self._revive(x, done, rows)
+
+    def _revive(self, x: torch.Tensor, done: int, rows: int | None) -> None:
+        """Lift (``resample.lift_dead``) or resample (``resample.resample_dead``) the latents silent for the
+        revive window after ``done`` steps, on this step's batch; they start a new window."""
+        dead = self.since_fired >= self.revive_window
+        if not bool(dead.any()):
+            return
+        if self.revive == "lift":
+            chosen = lift_dead(self.module, x, dead, rows)
+        else:
+            g = torch.Generator().manual_seed(resample_seed(self.sae.train_config.seed, done))
+            chosen = resample_dead(self.module, x, dead, self.opt, g, rows)
+        self.since_fired[chosen.to(self.since_fired.device)] = 0
+        self.revived += int(chosen.numel())
 
     @staticmethod
     def _batch_mean(x: torch.Tensor, rows: int | None) -> torch.Tensor:
@@ -488,6 +519,8 @@ class SAESweep:
                 m.finish()
         for m in members:
             m.sae.fit_info = dict(m.sae.fit_info, train_metrics=dict(m.history), steps=step)
+            if m.resample_every:
+                m.sae.fit_info["revived_latents"] = m.revived
         return self.saes
 
     def _end_epoch(self, log, bar, members, step, epoch, rows_done, t0) -> tuple[int, int]:
