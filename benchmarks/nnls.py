@@ -8,7 +8,7 @@ handed to the new solver, to see whether the cheap guess first saves anything.
 
 Problems: random supports A (d = 1.5·k, unit columns sharing a common direction, as atoms on one
 DINOv2 support do) over several seeds and k, or (``--store``) the rows a real DBK-SVD fit sends to the
-NNLS in its first iterations: the fit runs on the store until ``--calls`` NNLS calls were captured.
+NNLS in its first ``--calls`` iterations (replayed with the public coder and ``partial_fit``).
 Reported per problem: rows sent to the NNLS (and, with ``--store``, how many of the coded rows that is),
 the seconds of each method (best of ``--repeats``), the ratio old/new, the batched solves each took,
 and the largest difference from the float64 answer relative to its scale.
@@ -126,36 +126,40 @@ def synthetic(k, seed, B, dtype):
     return G[bad], c[bad], x[bad]
 
 
-class Captured(Exception):
-    pass
+def from_store(path, n_atoms, k, calls, seed, batch=8192):
+    """The inputs the NNLS gets in the first ``calls`` iterations of a DBK-SVD fit on the store (and the rows coded).
 
-
-def from_store(path, n_atoms, k, calls, seed):
-    """The inputs of the first ``calls`` NNLS solves of a DBK-SVD fit on the store (and rows coded meanwhile)."""
+    Each iteration: a fresh random batch of the store's rows is coded as the fit codes it (centred,
+    non-negative Batch-OMP), the rows whose least-squares coefficients on the chosen support have a
+    negative entry are kept (what ``_nonnegative_where_needed`` sends to the NNLS), then the dictionary
+    takes one ``partial_fit`` iteration on that batch. Nothing in the library is patched.
+    """
     from vitatlas import ActivationStore
     from vitatlas.learners.dbksvd import DBKSVD
 
-    got, coded = [], [0]
-    inner, where_needed = coders._nnls_gram, coders._nonnegative_where_needed
+    store = ActivationStore(path)
+    rng = np.random.default_rng(seed)
+    dl = DBKSVD(n_atoms, k, seed=seed, sample_batch=batch)
 
-    def capture(G, c, x):
-        got.append((G.clone(), c.clone(), x.clone()))
-        if len(got) >= calls:
-            raise Captured
-        return inner(G, c, x)
+    def sample():
+        return torch.from_numpy(np.asarray(store.rows(np.sort(rng.choice(store.n_rows, batch, replace=False))),
+                                           dtype=np.float32))
 
-    def count(G, c, sol):
-        coded[0] += sol.shape[0]
-        return where_needed(G, c, sol)
-
-    coders._nnls_gram, coders._nonnegative_where_needed = capture, count
-    try:
-        DBKSVD(n_atoms, k, epochs=1, seed=seed).fit(ActivationStore(path), progress=False)
-    except Captured:
-        pass
-    finally:
-        coders._nnls_gram, coders._nonnegative_where_needed = inner, where_needed
-    return got, coded[0]
+    dl.partial_fit(sample())  # the fit's initial atoms and its first iteration
+    got, coded = [], 0
+    for _ in range(calls):
+        Y = sample()
+        D = dl.atoms
+        Yc = Y - dl.b_dec if dl.b_dec is not None else Y
+        G, C = D @ D.T, Yc @ D.T
+        idx, _ = coders.batch_omp(C, G, (Yc * Yc).sum(dim=1), k, nonnegative=True)
+        Gss, rhs, _ = coders._support_system(C, G, None, idx)
+        x = torch.linalg.solve_ex(Gss, rhs.unsqueeze(2))[0].squeeze(2)
+        bad = (x < 0).any(dim=1)
+        got.append((Gss[bad], rhs[bad], x[bad]))
+        coded += Y.shape[0]
+        dl.partial_fit(Y)
+    return got, coded
 
 
 def run(name, G, c, x, repeats, methods):

@@ -81,3 +81,13 @@ def test_relu_default_l1_and_errors(acts, tmp_path):
     res = run(["--kind", "topk", "--acts", str(tmp_path / "missing"), "--atoms", "64", "--k", "4", "--out",
                str(tmp_path)])
     assert isinstance(res.exception, VitatlasError)
+
+
+def test_revive_option_reaches_the_saved_run_and_relu_refuses_it(acts, tmp_path):
+    res = run(["--kind", "topk", "--acts", str(acts), "--atoms", "32", "--k", "2", "--revive", "lift",
+               "--out", str(tmp_path / "r"), "--epochs", "1", "--batch-size", "500", "--no-progress"])
+    assert res.exception is None, res.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["revive"] == "lift"
+    res = run(["--kind", "relu", "--acts", str(acts), "--atoms", "32", "--revive", "lift",
+               "--out", str(tmp_path / "e"), "--no-progress"])
+    assert isinstance(res.exception, VitatlasError) and "revive" in str(res.exception), res.output

@@ -35,6 +35,9 @@ from . import parse_groups
               help="Matryoshka activation (default: batchtopk).")
 @click.option("--init", type=click.Choice(["data", "random"]), default=None,
               help="Decoder rows at the start: random directions (default) or directions of data rows.")
+@click.option("--revive", type=click.Choice(["none", "lift", "resample"]), default=None,
+              help="What to do with latents that stop firing (topk/batchtopk/matryoshka): leave them to AuxK "
+                   "(none, the default), lift their encoder bias, or resample them from badly reconstructed rows.")
 @click.option("--epochs", type=int, default=None, help="Passes over the store (default: the --tokens budget).")
 @click.option("--tokens", type=int, default=None,
               help="Training budget in rows (default: 3 passes, at least 1M rows, at most 8 passes).")
@@ -44,7 +47,7 @@ from . import parse_groups
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Steps between checkpoints.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, init, epochs, tokens, batch_size, device, dtype, seed, checkpoint_every,
+def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, init, revive, epochs, tokens, batch_size, device, dtype, seed, checkpoint_every,
         no_progress):
     """Train sparse autoencoders (resumes from OUT/checkpoint when re-run)."""
     import itertools
@@ -62,7 +65,7 @@ def sae(kind, acts, n_latents, k, l1, lr, out, groups, base, init, epochs, token
     # every option is checked by the SAE's own declared constraints (one line each, naming the option);
     # options a family does not use (--k on relu, --groups on topk) are refused there too
     family_options = {name: value for name, value in (("groups", parse_groups(groups)), ("base", base),
-                                                      ("init", init)) if value is not None}
+                                                      ("init", init), ("revive", revive)) if value is not None}
     saes = [SAE(kind=kind, n_latents=n, k=kk, l1=c, lr=rate, epochs=epochs, tokens=tokens, batch_size=batch_size,
                 device=device, dtype=dtype, seed=seed, checkpoint_every=checkpoint_every, **family_options)
             for n, kk, c, rate in itertools.product(n_latents, k or [None], l1 or [None], lr or [None])]
