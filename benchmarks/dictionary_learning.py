@@ -14,8 +14,14 @@ patch tokens). Then one DBK-SVD iteration is timed against its dense product D�
 ratios issue 9 asks for: speed vs SPAMS at its recovery (target >= 20x), real-data signal_recovered
 vs dictlearn AK-SVD and the bar 0.73, iteration / DᵀY (target <= 2).
 
-    python benchmarks/dictionary_learning.py [--quick] [--problems A,B,C] [--store DIR] [--threads N]
-                                             [--device cpu|cuda] [--memory]
+Each planted problem is drawn with every seed of --seeds (default 1,2,3, --quick 1: atoms, codes and noise; the
+learners keep their own seed 0), and a per-seed table follows (issue 19): DBK-SVD's iterations, whether
+it ended early, fit seconds, recovered fraction and its speed ratio against the best peer (the peer
+of highest recovery, the fastest among ties; its seconds / DBK-SVD's), then the median and minimum
+over the seeds. Problem D is d=96, 384 atoms, k=4, N=16k (more atoms per dimension than A and C).
+
+    python benchmarks/dictionary_learning.py [--quick] [--problems A,B,C,D] [--seeds 1,2,3] [--store DIR]
+                                             [--threads N] [--device cpu|cuda] [--memory]
 
 ``--device cuda`` runs vitatlas (and the DᵀY timing) on the GPU; the peers are CPU-only.
 
@@ -87,7 +93,12 @@ SIGNED = {"center": False, "nonnegative": False}
 def run_vitatlas(X, n_atoms, k, budget, threads, seed=0, **opts):
     m = DBKSVD(n_atoms, k, seed=seed, **{**SIGNED, **opts}).fit(X, progress=False)
     _sync(m.device)
-    return m.atoms.cpu().numpy(), f"{len(m.history)} iterations, {m.device}"
+    early = len(m.history) < m._step  # the schedule's step jumped past the iterations run: it ended early
+    LAST_FIT.update(iterations=len(m.history), early=early)
+    return m.atoms.cpu().numpy(), f"{len(m.history)} iterations{' (ended early)' if early else ''}, {m.device}"
+
+
+LAST_FIT: dict = {}  # iterations and early end of the last run_vitatlas fit
 
 
 def _sync(device) -> None:
@@ -164,6 +175,8 @@ def compare(name, X, Xtest, D_true, n_atoms, k, budgets, threads, vit_opts):
         rec, res = recovered(D_true, atoms), heldout_residual(atoms, Xtest, k)
         rows.append((label, sec, rec, res))
         SUMMARY.setdefault(name, {})[label] = (sec, rec, 1 - res)
+        if label == "vitatlas DBK-SVD":
+            FITS[name] = dict(LAST_FIT)
         print(f"{label:<28}{sec:>10.1f}{rec:>11.3f}{res:>15.4f}{sec / base:>15.1f}  {note}", flush=True)
     return rows
 
@@ -171,6 +184,39 @@ def compare(name, X, Xtest, D_true, n_atoms, k, budgets, threads, vit_opts):
 PEER_KEYS = ("sklearn", "ksvd", "aksvd", "spams")
 PEERS = set(PEER_KEYS)  # --peers narrows it
 SUMMARY: dict[str, dict[str, tuple[float, float, float]]] = {}  # problem -> learner -> (s, recovered, signal)
+FITS: dict[str, dict] = {}  # problem -> DBK-SVD's iterations and early end
+
+
+def best_peer(table: dict[str, tuple[float, float, float]]) -> tuple[str, tuple[float, float, float]] | None:
+    """The peer of highest recovery, the fastest among ties (None without peers)."""
+    peers = [(label, row) for label, row in table.items() if label != "vitatlas DBK-SVD"]
+    return min(peers, key=lambda p: (-p[1][1], p[1][0])) if peers else None
+
+
+def print_seeds(seeds: dict[str, list[tuple[int, str]]]) -> None:
+    """Per planted problem: one line per seed, then the median and minimum over the seeds."""
+    print("\n## planted problems over seeds (DBK-SVD with its defaults; ratio = best peer's seconds / DBK-SVD's)")
+    print(f"{'problem':<12}{'seed':>5}{'iters':>7}{'early':>7}{'seconds':>9}{'recovered':>11}{'ratio':>8}  best peer "
+          "(recovered; DBK-SVD >= it?)")
+    for problem, runs in seeds.items():
+        ratios, recs, iters = [], [], []
+        for seed, name in runs:
+            table, fit = SUMMARY.get(name, {}), FITS.get(name)
+            vit = table.get("vitatlas DBK-SVD")
+            if vit is None or fit is None:
+                continue
+            peer = best_peer(table)
+            ratio = peer[1][0] / vit[0] if peer else float("nan")
+            note = (f"{peer[0]} ({peer[1][1]:.3f}; {'yes' if vit[1] >= peer[1][1] else 'NO'})" if peer
+                    else "no peer ran")
+            ratios.append(ratio)
+            recs.append(vit[1])
+            iters.append(fit["iterations"])
+            print(f"{problem:<12}{seed:>5}{fit['iterations']:>7}{'yes' if fit['early'] else 'no':>7}{vit[0]:>9.1f}"
+                  f"{vit[1]:>11.4f}{ratio:>8.1f}  {note}")
+        if recs:
+            print(f"{problem:<12}{'':>5}  median: {np.median(iters):.0f} iterations, recovered {np.median(recs):.4f}, "
+                  f"ratio {np.median(ratios):.1f}x; min: recovered {min(recs):.4f}, ratio {min(ratios):.1f}x")
 
 
 def time_iteration(B: int, threads: int, d=768, n_atoms=3072, k=10, seed=0, device="cpu"):
@@ -301,7 +347,9 @@ def main():
     ap.add_argument("--store-atoms", type=int, default=None, help="atoms for --store (default 4·d)")
     ap.add_argument("--store-k", type=int, default=8, help="k for --store")
     ap.add_argument("--store-rows", type=int, default=40_000, help="rows sampled from --store (10%% held out)")
-    ap.add_argument("--problems", default="A,B,C", help="planted problems to run (A, B, C; empty: none)")
+    ap.add_argument("--problems", default="A,B,C", help="planted problems to run (A, B, C, D; empty: none)")
+    ap.add_argument("--seeds", default=None, help="seeds each planted problem is drawn with (default 1,2,3; "
+                    "--quick: 1)")
     ap.add_argument("--iter-threads", default="1,2", help="thread counts for the iteration/DᵀY timing")
     ap.add_argument("--device", default="cpu", help="device for vitatlas: cpu, or cuda when present")
     ap.add_argument("--threads", type=int, default=1, help="threads for every learner (default 1: shared CPUs)")
@@ -330,13 +378,21 @@ def main():
                 "A": ("planted A", 128, 512, 5, 20_000, dict(sklearn=45, ksvd=6, aksvd=12, spams=45)),
                 "B": ("planted B", 384, 1536, 8, 100_000, dict(sklearn=90, ksvd=1, aksvd=1, spams=90)),
                 "C": ("planted C", 160, 640, 6, 24_000, dict(sklearn=30, ksvd=2, aksvd=4, spams=60)),
+                "D": ("planted D", 96, 384, 4, 16_000, dict(sklearn=20, ksvd=3, aksvd=6, spams=30)),
             }
             problems = [every[p.strip().upper()] for p in args.problems.split(",") if p.strip()]
-        for name, d, n, k, N, budgets in problems:
-            X, D = planted(d, n, k, N + 2000, seed=1)
-            compare(name, X[:N], X[N:], D, n, k, budgets, args.threads, vit_opts)
+        seeds = [int(s) for s in (args.seeds or ("1" if args.quick else "1,2,3")).split(",") if s.strip()]
+        by_seed: dict[str, list[tuple[int, str]]] = {}
+        for problem, d, n, k, N, budgets in problems:
+            for seed in seeds:
+                name = f"{problem} seed {seed}"
+                X, D = planted(d, n, k, N + 2000, seed=seed)
+                compare(name, X[:N], X[N:], D, n, k, budgets, args.threads, vit_opts)
+                by_seed.setdefault(problem, []).append((seed, name))
             print("(peers ran with the time/iteration budgets in 'note' so the run stays under ~15 min; "
                   "vitatlas with its defaults)")
+        if by_seed:
+            print_seeds(by_seed)
         store_name = None
         if args.store:
             from vitatlas import ActivationStore

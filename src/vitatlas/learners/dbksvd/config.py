@@ -52,7 +52,7 @@ class DBKSVDConfig(Options):
                            "batch's energy along it, ramped up from 0 over the fit (0: plain K-SVD)")
     stop_tol: float = option(1e-4, Real(min=0, max=1, max_open=True),
                              "end a stage once the atoms move less than this (median 1 − |cos| between iterations) "
-                             "for 3 iterations in a row with every atom used; 0: run every iteration")
+                             "for 3 iterations in a row in which no atom was re-drawn; 0: run every iteration")
     center: bool = option(True, Flag(), "subtract the data mean before coding (kept as the decoder bias ``b_dec``, "
                           "added back by decode), as an SAE's b_dec")
     nonnegative: bool = option(True, Flag(), "codes >= 0: each atom is one direction (coders pick the largest "

@@ -8,14 +8,15 @@ One *iteration* takes one batch of samples Y (B, d) and the current atoms D (n_a
    each sample screened to ``candidates`` atoms (its first greedy choice and the atoms most correlated
    with the residual after it) so coding stays a small fraction of the product (see ``coders``);
 3. the K-SVD update: atoms shuffled, updated in parallel batches of ``atom_batch`` against one
-   residual snapshot, with their codes; unused atoms re-drawn from residual rows sampled in
-   proportion to their energy.
+   residual snapshot, with their codes; unused and rarely used atoms (and the less used of two
+   near-twins) re-drawn from residual rows sampled in proportion to their energy, each row with its
+   share of its most used atom added back (``ksvd_update.replace_unused``).
 
 Sample batches are streamed (array, tensor or ActivationStore through ``iter_batches``), each gets one
 iteration warm-started from the previous dictionary, for ``epochs`` passes (default: at least 160
 iterations): the data never has to fit in memory. A stage ends early once its atoms settle: their
-median movement 1 − |cos| between iterations stays below ``stop_tol`` for 3 iterations in a row with
-every atom used (planted problems settle; real activations usually run the whole schedule).
+median movement 1 − |cos| between iterations stays below ``stop_tol`` for 3 iterations in a row in
+which no atom was re-drawn (planted problems settle; real activations usually run the whole schedule).
 
 With ``groups=[64, 256, 1024]`` (Matryoshka), the atoms are fitted group by group: stage g codes with
 the prefix D[:groups[g]] but only updates its new atoms (initialised from residuals of the previous
@@ -251,13 +252,14 @@ class DBKSVD(Dictionary):
 
     @torch.no_grad()
     def _iteration(self, Y: torch.Tensor, lo: int, hi: int, redraw: bool = True,
-                   split: bool = False) -> tuple[float, bool]:
+                   split: bool = False, share: bool = True) -> tuple[float, bool]:
         """One DBK-SVD iteration on batch Y, updating atoms [lo, hi).
 
-        Returns the batch signal_recovered and whether the atoms stood still: every trainable atom was
-        used and their median movement 1 − |cos(old, new)| is below ``stop_tol``. With ``split``
+        Returns the batch signal_recovered and whether the atoms stood still: no trainable atom was
+        unused or re-drawn and their median movement 1 − |cos(old, new)| is below ``stop_tol``. With ``split``
         (data-parallel), Y is this rank's slice of the global batch: the update, the signal_recovered
-        and the movement are over the whole global batch (module docstring).
+        and the movement are over the whole global batch (module docstring). ``share``: re-drawn atoms
+        start from a row's residual plus its share of its busiest atom (``ksvd_update``), else the bare row.
         """
         if self.b_dec is not None:
             self._Yc_buf = self._buffer(self._Yc_buf, Y)
@@ -267,10 +269,12 @@ class DBKSVD(Dictionary):
         R = self._residual_buffer(Y)
         idx, val = self._code(Y, D, G, self._fit_candidates(hi), residual_out=R)
         trainable = torch.arange(lo, hi, device=D.device)
+        info = {"redrawn": 0}
         counts = ksvd_update(R, D, idx, val, atom_batch=self._atom_batch(hi - lo), trainable=trainable,
                              n_power=self.config.n_power, approx=self.config.approx, generator=self._gen, G=G,
                              redraw=redraw, memory=self._memory_weight(), distributed=split,
-                             dup_threshold=self.config.dup_threshold, nonnegative=self.config.nonnegative)
+                             dup_threshold=self.config.dup_threshold, nonnegative=self.config.nonnegative,
+                             share=share, info=info)
         moved = 1 - (D[lo:hi] * self._D[lo:hi]).sum(dim=1).abs()
         self._D[lo:hi] = D[lo:hi]
         self._G = None
@@ -278,12 +282,14 @@ class DBKSVD(Dictionary):
         nz = ynorm > 0
         rel = torch.where(nz, R.norm(dim=1) / ynorm.clamp(min=torch.finfo(Y.dtype).tiny), torch.zeros_like(ynorm))
         stats = torch.stack([rel.sum(), torch.tensor(rel.numel(), dtype=rel.dtype, device=rel.device),
-                             moved.median().to(rel.dtype), (counts[lo:hi] == 0).any().to(rel.dtype)]).double()
+                             moved.median().to(rel.dtype),
+                             torch.tensor(float(info["redrawn"] > 0 or bool((counts[lo:hi] == 0).any())),
+                                          dtype=rel.dtype, device=rel.device)]).double()
         if split:  # counts are already global; the max makes the stop decision identical on every rank
             stats[:2] = distributed.all_reduce_(stats[:2].clone())
             stats[2:] = distributed.all_reduce_(stats[2:].clone(), "max")
-        total, n, move, unused = stats.tolist()
-        quiet = self.config.stop_tol > 0 and move < self.config.stop_tol and not unused
+        total, n, move, redrawn = stats.tolist()
+        quiet = self.config.stop_tol > 0 and move < self.config.stop_tol and not redrawn
         return 1 - total / max(n, 1.0), quiet
 
     def _residual_buffer(self, Y: torch.Tensor) -> torch.Tensor:
@@ -414,11 +420,15 @@ class DBKSVD(Dictionary):
         bar = tqdm(total=total, initial=self._step, disable=not progress or not w.is_main, desc="dbksvd",
                    unit="batch", dynamic_ncols=True)
         try:
-            for lo, hi, Y, last, stage_end in self._pending_iterations(X, per_epoch, epochs, w.distributed):
+            for lo, hi, Y, left, stage_end in self._pending_iterations(X, per_epoch, epochs, w.distributed):
+                # no re-draw in a stage's last iteration (it would leave untrained atoms), and bare residual
+                # rows in the one before: a row's share of its busiest atom can make a twin of it, which
+                # only a later re-draw removes (``ksvd_update.replace_unused``)
+                opts = dict(redraw=left > 0, share=left > 1)
                 if w.distributed:  # Y is this rank's share of the global batch
-                    sr, quiet = self._iteration(Y.to(self.device), lo, hi, redraw=not last, split=True)
+                    sr, quiet = self._iteration(Y.to(self.device), lo, hi, split=True, **opts)
                 else:
-                    sr, quiet = self._iteration(Y, lo, hi, redraw=not last)
+                    sr, quiet = self._iteration(Y, lo, hi, **opts)
                 self.history.append(sr)
                 self._step += 1
                 self._quiet = self._quiet + 1 if quiet else 0
@@ -447,10 +457,10 @@ class DBKSVD(Dictionary):
         return self
 
     def _pending_iterations(self, X: ArrayLike, per_epoch: int, epochs: int, split: bool):
-        """The planned schedule's iterations from ``self._step`` on: (lo, hi, batch, last, stage_end).
+        """The planned schedule's iterations from ``self._step`` on: (lo, hi, batch, left, stage_end).
 
-        Each stage (atoms [lo, hi) trainable) runs ``epochs`` passes of ``per_epoch`` batches; ``last``
-        marks a stage's last iteration (no re-draw there: it would leave untrained atoms). Iterations
+        Each stage (atoms [lo, hi) trainable) runs ``epochs`` passes of ``per_epoch`` batches; ``left``
+        is how many of the stage's planned iterations follow this one (0: its last). Iterations
         done before the checkpoint we resumed from are skipped, and so is the rest of a stage once
         ``self._step`` jumps to its end (it stopped early). Data-parallel (``split``), the batch is this
         rank's share of the global batch (read alone, kept on the CPU).
@@ -466,12 +476,17 @@ class DBKSVD(Dictionary):
                 for b, Y in enumerate(self._batches(X, seed, split=split, start_batch=start), start=start):
                     if s > 0 and epoch == 0 and b == 0:  # needs the whole first batch, also when split
                         self._init_stage_from_residual(Y if not split else self._first_batch(X, seed), lo, hi)
-                    yield lo, hi, Y, epoch == epochs - 1 and b == per_epoch - 1, stage_end
+                    yield lo, hi, Y, epochs * per_epoch - 1 - (epoch * per_epoch + b), stage_end
                     if self._step >= stage_end:
                         break  # the stage ended early
 
     def partial_fit(self, X: ArrayLike) -> DBKSVD:
-        """One iteration per ``sample_batch`` rows of X, warm-started from the current atoms."""
+        """One iteration per ``sample_batch`` rows of X, warm-started from the current atoms.
+
+        X's rows are read in a shuffled order (a store sorted by class still gives mixed batches),
+        seeded by ``seed`` and the number of iterations done so far (``partial_fit_seed``): repeated
+        calls on the same X see different batches, and the same sequence of calls gives the same atoms.
+        """
         if self.config.groups:
             raise VitatlasError("partial_fit does not support groups (Matryoshka stages need fit); use fit(X)")
         n, d = n_rows_and_width(X)
@@ -482,8 +497,8 @@ class DBKSVD(Dictionary):
             self._fit_mean(X, d)  # the first call's data decides the mean
             self._init_atoms(X, n, d)
         try:
-            for Y in iter_batches(X, self._sample_batch(), shuffle=False, seed=0, device=self.device,
-                                  dtype=self.dtype, d=self.d):
+            for Y in iter_batches(X, self._sample_batch(), shuffle=True, seed=partial_fit_seed(self.seed, self._step),
+                                  device=self.device, dtype=self.dtype, d=self.d):
                 self.history.append(self._iteration(Y, 0, self.n_atoms)[0])
                 self._step += 1
         finally:
@@ -568,6 +583,11 @@ class DBKSVD(Dictionary):
         self._step = int(meta["step"])
         self.history = list(meta["history"])
         self._quiet = int(meta.get("quiet", 0))
+
+
+def partial_fit_seed(seed: int, step: int) -> int:
+    """Shuffling seed of a ``partial_fit`` call made after ``step`` iterations (apart from ``fit``'s epoch seeds)."""
+    return int(np.random.SeedSequence([seed, step, 0x9A27]).generate_state(1)[0])
 
 
 @torch.no_grad()
