@@ -1,6 +1,7 @@
-"""DBK-SVD re-draws and early stop (issue 19 part 5): a re-drawn atom starts as a row's share of its most
-used atom (which splits an atom that covers two directions), rarely used atoms are re-drawn, a stage
-does not end while atoms are being re-drawn, and partial_fit reads shuffled, reproducible batches."""
+"""DBK-SVD re-draws and early stop (issue 19 part 5): a re-drawn atom starts from a residual row plus its
+share of its most used atom (which splits an atom that covers two directions), rarely used atoms are
+re-drawn once the atoms settle, a stage does not end while atoms are being re-drawn, and partial_fit
+reads shuffled, reproducible batches."""
 
 import math
 
@@ -68,6 +69,10 @@ def test_rarely_used_atoms_are_redrawn_and_counted():
     floor = RARE * float(counts.sum()) / n_atoms
     assert counts[28] == 1 < floor and counts[29] == 0 and int((counts < floor).sum()) == 2
     D_before, info = D.clone(), {}
+    early = {}  # before the atoms settle (rare=False) only the unused atom is re-drawn
+    ksvd_update(R.clone(), D.clone(), idx, val.clone(), atom_batch=8, generator=torch.Generator().manual_seed(0),
+                rare=False, info=early)
+    assert early["redrawn"] == 1
     ksvd_update(R, D, idx, val, atom_batch=8, generator=torch.Generator().manual_seed(0), info=info)
     assert info["redrawn"] == 2
     assert (idx == 28).sum() == 1 and abs(float(D[28] @ D_before[28])) < 0.99

@@ -238,7 +238,7 @@ def duplicates(G: torch.Tensor, counts: torch.Tensor, trainable: torch.Tensor, t
     return dup & ~frozen
 
 
-# An atom used by fewer samples of a batch than this fraction of the mean trainable atom's count is re-drawn
+# With ``rare``, an atom used by fewer samples of a batch than this fraction of the mean count is re-drawn
 # (a zero count always is). A fit that stops with such an atom has it stuck on a few noisy rows while
 # another atom covers two directions: planted problems ended with 99.5% of their atoms recovered that way.
 RARE = 1 / 8
@@ -249,15 +249,17 @@ def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.
                 trainable: torch.Tensor | None = None, n_power: int = 3, approx: bool = False,
                 generator: torch.Generator | None = None, redraw: bool = True, G: torch.Tensor | None = None,
                 dup_threshold: float = 0.97, memory: float = 0.0, distributed: bool = False,
-                nonnegative: bool = False, share: bool = True, info: dict | None = None) -> torch.Tensor:
+                nonnegative: bool = False, share: bool = True, rare: bool = True,
+                info: dict | None = None) -> torch.Tensor:
     """One K-SVD sweep over the dictionary, in place on R, D and val.
 
     R (B, d) residual for codes (idx, val) (B, k); D (n_atoms, d). ``trainable`` (1-D ids, default all)
     are the atoms allowed to change; they are shuffled with ``generator`` and updated in batches of
     ``atom_batch``. Returns the per-atom usage counts (n_atoms,) of this batch of samples.
 
-    With ``redraw``, trainable atoms used by fewer samples than ``RARE`` × the mean count of the
-    trainable atoms (or by none) are re-drawn, and so is the less used atom of every pair whose |cos| in
+    With ``redraw``, trainable atoms used by no sample are re-drawn (with ``rare``, also those used by
+    fewer samples than ``RARE`` × the mean count of the trainable atoms: the learner asks for it once
+    the atoms have settled, where its early stop would otherwise end a fit with them), and so is the less used atom of every pair whose |cos| in
     ``G`` (the Gram matrix used for coding, D Dᵀ before the update) exceeds ``dup_threshold`` — two
     atoms splitting one direction would otherwise stay stuck. A re-drawn atom starts from a residual
     row plus that row's share of its busiest atom (``share``, ``replace_unused``), else from the bare
@@ -291,7 +293,8 @@ def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.
                           memory, distributed, nonnegative)
     if redraw:
         # unused, or used far less than the typical trainable atom (see ``RARE``)
-        stale = counts.to(torch.float64) < max(RARE * float(counts[trainable].sum()) / max(1, trainable.numel()), 1.0)
+        floor = RARE * float(counts[trainable].sum()) / max(1, trainable.numel()) if rare else 0.0
+        stale = counts.to(torch.float64) < max(floor, 1.0)
         hit = None
         if G is not None:
             dup = duplicates(G, counts, trainable, dup_threshold)

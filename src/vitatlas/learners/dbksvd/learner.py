@@ -8,9 +8,9 @@ One *iteration* takes one batch of samples Y (B, d) and the current atoms D (n_a
    each sample screened to ``candidates`` atoms (its first greedy choice and the atoms most correlated
    with the residual after it) so coding stays a small fraction of the product (see ``coders``);
 3. the K-SVD update: atoms shuffled, updated in parallel batches of ``atom_batch`` against one
-   residual snapshot, with their codes; unused and rarely used atoms (and the less used of two
-   near-twins) re-drawn from residual rows sampled in proportion to their energy, each row with its
-   share of its most used atom added back (``ksvd_update.replace_unused``).
+   residual snapshot, with their codes; unused atoms, rarely used ones once the atoms have settled,
+   and the less used of two near-twins re-drawn from residual rows sampled in proportion to their
+   energy, each row with its share of its most used atom added back (``ksvd_update.replace_unused``).
 
 Sample batches are streamed (array, tensor or ActivationStore through ``iter_batches``), each gets one
 iteration warm-started from the previous dictionary, for ``epochs`` passes (default: at least 160
@@ -121,6 +121,7 @@ class DBKSVD(Dictionary):
         self._gen = torch.Generator().manual_seed(config.seed)
         self._step = 0  # position in the planned schedule of iterations (a stopped stage skips its rest)
         self._quiet = 0  # iterations in a row in which the atoms stood still (see ``stop_tol``)
+        self._move = math.inf  # the last iteration's median atom movement: rare atoms are re-drawn below stop_tol
         self._ramp = 40  # iterations over which the memory weight grows (fit sets its own total)
         self.b_dec: torch.Tensor | None = None  # (d,) data mean subtracted before coding (``center``)
         self._Yc_buf: torch.Tensor | None = None  # the centred batch, reused while fitting (as ``_R_buf``)
@@ -274,7 +275,8 @@ class DBKSVD(Dictionary):
                              n_power=self.config.n_power, approx=self.config.approx, generator=self._gen, G=G,
                              redraw=redraw, memory=self._memory_weight(), distributed=split,
                              dup_threshold=self.config.dup_threshold, nonnegative=self.config.nonnegative,
-                             share=share, info=info)
+                             share=share, rare=self.config.stop_tol > 0 and self._move < self.config.stop_tol,
+                             info=info)
         moved = 1 - (D[lo:hi] * self._D[lo:hi]).sum(dim=1).abs()
         self._D[lo:hi] = D[lo:hi]
         self._G = None
@@ -289,6 +291,7 @@ class DBKSVD(Dictionary):
             stats[:2] = distributed.all_reduce_(stats[:2].clone())
             stats[2:] = distributed.all_reduce_(stats[2:].clone(), "max")
         total, n, move, redrawn = stats.tolist()
+        self._move = move
         quiet = self.config.stop_tol > 0 and move < self.config.stop_tol and not redrawn
         return 1 - total / max(n, 1.0), quiet
 
@@ -401,7 +404,7 @@ class DBKSVD(Dictionary):
         self.record_fit_source(X)
         fingerprint = _fingerprint(X, n, d, self._config())
         self._gen = torch.Generator().manual_seed(self.seed)
-        self._step, self.history, self._quiet = 0, [], 0
+        self._step, self.history, self._quiet, self._move = 0, [], 0, math.inf
         ckpt = self._checkpoint(checkpoint_dir)
         w = distributed.world()
         if w.distributed:
@@ -439,7 +442,7 @@ class DBKSVD(Dictionary):
                 if converged:  # the rest of this stage's schedule is skipped, also on resume
                     bar.update(stage_end - self._step)
                     bar.set_postfix(signal_recovered=f"{sr:.4f}", converged=len(self.history), refresh=False)
-                    self._step, self._quiet = stage_end, 0
+                    self._step, self._quiet, self._move = stage_end, 0, math.inf
                 if ckpt is not None and (converged or self._step % self.config.checkpoint_every == 0):
                     self._save_checkpoint(ckpt, fingerprint)
                 if callback is not None:
@@ -524,7 +527,8 @@ class DBKSVD(Dictionary):
         if w.is_main:
             bias = {} if self.b_dec is None else {"b_dec": self.b_dec}
             ckpt.save(self._step, {"atoms": self._D, "rng": self._gen.get_state(), **bias},
-                      {"identity": fingerprint, "history": self.history, "d": self.d, "quiet": self._quiet})
+                      {"identity": fingerprint, "history": self.history, "d": self.d, "quiet": self._quiet,
+                       "move": None if math.isinf(self._move) else self._move})
         if w.distributed:
             distributed.barrier("writing the DBK-SVD checkpoint")
 
@@ -555,7 +559,7 @@ class DBKSVD(Dictionary):
         if w.is_main:
             try:
                 self._load_checkpoint(ckpt, fingerprint)
-                state = {"step": self._step, "history": self.history, "quiet": self._quiet}
+                state = {"step": self._step, "history": self.history, "quiet": self._quiet, "move": self._move}
             except VitatlasError as exc:
                 error = str(exc)
         state, error = distributed.broadcast_object((state, error))
@@ -564,6 +568,7 @@ class DBKSVD(Dictionary):
         if not w.is_main:
             self.set_atoms(torch.zeros(self.n_atoms, d, dtype=self.dtype))
             self._step, self.history, self._quiet = int(state["step"]), list(state["history"]), int(state["quiet"])
+            self._move = float(state["move"])
         distributed.broadcast_(self._D, 0)
         if self.config.center:
             if not w.is_main:
@@ -583,6 +588,7 @@ class DBKSVD(Dictionary):
         self._step = int(meta["step"])
         self.history = list(meta["history"])
         self._quiet = int(meta.get("quiet", 0))
+        self._move = math.inf if meta.get("move") is None else float(meta["move"])
 
 
 def partial_fit_seed(seed: int, step: int) -> int:
