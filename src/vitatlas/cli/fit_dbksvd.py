@@ -34,7 +34,7 @@ from . import parse_groups
 @click.option("--nonnegative/--signed", "nonnegative", default=None,
               help="Codes >= 0, each atom one direction (default), or signed K-SVD codes.")
 @click.option("--dup-threshold", type=float, default=None,
-              help="Re-draw the less used atom of any pair with |cos| above this (default: 0.9).")
+              help="Re-draw the less used atom of any pair with |cos| above this (default: 0.7).")
 @click.option("--approx", is_flag=True, help="Approximate K-SVD (one power step).")
 @click.option("--candidates", default="auto", show_default=True,
               help="Screening width while fitting: 'auto', 'exact' or an integer.")

@@ -57,7 +57,7 @@ class DBKSVDConfig(Options):
                           "added back by decode), as an SAE's b_dec")
     nonnegative: bool = option(True, Flag(), "codes >= 0: each atom is one direction (coders pick the largest "
                                "positive correlation; the K-SVD update keeps the codes >= 0)")
-    dup_threshold: float = option(0.9, Real(min=0, max=1, min_open=True),
+    dup_threshold: float = option(0.7, Real(min=0, max=1, min_open=True),
                                   "re-draw the less used atom of any pair with |cos| above this (runs saved "
                                   "without it: 0.97)")
     approx: bool = option(False, Flag(), "AK-SVD (one step from the codes)")
