@@ -5,11 +5,11 @@ report (trade-off curves over k) -> atom cards -> the segmentation intervention 
 Runs the same `vitatlas` commands a user would type (see README). Re-running resumes: a finished
 extraction, fit, card set or probe is not redone. DBK-SVD is fitted once per k; the SAEs are one sweep
 (`--k 4 --k 8 ...`: one pass over the data trains them all). The k=8 run of each learner is the one that
-gets atom cards, interventions and the explorer. Environment knobs: DEMO_IMAGES (default 1000),
+gets atom cards, interventions and the explorer. Environment knobs: DEMO_IMAGES (default 600),
 DEMO_KS (4,8,16; add 32 for the full curve: the non-negative DBK-SVD at k = 32 alone took about 4 min
 on 2 cores, its first iterations' NNLS being slow, which would take the demo past 15 minutes),
 DEMO_OUT (demo-out), DEMO_TOP (top images per atom card, default 9),
-DEMO_EVAL_ROWS (rows the report evaluates on, 20000), DEMO_PROBE_IMAGES (500), DEMO_INTERVENE_IMAGES (120),
+DEMO_EVAL_ROWS (rows the report evaluates on, 20000), DEMO_PROBE_IMAGES (300), DEMO_INTERVENE_IMAGES (80),
 DEMO_SCORECARD_IMAGES (whole images the scorecard scores on, 200),
 DEMO_DBKSVD_EPOCHS (2: passes over the patch rows; at 1500 images, 64 iterations per fit, the k = 4, 8, 16 fits
 took 23, 31 and 62 s that way on an idle 2-core machine, and the library's default schedule of at least
@@ -45,14 +45,18 @@ def main_run(runs: Path, name: str) -> Path:
 def run(*args: str) -> None:
     cmd = [sys.executable, "-m", "vitatlas", *args]
     print("\n$ vitatlas " + " ".join(args), flush=True)
+    started = time.perf_counter()
     result = subprocess.run(cmd)
     if result.returncode != 0:
         sys.exit(f"demo step failed (exit {result.returncode}): vitatlas {' '.join(args)}")
+    # one line per step, so a slow machine's user (and the README's timing) sees where the minutes go
+    print(f"[demo] vitatlas {args[0]} {args[1] if len(args) > 1 and not args[1].startswith('-') else ''}"
+          f" took {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def main() -> None:
     t0 = time.perf_counter()
-    n_images = int(os.environ.get("DEMO_IMAGES", "1000"))
+    n_images = int(os.environ.get("DEMO_IMAGES", "600"))
     out = Path(os.environ.get("DEMO_OUT", "demo-out"))
     data = "embedded:fashion-mnist:test"
     if not fashion_mnist_available():
@@ -91,11 +95,11 @@ def main() -> None:
     if data.startswith("embedded:fashion-mnist"):  # exact patch masks come with Fashion-MNIST
         if not (probe / "probe.json").exists():
             run("probe", "train", "--model", "embedded:dinov2-s", "--data", "embedded:fashion-mnist:train",
-                "--task", "segmentation", "--limit", os.environ.get("DEMO_PROBE_IMAGES", "500"), "--out", str(probe))
+                "--task", "segmentation", "--limit", os.environ.get("DEMO_PROBE_IMAGES", "300"), "--out", str(probe))
         shutil.rmtree(out / "intervene", ignore_errors=True)
         run("intervene", *(str(main_run(runs, n)) for n in RUNS), "--model", "embedded:dinov2-s", "--data", data,
             "--task", "segmentation", "--probe", str(probe), *_cards_args(cards),
-            "--limit", os.environ.get("DEMO_INTERVENE_IMAGES", "120"), "--out", str(out / "intervene"))
+            "--limit", os.environ.get("DEMO_INTERVENE_IMAGES", "80"), "--out", str(out / "intervene"))
 
     scorecard = out / "scorecard"
     shutil.rmtree(scorecard, ignore_errors=True)
