@@ -9,7 +9,7 @@ gets atom cards, interventions and the explorer. Environment knobs: DEMO_IMAGES 
 DEMO_KS (4,8,16; add 32 for the full curve: the non-negative DBK-SVD at k = 32 alone took about 4 min
 on 2 cores, its first iterations' NNLS being slow, which would take the demo past 15 minutes),
 DEMO_OUT (demo-out), DEMO_TOP (top images per atom card, default 9),
-DEMO_EVAL_ROWS (rows the report evaluates on, 20000), DEMO_PROBE_IMAGES (300), DEMO_INTERVENE_IMAGES (80),
+DEMO_EVAL_ROWS (rows the report evaluates on, 20000), DEMO_PROBE_IMAGES (300), DEMO_INTERVENE_IMAGES (120),
 DEMO_SCORECARD_IMAGES (whole images the scorecard scores on, 200),
 DEMO_DBKSVD_EPOCHS (2: passes over the patch rows; at 1500 images, 64 iterations per fit, the k = 4, 8, 16 fits
 took 23, 31 and 62 s that way on an idle 2-core machine, and the library's default schedule of at least
@@ -99,7 +99,7 @@ def main() -> None:
         shutil.rmtree(out / "intervene", ignore_errors=True)
         run("intervene", *(str(main_run(runs, n)) for n in RUNS), "--model", "embedded:dinov2-s", "--data", data,
             "--task", "segmentation", "--probe", str(probe), *_cards_args(cards),
-            "--limit", os.environ.get("DEMO_INTERVENE_IMAGES", "80"), "--out", str(out / "intervene"))
+            "--limit", os.environ.get("DEMO_INTERVENE_IMAGES", "120"), "--out", str(out / "intervene"))
 
     scorecard = out / "scorecard"
     shutil.rmtree(scorecard, ignore_errors=True)
