@@ -49,22 +49,40 @@ def pytest_configure(config):
 SETTLE_S = 10.0  # a child still exiting (a browser's helper, a killed rank) may hold a file for a moment
 
 
+# Entries no code of ours (nor of our dependencies' Python packages) creates, seen in 2 of ~10 full runs, both
+# with another CPU-bound job beside the suite, outliving the settle wait: a ``.ses`` file whose writer we
+# could not find (not in vitatlas, not in site-packages, not in Chromium's strings). They are reported, not
+# failed on, so CI does not land by chance; every other entry still fails the run.
+FOREIGN_ENTRIES = frozenset({".ses"})
+
+
+def _describe(path: Path) -> str:
+    try:
+        st = path.lstat()
+        kind = "dir" if path.is_dir() else "file"
+        return f"{path.name} ({kind}, {st.st_size} B, mode {st.st_mode & 0o777:o})"
+    except OSError:
+        return path.name
+
+
 def _entries_left(directory: str, settle_s: float = SETTLE_S) -> list[str]:
-    """What stays in ``directory``: entries that vanish within ``settle_s`` belonged to a process that was
-    still exiting (seen once under load: a transient ``.ses`` entry), not to a leak."""
+    """What stays in ``directory`` (described): entries that vanish within ``settle_s`` belonged to a
+    process that was still exiting, not to a leak."""
     import time
 
     deadline = time.monotonic() + settle_s
-    while (left := sorted(p.name for p in Path(directory).iterdir())) and time.monotonic() < deadline:
+    while (left := sorted(Path(directory).iterdir())) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return left
+    return [_describe(p) for p in left]
 
 
 def pytest_sessionfinish(session, exitstatus):
     if _SUITE_TMP not in session.config.stash:
         return
     suite_tmp, env_before, tempdir_before = session.config.stash[_SUITE_TMP]
-    left = _entries_left(suite_tmp)
+    entries = _entries_left(suite_tmp)
+    foreign = [e for e in entries if e.split(" ", 1)[0] in FOREIGN_ENTRIES]
+    left = [e for e in entries if e not in foreign]
     for name, value in env_before.items():
         if value is None:
             os.environ.pop(name, None)
@@ -72,8 +90,11 @@ def pytest_sessionfinish(session, exitstatus):
             os.environ[name] = value
     tempfile.tempdir = tempdir_before
     shutil.rmtree(suite_tmp, ignore_errors=True)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if foreign and reporter is not None:
+        reporter.write_line(f"note: removed a known foreign entry from the suite's temporary directory: "
+                            f"{', '.join(foreign)}")
     if left:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         message = (f"the suite left {len(left)} entr{'y' if len(left) == 1 else 'ies'} in its temporary directory "
                    f"(now removed): {', '.join(left[:20])}; write to tmp_path, or clean up in a finally")
         if reporter is not None:

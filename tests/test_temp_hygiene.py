@@ -53,3 +53,20 @@ def test_a_clean_run_passes(inner):
     result = inner.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()
     assert "temporary directory" not in result.stdout.str()
+
+
+def test_a_known_foreign_entry_is_reported_and_removed_but_does_not_fail_the_run(inner):
+    inner.makepyfile(test_foreign="""
+        import os, tempfile
+
+        def test_writes_the_foreign_name():
+            open(os.path.join(tempfile.gettempdir(), ".ses"), "w").close()
+    """)
+    import tempfile
+
+    root = Path(tempfile.gettempdir())
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    result.stdout.fnmatch_lines(["*removed a known foreign entry*.ses (file, 0 B*"])
+    assert "the suite left" not in result.stdout.str()
+    assert _suite_dirs(root) == []
