@@ -6,14 +6,15 @@ Runs the same `vitatlas` commands a user would type (see README). Re-running res
 extraction, fit, card set or probe is not redone. DBK-SVD is fitted once per k; the SAEs are one sweep
 (`--k 4 --k 8 ...`: one pass over the data trains them all). The k=8 run of each learner is the one that
 gets atom cards, interventions and the explorer. Environment knobs: DEMO_IMAGES (default 600),
-DEMO_KS (4,8,16; add 32 for the full curve: the non-negative DBK-SVD at k = 32 alone took about 4 min
-on 2 cores, its first iterations' NNLS being slow, which would take the demo past 15 minutes),
+DEMO_KS (4,8,16; add 32 for the full curve: with the batched NNLS the DBK-SVD k = 32 fit itself took 86 s
+on 2 shared cores, but the fit command's exact k = 32 encoding of its metric rows took 2.5-3.5 min more
+there, which would take the demo past 15 minutes on a slow machine),
 DEMO_OUT (demo-out), DEMO_TOP (top images per atom card, default 9),
 DEMO_EVAL_ROWS (rows the report evaluates on, 20000), DEMO_PROBE_IMAGES (300), DEMO_INTERVENE_IMAGES (120),
 DEMO_SCORECARD_IMAGES (whole images the scorecard scores on, 200),
-DEMO_DBKSVD_EPOCHS (2: passes over the patch rows; at 1500 images, 64 iterations per fit, the k = 4, 8, 16 fits
-took 23, 31 and 62 s that way on an idle 2-core machine, and the library's default schedule of at least
-160 iterations would multiply that by 2.5 in a demo that has to stay under 15 minutes).
+DEMO_DBKSVD_EPOCHS (2: passes over the patch rows; at 600 images, 42 iterations per fit, the k = 4, 8, 16 fit
+commands took 14, 18 and 25 s that way on an idle 2-core machine, and the library's default schedule of at
+least 160 iterations would multiply the fitting part by ~4 in a demo that has to stay under 15 minutes).
 """
 
 from __future__ import annotations
