@@ -49,10 +49,11 @@ def pytest_configure(config):
 SETTLE_S = 10.0  # a child still exiting (a browser's helper, a killed rank) may hold a file for a moment
 
 
-# Entries no code of ours (nor of our dependencies' Python packages) creates, seen in 2 of ~10 full runs, both
-# with another CPU-bound job beside the suite, outliving the settle wait: a ``.ses`` file whose writer we
-# could not find (not in vitatlas, not in site-packages, not in Chromium's strings). They are reported, not
-# failed on, so CI does not land by chance; every other entry still fails the run.
+# Entries no code of ours creates: a 51-byte ``.ses`` file (a millisecond timestamp and a UUID), written in
+# the first seconds of some full runs in a fresh clone and kept until the end (seen in 4 of ~12 runs, all
+# with another job beside the suite). Its writer is not in vitatlas, not in a site-packages .py file and not
+# in Chromium's strings; the first two test files alone do not write it. It is reported, not failed on, so
+# CI does not land by chance; every other entry still fails the run.
 FOREIGN_ENTRIES = frozenset({".ses"})
 
 
