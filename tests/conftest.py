@@ -50,8 +50,8 @@ SETTLE_S = 10.0  # a child still exiting (a browser's helper, a killed rank) may
 
 
 # Entries no code of ours creates: a 51-byte ``.ses`` file (a millisecond timestamp and a UUID), written in
-# the first seconds of some full runs in a fresh clone and kept until the end (seen in 4 of ~12 runs, all
-# with another job beside the suite). Its writer is not in vitatlas, not in a site-packages .py file and not
+# the first seconds of full runs in a fresh clone and kept until the end (seen in the last 5 fresh-clone runs,
+# alone and under load). Its writer is not in vitatlas, not in a site-packages .py file and not
 # in Chromium's strings; the first two test files alone do not write it. It is reported, not failed on, so
 # CI does not land by chance; every other entry still fails the run.
 FOREIGN_ENTRIES = frozenset({".ses"})
