@@ -2,8 +2,8 @@
 
 ``old``: the previous ``_nnls_gram``, kept here as the reference speed: drop the negative coordinates of
 the least-squares solution and re-solve until none is negative (the "active-set guess"), then projected
-coordinate descent (a Python loop of k small torch ops per sweep, up to 500 sweeps) on the rows whose
-KKT conditions the guess fails. ``new``: ``coders._nnls_gram``. ``guess+new``: the old guess's partition
+coordinate descent (the library's ``_nnls_descent``, still its fallback: a Python loop of k small torch
+ops per sweep, up to ``NNLS_SWEEPS``) on the rows whose KKT conditions the guess fails. ``new``: ``coders._nnls_gram``. ``guess+new``: the old guess's partition
 handed to the new solver, to see whether the cheap guess first saves anything.
 
 Problems: random supports A (d = 1.5·k, unit columns sharing a common direction, as atoms on one
@@ -27,8 +27,6 @@ import torch
 
 from vitatlas.learners.dbksvd import coders
 
-OLD_SWEEPS = 500
-
 
 def old_guess(Gss, rhs, x):
     """The active-set guess of the old solver: (its solution, the kept set, solves taken)."""
@@ -48,24 +46,6 @@ def old_guess(Gss, rhs, x):
     return sol, keep, solves
 
 
-def old_descent(Gss, rhs, x):
-    x = x.clone()
-    diag = torch.diagonal(Gss, dim1=1, dim2=2).clamp(min=torch.finfo(Gss.dtype).tiny)
-    eps = 64 * torch.finfo(Gss.dtype).eps
-    sweeps = 0
-    for _ in range(OLD_SWEEPS):
-        sweeps += 1
-        moved = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        for i in range(x.shape[1]):
-            grad = (Gss[:, i] * x).sum(dim=1) - rhs[:, i]
-            new = (x[:, i] - grad / diag[:, i]).clamp(min=0)
-            moved = torch.maximum(moved, (new - x[:, i]).abs())
-            x[:, i] = new
-        if bool((moved <= eps * x.abs().amax(dim=1).clamp(min=torch.finfo(x.dtype).tiny)).all()):
-            break
-    return x, sweeps
-
-
 def old_nnls(Gss, rhs, x):
     """The previous ``_nnls_gram``; returns (x, description of the work)."""
     sol, keep, solves = old_guess(Gss, rhs, x)
@@ -77,7 +57,7 @@ def old_nnls(Gss, rhs, x):
     sweeps, n = 0, int(unsettled.sum())
     if n:
         rows = torch.nonzero(unsettled).squeeze(1)
-        x[rows], sweeps = old_descent(Gss[rows], rhs[rows], x[rows])
+        x[rows], sweeps = coders._nnls_descent_counted(Gss[rows], rhs[rows], x[rows])
     return x, f"{solves} solves, {n} rows x {sweeps} sweeps"
 
 

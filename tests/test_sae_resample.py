@@ -148,33 +148,17 @@ def test_resampling_revives_the_latents_a_planted_subspace_kills():
         assert new.fit_info["revived_latents"] > 0
 
 
-def test_resampling_run_resumes_bit_identical(tmp_path):
+@pytest.mark.parametrize("revive, kill_at", [("resample", 17), ("lift", 12)])
+def test_reviving_run_resumes_bit_identical(tmp_path, revive, kill_at):
+    # 30 steps; resampling at 5, 10, 15 (killed after them), lifting every 5 (killed between two)
     X = _subspace_problem(n=2048)
     opts = dict(kind="topk", n_latents=192, k=3, seed=3, epochs=3, batch_size=200, checkpoint_every=5,
-                dead_tokens=1000, init="random", revive="resample")  # 30 steps, resampling at 5, 10, 15
+                dead_tokens=1000, init="random", revive=revive)
     ref = SAE(**opts).fit(X, progress=False)
     assert ref.fit_info["revived_latents"] > 0
 
     def kill(step, metrics):
-        if step == 17:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        SAE(**opts).fit(X, progress=False, checkpoint_dir=tmp_path / "ck", callback=kill)
-    resumed = SAE(**opts).fit(X, progress=False, checkpoint_dir=tmp_path / "ck")
-    for name in ref.params:
-        torch.testing.assert_close(resumed.params[name], ref.params[name], rtol=0, atol=0)
-
-
-def test_lifting_run_resumes_bit_identical(tmp_path):
-    X = _subspace_problem(n=2048)
-    opts = dict(kind="topk", n_latents=192, k=3, seed=3, epochs=3, batch_size=200, checkpoint_every=5,
-                dead_tokens=1000, init="random", revive="lift")  # 30 steps, lifting every 5
-    ref = SAE(**opts).fit(X, progress=False)
-    assert ref.fit_info["revived_latents"] > 0
-
-    def kill(step, metrics):
-        if step == 12:
+        if step == kill_at:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -338,10 +338,17 @@ def _nnls_gram(Gss: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor,
 
 def _nnls_descent(Gss: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Projected coordinate descent for ``_nnls_gram`` from a feasible ``x``, to round-off."""
+    return _nnls_descent_counted(Gss, rhs, x)[0]
+
+
+def _nnls_descent_counted(Gss: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``_nnls_descent``'s solution and the sweeps it took (benchmarks/nnls.py reports them)."""
     x = x.clone()
     diag = torch.diagonal(Gss, dim1=1, dim2=2).clamp(min=torch.finfo(Gss.dtype).tiny)
     eps = 64 * torch.finfo(Gss.dtype).eps
-    for _ in range(NNLS_SWEEPS):
+    sweeps = 0
+    while sweeps < NNLS_SWEEPS:
+        sweeps += 1
         moved = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for i in range(x.shape[1]):
             grad = (Gss[:, i] * x).sum(dim=1) - rhs[:, i]
@@ -350,7 +357,7 @@ def _nnls_descent(Gss: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torc
             x[:, i] = new
         if bool((moved <= eps * x.abs().amax(dim=1).clamp(min=torch.finfo(x.dtype).tiny)).all()):
             break
-    return x
+    return x, sweeps
 
 
 @torch.no_grad()
