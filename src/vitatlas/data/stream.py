@@ -10,7 +10,7 @@ class mix is close to iid, while the disk is still read in whole chunks. Without
 the store's own. Every window's order is a function of (seed, window number) alone, so a stream can start
 at any batch.
 
-Reads (``read_window``). A window's chunks are read with ``os.preadv`` straight into their places in
+Reads (``_submit_window``). A window's chunks are read with ``os.preadv`` straight into their places in
 the window's buffer (one syscall per contiguous run of the file, scattered over the pieces' slots), in
 the store's dtype: the rows are copied once from the page cache, and once more when converted. Under
 torchrun (``rank``/``size``) a process reads only the positions of its own share of every global batch
@@ -136,14 +136,6 @@ def _stratified_windows(n_chunks: int, per_window: int, seed: int) -> list[np.nd
     return [col[col < n_chunks] for col in grid.T]
 
 
-def read_window(plan: EpochPlan, w: int, batches: range, rank: int = 0, size: int = 1,
-                counter: list[int] | None = None, buffer: np.ndarray | None = None) -> Window:
-    """Read the positions of window w that belong to ``batches`` (this rank's shares of them), into
-    ``buffer`` (flat, in the store's dtype) when it is large enough."""
-    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="vitatlas-io") as pool:
-        return _submit_window(plan, w, batches, rank, size, buffer, pool).wait(counter)
-
-
 class _PendingWindow:
     """A window whose reads are queued in the I/O pool; ``wait`` hands it over once they are all done."""
 
@@ -172,8 +164,9 @@ class _PendingWindow:
 
 def _submit_window(plan: EpochPlan, w: int, batches: range, rank: int, size: int, buffer: np.ndarray | None,
                    pool: ThreadPoolExecutor) -> _PendingWindow:
-    """Queue the reads of window w (see ``read_window``) in ``pool`` and return at once, so the reads of the
-    next window queue behind them and the disk never waits at a window's end."""
+    """Queue the reads of the positions of window w that belong to ``batches`` (this rank's shares of them),
+    into ``buffer`` (flat, in the store's dtype) when it is large enough, in ``pool``, and return at once:
+    the reads of the next window queue behind them and the disk never waits at a window's end."""
     ws, we = int(plan.window_start[w]), int(plan.window_start[w + 1])
     first = max(batches.start, ws // plan.batch_size)
     last = min(batches.stop, -(-we // plan.batch_size))
