@@ -208,8 +208,7 @@ def _read_checked(store: ActivationStore, i: int, part: str) -> np.ndarray:
     version = np.lib.format.read_magic(f)
     header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = header(f)
-    rows = store.shards[i].rows
-    expected = (rows, store.d) if part == "acts" else (rows, 2) if part == "index" else (rows,)
+    expected = store.part_shape(i, part)
     if tuple(shape) != expected or fortran:
         raise VitatlasError(f"{path} has shape {tuple(shape)} but the manifest says {expected}: the store is "
                             "damaged; re-extract it")

@@ -143,10 +143,15 @@ class ActivationStore:
         except (ValueError, OSError, EOFError) as exc:
             raise VitatlasError(f"{path} is corrupt or truncated ({exc}); run `vitatlas store verify {self.path}` "
                                 "and re-extract") from None
-        expected = (self.shards[i].rows, self.d) if part == "acts" else (self.shards[i].rows, 2) if part == "index" else (self.shards[i].rows,)
+        expected = self.part_shape(i, part)
         if arr.shape != expected:
             raise VitatlasError(f"{path} has shape {arr.shape} but the manifest says {expected}: the store is damaged; re-extract it")
         return arr
+
+    def part_shape(self, i: int, part: str) -> tuple[int, ...]:
+        """The shape the manifest gives shard i's ``part`` file ("acts", "index" or "labels")."""
+        rows = self.shards[i].rows
+        return (rows, self.d) if part == "acts" else (rows, 2) if part == "index" else (rows,)
 
     def shard(self, i: int) -> np.ndarray:
         """Memory-mapped activations of shard i, in the stored dtype."""
