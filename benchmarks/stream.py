@@ -7,7 +7,9 @@
    streams: float32 batches checked on the CPU (what a CPU trainer gets) and batches in the store's
    dtype (what a GPU trainer is handed; it converts on the device; with ``--device cuda`` also that
    stream's float32 batches on the GPU); and ``vitatlas store shuffle`` of the store from a cold cache
-   (seconds per GB, and in cold epochs of the stream). Each of ``--rounds`` rounds runs everything once
+   (seconds per GB, and in cold epochs of the stream). For every cold run also the disk's read requests
+   per MB and their mean size, how much of the time the disk was busy (``/sys/dev/block/*/stat``), and
+   the process's CPU seconds per GB: where a cold stream loses against the sequential read. Each of ``--rounds`` rounds runs everything once
    and the ratios are printed round by round (each within one round: the machine's load changes).
 2. Processes: bytes each process reads (``/proc/self/io`` rchar) for one shuffled epoch
    as rank 0 of 1 and as ranks 0 and 1 of 2 (two processes at once), and each one's peak RSS.
@@ -117,6 +119,30 @@ def shuffled_to_device(store: ActivationStore, batch: int, seed: int, device: st
     return n
 
 
+def disk_stat(path: Path) -> list[int] | None:
+    """The block device's counters (``/sys/dev/block/MAJ:MIN/stat``) of the disk holding ``path``; None where
+    there are none (not Linux, or a file system without a block device)."""
+    dev = os.stat(path).st_dev
+    try:
+        return [int(x) for x in Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat").read_text().split()]
+    except (OSError, ValueError):
+        return None
+
+
+def cold_pass(files: list[Path], fn) -> dict:
+    """One run of ``fn`` from a cold cache: its seconds, the disk's read requests and sectors and busy
+    milliseconds (when known), and this process's CPU seconds (user, system)."""
+    stream_module.drop_cache(files)
+    before, cpu0, t = disk_stat(files[0]), os.times(), time.perf_counter()
+    fn()
+    seconds, cpu1, after = time.perf_counter() - t, os.times(), disk_stat(files[0])
+    out = {"s": seconds, "user": cpu1.user - cpu0.user, "sys": cpu1.system - cpu0.system}
+    if before is not None and after is not None:
+        d = [b - a for a, b in zip(before, after)]
+        out |= {"requests": d[0], "sectors": d[2], "busy_ms": d[9]}
+    return out
+
+
 def throughput(store: ActivationStore, batch: int, rounds: int, device: str = "cpu", copy: bool = True) -> None:
     mb = store_bytes(store) / 1e6
     windows = len(store.plan(batch, shuffle=True, seed=0).windows)
@@ -134,11 +160,11 @@ def throughput(store: ActivationStore, batch: int, rounds: int, device: str = "c
     if device != "cpu":  # float16 over the bus, converted and checked on the device
         cold[f"shuffled stream float32 on {device} (cold)"] = lambda: shuffled_to_device(store, batch, 5, device)
         warm[f"shuffled stream float32 on {device} (cached)"] = lambda: shuffled_to_device(store, batch, 6, device)
-    loads = []
+    loads, passes = [], {}
     for _ in range(rounds):  # each round runs everything once: a ratio is taken within one round
         for name, fn in cold.items():
-            stream_module.drop_cache(files_of(store))
-            times.setdefault(name, []).append(timed(fn))
+            passes.setdefault(name, []).append(cold_pass(files_of(store), fn))
+            times.setdefault(name, []).append(passes[name][-1]["s"])
         sequential_read(store)  # warm the cache
         for name, fn in warm.items():
             times.setdefault(name, []).append(timed(fn))
@@ -157,6 +183,20 @@ def throughput(store: ActivationStore, batch: int, rounds: int, device: str = "c
                  ("shuffled stream store dtype (cached)", "whole-shard float32, numpy (cached)")):
         r = np.array(times[b]) / np.array(times[a])
         print(f"ratio {a} / {b}: " + " ".join(f"{x:.2f}" for x in r) + f"  (median {np.median(r):.2f})")
+    gb = mb / 1e3
+    print("cold runs, median over the rounds: the disk's read requests per MB and their mean size, the share of the "
+          "time the disk had a request in flight, and this process's CPU seconds per GB (user + system)")
+    for name, ps in passes.items():
+        cpu = np.median([(p["user"] + p["sys"]) / gb for p in ps])
+        split = f"user {np.median([p['user'] / gb for p in ps]):.2f} + sys {np.median([p['sys'] / gb for p in ps]):.2f}"
+        if all("requests" in p for p in ps):
+            per_mb = np.median([p["requests"] / mb for p in ps])
+            size = np.median([p["sectors"] * 512 / 1024 / max(p["requests"], 1) for p in ps])
+            busy = np.median([p["busy_ms"] / 1e3 / p["s"] for p in ps])
+            print(f"  {name:46s} {per_mb:5.2f} requests/MB of {size:5.0f} KB, disk busy {busy:4.0%}, "
+                  f"CPU {cpu:.2f} s/GB ({split})")
+        else:
+            print(f"  {name:46s} (no disk counters) CPU {cpu:.2f} s/GB ({split})")
     if copy:
         c = np.array(times["shuffled copy (cold; vitatlas store shuffle)"])
         e = np.array(times["shuffled stream store dtype (cold)"])
