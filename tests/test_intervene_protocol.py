@@ -25,6 +25,7 @@ from vitatlas.intervene.protocol import (
     classification_protocol,
     headline_strength,
     segmentation_protocol,
+    top_features,
 )
 from vitatlas.models import load
 
@@ -109,6 +110,36 @@ def test_f1_choice_matches_a_slow_reference():
         peak = max_pos[a] if s > 0 else max_neg[a]
         assert f1_score(labels == c, s * dense[:, a] > tau * peak, zero_division=0.0) == pytest.approx(best)
     assert got[2]["atom"] == 5 and got[2]["sign"] == 1
+
+
+def test_top_features_rank_atoms_by_their_best_f1():
+    """The top m atoms per class equal a slow ranking of every atom by its best F1 over signs and thresholds."""
+    rng = np.random.default_rng(4)
+    n, n_atoms, n_classes, m = 500, 15, 3, 4
+    dense = np.where(rng.random((n, n_atoms)) < 0.25, rng.normal(size=(n, n_atoms)), 0.0).astype(np.float32)
+    labels = rng.integers(-1, n_classes, size=n)
+    for a, strength in ((2, 2.0), (7, 1.0), (11, 0.5)):  # three atoms mark class 1, ever more weakly
+        dense[labels == 1, a] = np.abs(dense[labels == 1, a]) + strength
+    dense[:, 14] = 0.0  # an atom that never fires is never chosen
+    codes = [SparseCodes.from_dense(torch.from_numpy(part)) for part in (dense[:250], dense[250:])]
+    max_pos, max_neg = np.maximum(dense.max(0), 0), np.maximum(-dense.min(0), 0)
+    got = top_features(codes, labels, max_pos, max_neg, n_classes, m)
+    for c in range(n_classes):
+        per_atom = {}
+        for a in range(n_atoms):
+            for sign, peak in ((1, max_pos[a]), (-1, max_neg[a])):
+                if peak <= 0:
+                    continue
+                for tau in (0.0, 0.1, 0.25, 0.5):
+                    per_atom[a] = max(per_atom.get(a, -1.0), _f1(labels == c, sign * dense[:, a] > tau * peak))
+        want = sorted(per_atom.values(), reverse=True)[:m]
+        assert [f["f1"] for f in got[c]] == pytest.approx(want, abs=1e-12)
+        assert len({f["atom"] for f in got[c]}) == m and 14 not in {f["atom"] for f in got[c]}
+        for f in got[c]:  # each entry's sign and threshold give the F1 it reports
+            peak = max_pos[f["atom"]] if f["sign"] > 0 else max_neg[f["atom"]]
+            assert _f1(labels == c, f["sign"] * dense[:, f["atom"]] > f["threshold"] * peak) == pytest.approx(f["f1"])
+    assert [f["atom"] for f in got[1][:3]] == [2, 7, 11]
+    assert [fs[0] for fs in got] == best_features(codes, labels, max_pos, max_neg, n_classes)
 
 
 def test_fashion_mnist_patch_labels_follow_the_majority_of_pixels():
@@ -268,6 +299,28 @@ def test_a_strong_targeted_edit_changes_its_target(world, seg_probe):
     assert set(out["ksvd"]["per_class"]) == {"square", "disc"}
 
 
+def test_a_group_of_atoms_per_class(world, seg_probe):
+    """features_per_class=2 edits each class's two best atoms together, against two random atoms."""
+    model = world["model"]
+    source, masks = open_data_with_masks(str(world["data"]))
+    runs = {"ksvd": vitatlas.load(world["runs"]["ksvd"])}
+    kw = dict(strengths=[1.0], calibration=0.5, classes=["square", "disc"], progress=False)
+    one = segmentation_protocol(model, runs, seg_probe, source, masks, **kw)["json"]
+    two = segmentation_protocol(model, runs, seg_probe, source, masks, features_per_class=2, **kw)["json"]
+    assert two["setup"]["features_per_class"] == 2 and one["setup"]["features_per_class"] == 1
+    for cls in ("square", "disc"):
+        group, single = two["ksvd"]["per_class"][cls], one["ksvd"]["per_class"][cls]
+        assert group["atom"] == single["atom"] == group["atoms"][0] and len(set(group["atoms"])) == 2
+        assert group["features"][0]["f1"] >= group["features"][1]["f1"]
+        rand = two["random_atom"]["per_class"][cls]["atoms"]
+        assert len(set(rand)) == 2 and not set(rand) & set(group["atoms"])
+        assert "atoms" not in one["random_atom"]["per_class"][cls]
+    assert two["noop"]["target_change_rate"] == 0 and two["noop"]["other_change_rate"] == 0
+    assert two["ksvd"]["n_target"] == one["ksvd"]["n_target"]
+    with pytest.raises(VitatlasError, match="features_per_class must be a positive integer"):
+        segmentation_protocol(model, runs, seg_probe, source, masks, features_per_class=0, **kw)
+
+
 def test_classification_protocol(world):
     model = world["model"]
     source = open_source(str(world["data"] / "images"))
@@ -305,6 +358,7 @@ def test_cli_bad_inputs_are_one_line_errors(world, seg_probe, tmp_path):
         (["--probe", str(tmp_path / "probe"), "--layer", "2"], "fitted on layer 1, not layer 2"),
         (["--probe", str(tmp_path / "other-probe")], "probe was trained on"),
         (["--probe", str(tmp_path / "probe"), "--masks", str(world["data"] / "masks" / "k1")], "masks but the image"),
+        (["--probe", str(tmp_path / "probe"), "--features-per-class", "0"], "--features-per-class must be positive"),
     ]
     for extra, message in cases:
         r = _cli(base + extra)

@@ -82,7 +82,11 @@ def test_the_table_json_and_plot(setup, tmp_path):
     assert table in text and "| measure | better | ksvd | random |" in table
     assert "| intervention: atom ÷ random direction | ↑ | **8.00×** | 1.50× |" in table
     assert "| intervention: beats its control (≥ 2× and ≥ 0.3) | | yes | no |" in table
-    assert "headline strength 0.5" in text
+    assert "headline strength 0.5" in text and "one atom per class" in text
+    inter["setup"]["features_per_class"] = 3  # a group edit is named in the note
+    grouped = scorecard(runs, setup["store"], max_images=10, intervention=inter)
+    assert grouped["setup"]["intervention"]["features_per_class"] == 3
+    assert "3 atoms per class edited together" in write_scorecard(tmp_path / "sc3", grouped).read_text()
     saved = json.loads((tmp_path / "sc" / "scorecard.json").read_text())
     assert set(saved) == {"setup", "measures", "runs", "metrics"} and saved["runs"]["ksvd"]["n_atoms"] == 24
     assert (tmp_path / "sc" / "scorecard.png").stat().st_size > 1000

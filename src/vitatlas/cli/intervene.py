@@ -23,6 +23,9 @@ STRENGTHS = (0.25, 0.5, 1.0, 2.0)  # intervene.protocol.STRENGTHS, without impor
 @click.option("--strength", "strengths", type=float, multiple=True, default=STRENGTHS, show_default=True,
               help="Segmentation: set the chosen atom to -strength x its max observed activation; repeat for a "
                    "sweep (the headline strength is chosen from it, docs/intervene.md).")
+@click.option("--features-per-class", type=int, default=1, show_default=True,
+              help="Segmentation: edit the top N atoms by F1 for each class together (a class spread over "
+                   "several atoms); the random-atom control edits as many random atoms.")
 @click.option("--calibration", type=float, default=0.3, show_default=True,
               help="Fraction of images used to choose atoms (the rest are held out).")
 @click.option("--cards", multiple=True, type=click.Path(),
@@ -34,7 +37,8 @@ STRENGTHS = (0.25, 0.5, 1.0, 2.0)  # intervene.protocol.STRENGTHS, without impor
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(), help="Directory for intervene.json, report.md and plots.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def intervene(runs, model_name, data, task, probe_path, masks, layer, limit, strengths, calibration, cards, classes,
+def intervene(runs, model_name, data, task, probe_path, masks, layer, limit, strengths, features_per_class,
+              calibration, cards, classes,
               batch_size, device, seed, out, progress):
     """Edit each run's atoms inside the model and measure what changes, next to random controls."""
     from .. import load as load_dictionary
@@ -54,6 +58,11 @@ def intervene(runs, model_name, data, task, probe_path, masks, layer, limit, str
         raise VitatlasError(f"--limit must be positive, got {limit}")
     if batch_size <= 0:
         raise VitatlasError(f"--batch-size must be positive, got {batch_size}")
+    if features_per_class <= 0:
+        raise VitatlasError(f"--features-per-class must be positive, got {features_per_class}")
+    if features_per_class != 1 and task != "segmentation":
+        raise VitatlasError("--features-per-class applies to --task segmentation (classification ablates its top "
+                            "1, 5 and 20 atoms)")
     found = find_runs(runs)
     dictionaries = {name: load_dictionary(path, device=device) for name, path in found}
     if cards and len(cards) != len(dictionaries):
@@ -70,7 +79,8 @@ def intervene(runs, model_name, data, task, probe_path, masks, layer, limit, str
         source, mask_source = open_data_with_masks(data, masks, limit=limit)
         output = segmentation_protocol(model, dictionaries, probe, source, mask_source, layer=layer, limit=limit,
                                        strengths=strengths, calibration=calibration, max_activations=max_acts,
-                                       classes=class_list, seed=seed, batch_size=batch_size, progress=progress)
+                                       classes=class_list, seed=seed, batch_size=batch_size, progress=progress,
+                                       features_per_class=features_per_class)
     else:
         source = open_source(data)
         output = classification_protocol(model, dictionaries, probe, source, layer=layer, limit=limit,

@@ -24,6 +24,8 @@ from .intervene import STRENGTHS
 @click.option("--limit", type=int, default=200, show_default=True, help="Images of --data the intervention test uses.")
 @click.option("--strength", "strengths", type=float, multiple=True, default=STRENGTHS, show_default=True,
               help="Edit strengths of the intervention sweep (repeat).")
+@click.option("--features-per-class", type=int, default=1, show_default=True,
+              help="Atoms edited together per class in the intervention test (`vitatlas intervene`).")
 @click.option("--cards", multiple=True, type=click.Path(), help="Interpret output per run (max activations).")
 @click.option("--intervene-from", "intervene_from", default=None, type=click.Path(),
               help="Read the intervention rows from this `vitatlas intervene --task segmentation` output instead.")
@@ -31,8 +33,8 @@ from .intervene import STRENGTHS
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def scorecard(runs, acts, out, layer, max_images, model_name, probe_path, data, masks, limit, strengths, cards,
-              intervene_from, batch_size, device, seed, progress):
+def scorecard(runs, acts, out, layer, max_images, model_name, probe_path, data, masks, limit, strengths,
+              features_per_class, cards, intervene_from, batch_size, device, seed, progress):
     """Score RUNS on the store ACTS: reconstruction, labels, sparse probing, spatial coherence, redundancy,
     dead/dense atoms and (with --model/--probe/--data) the intervention test; see docs/scorecard.md."""
     from .. import load as load_dictionary
@@ -63,7 +65,7 @@ def scorecard(runs, acts, out, layer, max_images, model_name, probe_path, data, 
         intervention = read_json(path, what="intervention result")
     elif given:
         intervention = _intervene(dictionaries, model_name, probe_path, data, masks, limit, strengths, cards, device,
-                                  seed, progress, Path(out) / "intervene")
+                                  seed, progress, Path(out) / "intervene", features_per_class)
     card = score(dictionaries, store, max_images=max_images, intervention=intervention, seed=seed,
                  batch_size=batch_size, progress=progress)
     report = write_scorecard(out, card)
@@ -72,7 +74,7 @@ def scorecard(runs, acts, out, layer, max_images, model_name, probe_path, data, 
 
 
 def _intervene(dictionaries, model_name, probe_path, data, masks, limit, strengths, cards, device, seed, progress,
-               out: Path) -> dict:
+               out: Path, features_per_class: int = 1) -> dict:
     """The segmentation protocol on these runs (its own report under OUT/intervene); its intervene.json."""
     from .. import models
     from ..intervene.heads import LinearProbe
@@ -84,6 +86,8 @@ def _intervene(dictionaries, model_name, probe_path, data, masks, limit, strengt
     strengths = check_strengths(strengths)
     if limit <= 0:
         raise VitatlasError(f"--limit must be positive, got {limit}")
+    if features_per_class <= 0:
+        raise VitatlasError(f"--features-per-class must be positive, got {features_per_class}")
     if cards and len(cards) != len(dictionaries):
         raise VitatlasError(f"give one --cards per run: {len(cards)} given for {len(dictionaries)} runs")
     max_acts = {name: from_cards(c, d.n_atoms) for (name, d), c in zip(dictionaries.items(), cards)} or None
@@ -95,6 +99,7 @@ def _intervene(dictionaries, model_name, probe_path, data, masks, limit, strengt
     probe.check_model(model)
     source, mask_source = open_data_with_masks(data, masks, limit=limit)
     output = segmentation_protocol(model, dictionaries, probe, source, mask_source, limit=limit, strengths=strengths,
-                                   max_activations=max_acts, seed=seed, progress=progress)
+                                   max_activations=max_acts, seed=seed, progress=progress,
+                                   features_per_class=features_per_class)
     write_report(out, output, model, source)
     return output["json"]

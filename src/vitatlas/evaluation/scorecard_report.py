@@ -64,9 +64,14 @@ def markdown(card: dict) -> str:
     iv = s.get("intervention")
     if iv:
         met = "" if iv.get("headline_rule_met", True) else " (the rule was not met: the smallest strength is used)"
+        m = int(iv.get("features_per_class") or 1)
+        edited = "one atom per class (the best F1 for its patches)" if m == 1 else \
+            f"{m} atoms per class edited together (the best F1 for its patches; controls: {m} random atoms, a random " \
+            "direction of the group's size)"
         out += [f"Intervention rows: segmentation protocol on {iv.get('n_held_out_images')} held-out images of "
-                f"`{iv.get('data')}`, per-class means at the headline strength {iv.get('headline_strength'):g} × the "
-                f"atom's max ({iv.get('headline_rule')}{met}); sweep {iv.get('strengths')}.", ""]
+                f"`{iv.get('data')}`, {edited}, per-class means at the headline strength "
+                f"{iv.get('headline_strength'):g} × the atom's max ({iv.get('headline_rule')}{met}); sweep "
+                f"{iv.get('strengths')}.", ""]
     else:
         out += ["No intervention rows: give --model, --probe and --data (or --intervene-from) to measure them.", ""]
     out += ["![each learner against the others, one row per measure](scorecard.png)", ""]

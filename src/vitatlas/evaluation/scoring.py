@@ -124,6 +124,7 @@ def scorecard(dictionaries: dict[str, Dictionary], store: ActivationStore | str,
              "has_labels": labels is not None, "class_names": store.class_names,
              "intervention": None if not intervention else {
                  k: intervention["setup"].get(k) for k in ("headline_strength", "headline_rule", "headline_rule_met",
-                                                            "strengths", "n_held_out_images", "data")}}
+                                                            "strengths", "n_held_out_images", "data")}
+                 | {"features_per_class": intervention["setup"].get("features_per_class", 1)}}
     return {"setup": setup, "measures": [{"key": k, "label": lab, "better": b} for k, lab, b in MEASURES],
             "runs": runs, "metrics": metrics}

@@ -188,12 +188,26 @@ def best_features(codes: list[SparseCodes], labels: np.ndarray, max_pos: np.ndar
     (A,) the largest positive and the largest negative magnitude of each atom. Rows labelled -1 count
     as negatives for every class. F1 = 2·TP / (predicted positives + actual positives).
     """
-    idx = torch.cat([c.indices for c in codes]).numpy()
-    val = torch.cat([c.values for c in codes]).double().numpy()
+    return [feats[0] for feats in top_features(codes, labels, max_pos, max_neg, n_classes, 1, thresholds)]
+
+
+def top_features(codes: list[SparseCodes], labels: np.ndarray, max_pos: np.ndarray, max_neg: np.ndarray,
+                 n_classes: int, per_class: int, thresholds: Sequence[float] = THRESHOLDS) -> list[list[dict]]:
+    """For each class, the ``per_class`` distinct atoms with the best F1 for "row is labelled c", best
+    first; each atom with its best sign and threshold (``best_features`` is the first of each list).
+    A class no atom fires on gets one entry with atom -1; a class with fewer firing atoms gets fewer."""
+    # batches may keep different numbers of slots per row (a BatchTopK SAE): pad with empty slots (-1)
+    width = max(c.indices.shape[1] for c in codes)
+    idx = torch.cat([torch.nn.functional.pad(c.indices, (0, width - c.indices.shape[1]), value=-1)
+                     for c in codes]).numpy()
+    val = torch.cat([torch.nn.functional.pad(c.values, (0, width - c.values.shape[1])) for c in codes]).double().numpy()
     n_atoms = codes[0].n_atoms
     y = np.asarray(labels)
     n_pos = np.bincount(y[y >= 0], minlength=n_classes)[:n_classes]
-    best = [{"atom": -1, "sign": 1, "threshold": 0.0, "f1": -1.0} for _ in range(n_classes)]
+    # best[a, c]: atom a's best F1 for class c over signs and thresholds; ties keep the first (sign, tau)
+    best = np.full((n_atoms, n_classes), -1.0)
+    best_sign = np.ones((n_atoms, n_classes), np.int64)
+    best_tau = np.zeros((n_atoms, n_classes))
     rows = np.broadcast_to(y[:, None], idx.shape)
     for sign, scale in ((1, max_pos), (-1, max_neg)):
         if not (scale > 0).any():
@@ -206,11 +220,18 @@ def best_features(codes: list[SparseCodes], labels: np.ndarray, max_pos: np.ndar
             tp = np.bincount(atoms[hit] * n_classes + labs[hit], minlength=n_atoms * n_classes)
             tp = tp.reshape(n_atoms, n_classes)
             f1 = 2 * tp / np.maximum(predicted[:, None] + n_pos[None, :], 1)
-            for c in range(n_classes):
-                a = int(f1[:, c].argmax())
-                if f1[a, c] > best[c]["f1"]:
-                    best[c] = {"atom": a, "sign": sign, "threshold": float(tau), "f1": float(f1[a, c])}
-    return best
+            f1[predicted == 0] = -1.0  # an atom that never passes this threshold is no feature
+            better = f1 > best
+            best = np.where(better, f1, best)
+            best_sign = np.where(better, sign, best_sign)
+            best_tau = np.where(better, tau, best_tau)
+    out = []
+    for c in range(n_classes):
+        order = np.argsort(-best[:, c], kind="stable")  # stable: among equal F1 the lower atom id first
+        chosen = [{"atom": int(a), "sign": int(best_sign[a, c]), "threshold": float(best_tau[a, c]),
+                   "f1": float(best[a, c])} for a in order[:per_class] if best[a, c] >= 0]
+        out.append(chosen or [{"atom": -1, "sign": 1, "threshold": 0.0, "f1": -1.0}])
+    return out
 
 
 # ---- segmentation ---------------------------------------------------------------------------------
@@ -246,9 +267,19 @@ def segmentation_protocol(model: VisionModel, runs: dict[str, Dictionary], probe
                           source: ImageSource, masks: MaskSource, *, layer: int | None = None,
                           limit: int | None = None, strengths: Sequence[float] = STRENGTHS, calibration: float = 0.3,
                           max_activations: dict[str, np.ndarray] | None = None, classes: Sequence[str] | None = None,
-                          seed: int = 0, batch_size: int = 16, n_examples: int = 4, progress: bool = True) -> dict:
-    """Run the segmentation protocol (module docstring); returns the intervene.json content."""
+                          seed: int = 0, batch_size: int = 16, n_examples: int = 4, progress: bool = True,
+                          features_per_class: int = 1) -> dict:
+    """Run the segmentation protocol (module docstring); returns the intervene.json content.
+
+    ``features_per_class``: how many atoms are edited together per class (the best F1 first; 1, the
+    vision-SAE test's choice, by default). An overcomplete dictionary spreads a class over many atoms,
+    each on part of its patches: editing the top few tests the class's atoms as a group. The random-atom
+    control then edits as many random atoms; the random direction keeps the group's per-token ‖Δ‖.
+    """
     strengths = check_strengths(strengths)
+    if isinstance(features_per_class, bool) or not isinstance(features_per_class, (int, np.integer)) \
+            or features_per_class < 1:
+        raise VitatlasError(f"features_per_class must be a positive integer, got {features_per_class!r}")
     check_same_length(source, masks)
     if list(masks.class_names) != list(probe.class_names):
         raise VitatlasError(f"the probe's classes ({', '.join(probe.class_names)}) differ from the mask source's "
@@ -282,7 +313,7 @@ def segmentation_protocol(model: VisionModel, runs: dict[str, Dictionary], probe
         else:
             max_pos, max_neg = extremes[name].max.numpy(), -extremes[name].min.numpy()
             source_of_max = "calibration images"
-        feats = best_features(cal_codes[name], labels, max_pos, max_neg, n_classes)
+        feats = top_features(cal_codes[name], labels, max_pos, max_neg, n_classes, features_per_class)
         plans[name] = _segmentation_plan(d, feats, max_pos, max_neg, strengths, n_classes, seed, model.width)
         plans[name]["max_source"] = source_of_max
     del cal_codes
@@ -330,7 +361,8 @@ def segmentation_protocol(model: VisionModel, runs: dict[str, Dictionary], probe
         run_name = key.split("/")[0] if "/" in key else (first if key in CONTROLS else key)
         plan = plans[run_name]
         extra = {c: plan["per_class"][c] for c in chosen_classes} if key == run_name else \
-            {c: {"atom": plan["random_atoms"][c]} for c in chosen_classes} if key.endswith("random_atom") else None
+            {c: _random_atoms_info(plan["random_atoms"][c]) for c in chosen_classes} if key.endswith("random_atom") \
+            else None
         return {"kind": "atom" if key == run_name else key.split("/")[-1], "run": run_name,
                 **tallies[(key, st)].summary(probe.class_names, chosen_classes, extra)}
 
@@ -345,7 +377,7 @@ def segmentation_protocol(model: VisionModel, runs: dict[str, Dictionary], probe
         "headline_strength": chosen, "headline_rule_met": rule_met, "control_ceiling": CONTROL_CEILING,
         "headline_rule": f"the largest strength at which every run's random_direction control changes at most "
                          f"{CONTROL_CEILING:g} of target patches (mean over classes); else the smallest",
-        "seed": seed, "class_names": probe.class_names,
+        "seed": seed, "class_names": probe.class_names, "features_per_class": int(features_per_class),
         "classes_edited": [probe.class_names[c] for c in chosen_classes], "thresholds": list(THRESHOLDS),
         "probe_metrics": probe.metrics,
         "probe_held_out_patch_accuracy": float(probe_hits[0] / max(probe_hits[1], 1)),
@@ -380,32 +412,42 @@ def _most_common(plabels: np.ndarray) -> int:
     return int(np.bincount(vals).argmax()) if vals.size else -1
 
 
-def _segmentation_plan(d: Dictionary, feats: list[dict], max_pos: np.ndarray, max_neg: np.ndarray,
+def _segmentation_plan(d: Dictionary, feats: list[list[dict]], max_pos: np.ndarray, max_neg: np.ndarray,
                        strengths: Sequence[float], n_classes: int, seed: int, width: int) -> dict:
-    """Per class: the chosen atom's and the random atom's edits at every strength, and the random direction."""
+    """Per class: the chosen atoms' and as many random atoms' edits at every strength, and the random direction."""
     rng = np.random.default_rng(seed + 1)
     alive = np.flatnonzero(max_pos > 0)
     if alive.size == 0:
         raise VitatlasError("no atom of this dictionary fired on the calibration images: use more images")
     plan = {"edits": {}, "random_edits": {}, "random_atoms": {}, "directions": {}, "per_class": {}}
     for c in range(n_classes):
-        f = feats[c]
-        a, s = f["atom"], f["sign"]
-        if a < 0:  # no feature fires for this class; nothing to edit
-            plan["edits"][c] = {st: [] for st in strengths}
-            peak = 0.0
-        else:
-            peak = float(max_pos[a] if s > 0 else max_neg[a])
-            plan["edits"][c] = {st: [Edit(a, "clamp", -st * s * peak, relative=False)] for st in strengths}
-        choices = alive[alive != a] if alive.size > 1 else alive
-        r = int(rng.choice(choices))
-        plan["random_atoms"][c] = r
-        plan["random_edits"][c] = {st: [Edit(r, "clamp", -st * float(max_pos[r]), relative=False)]
+        chosen = [f for f in feats[c] if f["atom"] >= 0]  # none: no feature fires for this class, nothing to edit
+        peaks = [float(max_pos[f["atom"]] if f["sign"] > 0 else max_neg[f["atom"]]) for f in chosen]
+        plan["edits"][c] = {st: [Edit(f["atom"], "clamp", -st * f["sign"] * peak, relative=False)
+                                 for f, peak in zip(chosen, peaks)] for st in strengths}
+        taken = [f["atom"] for f in chosen]
+        choices = np.setdiff1d(alive, taken) if alive.size > len(taken) else alive
+        # one random atom per chosen one (at least one, so the control exists for a class with none)
+        n_random = min(max(len(chosen), 1), choices.size)
+        rand = [int(rng.choice(choices))] if n_random == 1 else \
+            [int(r) for r in rng.choice(choices, n_random, replace=False)]
+        plan["random_atoms"][c] = rand
+        plan["random_edits"][c] = {st: [Edit(r, "clamp", -st * float(max_pos[r]), relative=False) for r in rand]
                                    for st in strengths}
         plan["directions"][c] = torch.from_numpy(rng.standard_normal(width)).float()
-        plan["per_class"][c] = {"atom": a, "sign": s, "f1": f["f1"], "threshold": f["threshold"],
-                                "max_activation": peak}
+        first = chosen[0] if chosen else feats[c][0]
+        info = {"atom": first["atom"], "sign": first["sign"], "f1": first["f1"], "threshold": first["threshold"],
+                "max_activation": peaks[0] if peaks else 0.0}
+        if len(chosen) > 1:
+            info["atoms"] = [f["atom"] for f in chosen]
+            info["features"] = [dict(f, max_activation=peak) for f, peak in zip(chosen, peaks)]
+        plan["per_class"][c] = info
     return plan
+
+
+def _random_atoms_info(atoms: list[int]) -> dict:
+    """The random-atom control's atoms as intervene.json names them: ``atom``, plus ``atoms`` for a group."""
+    return {"atom": atoms[0]} if len(atoms) == 1 else {"atom": atoms[0], "atoms": atoms}
 
 
 def _internal_keys(runs: dict[str, Dictionary]) -> list[str]:

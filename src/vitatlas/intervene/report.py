@@ -91,13 +91,17 @@ def markdown(result: dict) -> str:
         sweep = ", ".join(f"{v:g}" for v in s.get("strengths", [s["strength"]]))
         rule = "met" if s.get("headline_rule_met", True) else \
             "**not met**: no strength kept every random direction at or below the ceiling; the smallest is used"
-        out += [f"For each class c, the atom (and sign) whose activation best predicts \"patch is c\" on the "
+        m = int(s.get("features_per_class", 1))
+        chosen = "the atom (and sign) whose activation best predicts" if m == 1 else \
+            f"the {m} atoms (each with its sign) whose activations best predict"
+        controls = "a random atom" if m == 1 else f"{m} random atoms"
+        out += [f"For each class c, {chosen} \"patch is c\" on the "
                 f"calibration images (best F1 over thresholds {s['thresholds']} × its max) is set to "
                 f"−strength × its max observed activation at the patches labelled c of every held-out image, "
                 f"for each strength of the sweep ({sweep}), with the dictionary's error term added back. "
                 "**target change rate**: changed probe predictions "
                 "among patches the unedited model predicted as c; **other change rate**: among all other patches. "
-                "Controls on the same patches: `random_atom` (a random atom at −strength× its max), "
+                f"Controls on the same patches: `random_atom` ({controls} at −strength× its max), "
                 "`random_direction` (the same per-token change ‖Δ‖ along a random unit direction), `noop` (an edit "
                 "that changes no code; must be 0).", "",
                 f"**Headline strength {s['strength']:g}** — {s.get('headline_rule', 'the one strength given')} "
@@ -132,9 +136,12 @@ def markdown(result: dict) -> str:
         out += [f"### {key}", "", "| class | target | other | random direction target | n target | n other | atom | F1 |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for cls, v in result[key]["per_class"].items():
-            atom = v.get("atom", "–") if "atom" in v else ",".join(map(str, v.get("atoms", []))) or "–"
-            if "sign" in v and v.get("sign", 1) < 0:
-                atom = f"{atom} (−)"
+            if v.get("features"):  # a group of atoms edited together (--features-per-class)
+                atom = ", ".join(f"{f['atom']}{' (−)' if f['sign'] < 0 else ''}" for f in v["features"])
+            else:
+                atom = ",".join(map(str, v["atoms"])) if "atoms" in v else v.get("atom", "–")
+                if "sign" in v and v.get("sign", 1) < 0:
+                    atom = f"{atom} (−)"
             out.append(f"| {cls} | {_fmt(v['target_change_rate'])} | {_fmt(v['other_change_rate'])} | "
                        f"{_fmt(ctl.get(cls, {}).get('target_change_rate'))} | "
                        f"{v['n_target']} | {v['n_other']} | {atom} | {_fmt(v.get('f1'))} |")
