@@ -12,7 +12,8 @@ plus a real store given by --store (a --store-rows subsample, 10% held out; e.g.
 patch tokens). Then one DBK-SVD iteration is timed against its dense product DᵀY alone at d=768,
 3072 atoms, k=10, on a sample batch of --iter-batch rows, at 1 and 2 threads. The last lines are the
 ratios issue 9 asks for: speed vs SPAMS at its recovery (target >= 20x), real-data signal_recovered
-vs dictlearn AK-SVD and the bar 0.73, iteration / DᵀY (target <= 2).
+vs dictlearn AK-SVD and the bar 0.73, iteration / DᵀY (target <= 2). The iteration timing alone:
+``--problems "" --peers "" --iter-threads 1,2``.
 
 Each planted problem is drawn with every seed of --seeds (default 1,2,3, --quick 1: atoms, codes and noise; the
 learners keep their own seed 0), and a per-seed table follows (issue 19): DBK-SVD's iterations, whether
@@ -256,6 +257,8 @@ def time_iteration(B: int, threads: int, d=768, n_atoms=3072, k=10, seed=0, devi
     print(f"DᵀY product {p:.2f} s into a buffer in memory ({f:.2f} s into a new tensor), full iteration (Gram, "
           f"screened OMP, K-SVD update) {i:.2f} s, iteration / DᵀY = {i / p:.2f} (target <= 2; {i / f:.2f} "
           "against the product into a new tensor)", flush=True)
+    print(f"  repeats: DᵀY {' '.join(f'{t:.2f}' for t in warm)} s, iteration {' '.join(f'{t:.2f}' for t in it)} s, "
+          f"ratios {' '.join(f'{a / b:.2f}' for a, b in zip(it, warm, strict=True))}", flush=True)
     return i / p
 
 

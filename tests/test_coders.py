@@ -424,3 +424,40 @@ def test_nonnegative_screened_coding_is_nonnegative_and_starts_at_the_largest_po
     # signed coding of the same rows uses negative coefficients: the option changes the codes
     _, signed = code_signals(Yt, Dt, Dt @ Dt.T, 5, coder=coder, candidates=20, chunk=64)
     assert (signed < 0).any()
+
+
+def test_run_abs_max_is_the_max_of_abs_over_the_runs():
+    C = torch.randn(50, 8, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    C[::2] *= -3  # the largest |value| of many runs is a negative one
+    assert torch.equal(coders._run_abs_max(C), C.abs().amax(dim=1))
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_screened_candidates_come_in_ascending_atom_order_and_a_scratch_buffer_changes_nothing(nonnegative):
+    D, Y = problem(B=70, n=128, seed=12)
+    C, G, _ = products(D, Y)
+    cc, cand = coders._screen(C, G, 16, nonnegative)
+    assert (cand.diff(dim=1) > 0).all()
+    work = torch.full((90, 128), float("nan"), dtype=C.dtype)  # more rows than C, garbage in it
+    cc2, cand2 = coders._screen(C, G, 16, nonnegative, out=work)
+    assert torch.equal(cc, cc2) and torch.equal(cand, cand2)
+
+
+@pytest.mark.parametrize(("coder", "nonnegative"), [("omp", False), ("omp", True), ("mp", False), ("mp", True)])
+def test_screened_codes_do_not_depend_on_the_order_of_the_candidates(monkeypatch, coder, nonnegative):
+    """The candidates' order (ascending since the Gram gathers read rows front to back) changes no
+    support and no coefficient bit: each candidate's arithmetic is its own."""
+    D, Y = problem(B=120, d=32, n=256, seed=13)
+    C, G, ysq = products(D, Y)
+    kw = dict(coder=coder, candidates=24, nonnegative=nonnegative, refit=True)
+    want = code(C, G, ysq, 5, **kw)
+    screen = coders._screen
+
+    def shuffled(*args, **kwargs):
+        cc, cand = screen(*args, **kwargs)
+        perm = torch.argsort(torch.rand(cand.shape, generator=torch.Generator().manual_seed(5)), dim=1)
+        return torch.gather(cc, 1, perm), torch.gather(cand, 1, perm)
+
+    monkeypatch.setattr(coders, "_screen", shuffled)
+    got = code(C, G, ysq, 5, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -564,3 +564,49 @@ def test_cli_error_is_one_line(tmp_path, monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_sweep_runs_bookkeeping_on_one_thread_products_on_all_and_gets_the_same_bits(monkeypatch):
+    """``ksvd_update._Narrow``: the sparse products keep the caller's threads, the rest runs on one,
+    the caller's count comes back (also after an error), and the results are those of no narrowing."""
+    from vitatlas.learners.dbksvd import ksvd_update as ku
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        Y, D0, idx, val0, R0 = coded(seed=5, n_atoms=40, d=24, B=600, k=4)
+        G = D0 @ D0.T
+
+        def sweep():
+            R, D, val = R0.clone(), D0.clone(), val0.clone()
+            ksvd_update(R, D, idx, val, atom_batch=9, n_power=2, G=G, generator=torch.Generator().manual_seed(1),
+                        memory=1.5, dup_threshold=0.7)
+            return R, D, val
+
+        seen = []
+        sampled = torch.sparse.sampled_addmm
+
+        def spy(*a, **kw):
+            seen.append(torch.get_num_threads())
+            return sampled(*a, **kw)
+
+        monkeypatch.setattr(torch.sparse, "sampled_addmm", spy)
+        narrowed = sweep()
+        assert seen and set(seen) == {2} and torch.get_num_threads() == 2
+        init = ku._Narrow.__init__
+
+        def off(self, device):  # no narrowing: every operation on the caller's threads, as before
+            init(self, device)
+            self.narrow = False
+
+        monkeypatch.setattr(ku._Narrow, "__init__", off)
+        plain = sweep()
+        for a, b in zip(narrowed, plain, strict=True):
+            assert torch.equal(a, b)
+        monkeypatch.undo()
+        with pytest.raises(RuntimeError), ku._Narrow(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

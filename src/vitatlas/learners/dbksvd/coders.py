@@ -60,8 +60,17 @@ def _topk_nonneg(x: torch.Tensor, M: int) -> torch.Tensor:
 
 
 def _run_abs_max(runs: torch.Tensor) -> torch.Tensor:
-    """max |x| over dim 1 of (B, group, stride) as two reductions, without writing a |x| copy of the input."""
-    return torch.maximum(runs.amax(dim=1), runs.amin(dim=1).neg_())
+    """max |x| over dim 1 of (B, group, stride), without writing a |x| copy of the input.
+
+    One running elementwise maximum over the ``group`` (B, stride) slices, each slice's |x| written
+    into one small reused buffer: twice as fast on CPU as the two reductions amax and −amin over
+    dim 1 (2.5 against 5.5 ms at (1024, 8, 384), one thread), and the same values (max is exact).
+    """
+    out = runs[:, 0].abs()
+    tmp = torch.empty_like(out)
+    for g in range(1, runs.shape[1]):
+        torch.maximum(out, torch.abs(runs[:, g], out=tmp), out=out)
+    return out
 
 
 def _top_abs(C: torch.Tensor, M: int, group: int = 8) -> torch.Tensor:
@@ -95,8 +104,8 @@ def _argmax_abs(C: torch.Tensor, group: int = 8) -> torch.Tensor:
     return torch.gather(cols, 1, torch.gather(C, 1, cols).abs_().argmax(dim=1, keepdim=True))
 
 
-def _screen(C: torch.Tensor, G: torch.Tensor, candidates: int | None,
-            nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _screen(C: torch.Tensor, G: torch.Tensor, candidates: int | None, nonnegative: bool = False,
+            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Restrict each row to ``candidates`` atoms: its first greedy choice and the atoms most correlated after it.
 
     Both coders first take the atom of largest |DᵀY|, exactly (over all atoms). The candidates are that
@@ -109,16 +118,24 @@ def _screen(C: torch.Tensor, G: torch.Tensor, candidates: int | None,
     ``nonnegative``: the first choice is the largest positive correlation and the candidates the atoms
     most positively correlated after it (the only ones a non-negative coder can pick next).
 
+    The candidates of each row are in ascending atom order: the coders' per-step Gram gathers
+    G[j, cand] then read each Gram row front to back (1.7 against 3.1 ms per gather at 1,024 rows,
+    64 candidates, 3,072 atoms; the sort costs one of them). The order changes no coefficient (each
+    candidate's arithmetic is its own), only which of two exactly equal correlations a step picks.
+    ``out``: a (B, n_atoms) buffer for the residual correlations after the first choice (a reused one
+    saves faulting in fresh pages for every chunk).
+
     Returns (cc (B, M) correlations in candidate space, cand (B, M) global atom ids or None = all).
     """
     n = C.shape[1]
     if candidates is None or candidates >= n:
         return C, None
     first = C.argmax(dim=1, keepdim=True) if nonnegative else _argmax_abs(C)  # (B, 1)
-    gj = G.index_select(0, first.squeeze(1))
+    gj = torch.index_select(G, 0, first.squeeze(1), out=None if out is None else out[:C.shape[0]])
     after = torch.addcmul(C, gj, torch.gather(C, 1, first), value=-1, out=gj)  # C − c_j·G_j, in one pass
     after.scatter_(1, first, float("inf"))  # the first choice is always a candidate
     cand = _topk_nonneg(after.clamp_(min=0), candidates) if nonnegative else _top_abs(after, candidates)
+    cand = torch.sort(cand, dim=1).values
     return torch.gather(C, 1, cand), cand
 
 
@@ -163,14 +180,15 @@ def _check(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int) -> None:
 @torch.no_grad()
 def matching_pursuit(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, tol: float = 0.0,
                      max_steps: int | None = None, refit: bool = False, candidates: int | None = None,
-                     nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     nonnegative: bool = False, work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Matching pursuit in the Gram domain, all samples in parallel.
 
     Each step picks j = argmax |DᵀR| (restricted to the sample's current atoms once it uses ``k``),
     adds the correlation a = (DᵀR)_j to coefficient j and updates DᵀR -= a·G[:, j] and
     ‖R‖² -= a². Runs at most ``max_steps`` (default 4·k) steps. With ``refit`` the coefficients are
     finally replaced by the least-squares fit on the chosen support. ``nonnegative``: j = argmax (DᵀR)_j,
-    so every step adds a positive amount, and the refit is non-negative least squares.
+    so every step adds a positive amount, and the refit is non-negative least squares. ``work``: a
+    scratch buffer of C's shape or more rows for the screening (``_screen``'s ``out``).
 
     Returns indices (B, k) int64 (-1 padded) and values (B, k).
     """
@@ -178,7 +196,7 @@ def matching_pursuit(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int
     B = C.shape[0]
     k = min(k, C.shape[1])
     max_steps = 4 * k if max_steps is None else max_steps
-    cc, cand = _screen(C, G, candidates, nonnegative)
+    cc, cand = _screen(C, G, candidates, nonnegative, work)
     M = cc.shape[1]
     rc = cc.clone()
     sup = torch.full((B, k), -1, dtype=torch.long, device=C.device)
@@ -362,7 +380,8 @@ def _nnls_descent_counted(Gss: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor)
 
 @torch.no_grad()
 def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, tol: float = 0.0,
-              candidates: int | None = None, nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              candidates: int | None = None, nonnegative: bool = False,
+              work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonal matching pursuit, Batch-OMP style (Rubinstein, Zibulevsky & Elad 2008), batched.
 
     Works only with C = DᵀY and G. The Cholesky factor L of G_SS is grown one row per step; alongside
@@ -376,7 +395,7 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
 
     ``nonnegative``: each step picks the largest positive (DᵀR)_j (R the least-squares residual, as
     above), and the final coefficients are the non-negative least-squares fit on the chosen support
-    (the triangular solve's where it is already >= 0).
+    (the triangular solve's where it is already >= 0). ``work``: as ``matching_pursuit``'s.
 
     Returns indices (B, k) int64 (-1 padded) and values (B, k).
     """
@@ -384,7 +403,7 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
     B = C.shape[0]
     k = min(k, C.shape[1])
     dev, dt = C.device, C.dtype
-    cc, cand = _screen(C, G, candidates, nonnegative)
+    cc, cand = _screen(C, G, candidates, nonnegative, work)
     M = cc.shape[1]
     rc = cc.clone()  # DᵀR over the candidates
     sup = torch.full((B, k), -1, dtype=torch.long, device=dev)
@@ -436,8 +455,11 @@ def batch_omp(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, to
 
 def code(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, coder: str = "omp", tol: float = 0.0,
          refit: bool = True, max_steps: int | None = None, candidates: int | None = None,
-         chunk: int | None = None, nonnegative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to ``coder`` ("mp" or "omp"), in row chunks of ``chunk`` samples to bound memory."""
+         chunk: int | None = None, nonnegative: bool = False,
+         work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch to ``coder`` ("mp" or "omp"), in row chunks of ``chunk`` samples to bound memory.
+
+    ``work``: a (chunk, n_atoms) scratch buffer for the screening, reused by every chunk."""
     if coder not in CODERS:
         raise VitatlasError(f"unknown coder {coder!r}: use one of {', '.join(CODERS)}")
     B = C.shape[0]
@@ -449,10 +471,11 @@ def code(C: torch.Tensor, G: torch.Tensor, ysq: torch.Tensor, k: int, *, coder: 
     for s in range(0, B, chunk):
         c, y = C[s:s + chunk], ysq[s:s + chunk]
         if coder == "omp":
-            parts.append(batch_omp(c, G, y, k, tol=tol, candidates=candidates, nonnegative=nonnegative))
+            parts.append(batch_omp(c, G, y, k, tol=tol, candidates=candidates, nonnegative=nonnegative,
+                                   work=work))
         else:
             parts.append(matching_pursuit(c, G, y, k, tol=tol, max_steps=max_steps, refit=refit,
-                                          candidates=candidates, nonnegative=nonnegative))
+                                          candidates=candidates, nonnegative=nonnegative, work=work))
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -489,12 +512,13 @@ def code_signals(Y: torch.Tensor, D: torch.Tensor, G: torch.Tensor, k: int, *, c
 
     def code_chunks(stop: threading.Event | None = None) -> None:
         buf = torch.empty(min(chunk, B), D.shape[0], dtype=Y.dtype, device=Y.device)
+        work = torch.empty_like(buf)  # the screening's residual correlations, reused by every chunk
         while (stop is None or not stop.is_set()) and (s := next_start()) is not None:
             y = Y[s:s + chunk]
             C = torch.matmul(y, D.T, out=buf[:y.shape[0]])
             ysq = torch.linalg.vector_norm(y, dim=1) ** 2
             i, v = code(C, G, ysq, k, coder=coder, tol=tol, refit=refit, max_steps=max_steps,
-                        candidates=candidates, chunk=chunk, nonnegative=nonnegative)
+                        candidates=candidates, chunk=chunk, nonnegative=nonnegative, work=work)
             idx[s:s + chunk], val[s:s + chunk] = i, v
             if residual_out is not None:
                 residual(y, i, v, D, out=residual_out[s:s + chunk])
