@@ -427,7 +427,8 @@ def _segmentation_plan(d: Dictionary, feats: list[list[dict]], max_pos: np.ndarr
                                  for f, peak in zip(chosen, peaks)] for st in strengths}
         taken = [f["atom"] for f in chosen]
         choices = np.setdiff1d(alive, taken) if alive.size > len(taken) else alive
-        # one random atom per chosen one (at least one, so the control exists for a class with none)
+        # one random atom per chosen one (at least one, so the control exists for a class with none); a single
+        # one is drawn as before groups existed, so N = 1 keeps the same random atoms and directions
         n_random = min(max(len(chosen), 1), choices.size)
         rand = [int(rng.choice(choices))] if n_random == 1 else \
             [int(r) for r in rng.choice(choices, n_random, replace=False)]

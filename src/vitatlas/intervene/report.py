@@ -139,7 +139,7 @@ def markdown(result: dict) -> str:
             if v.get("features"):  # a group of atoms edited together (--features-per-class)
                 atom = ", ".join(f"{f['atom']}{' (−)' if f['sign'] < 0 else ''}" for f in v["features"])
             else:
-                atom = ",".join(map(str, v["atoms"])) if "atoms" in v else v.get("atom", "–")
+                atom = (",".join(map(str, v["atoms"])) or "–") if "atoms" in v else v.get("atom", "–")
                 if "sign" in v and v.get("sign", 1) < 0:
                     atom = f"{atom} (−)"
             out.append(f"| {cls} | {_fmt(v['target_change_rate'])} | {_fmt(v['other_change_rate'])} | "

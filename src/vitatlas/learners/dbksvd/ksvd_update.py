@@ -42,7 +42,7 @@ class _Narrow:
     is ~50 small operations per atom batch: split over 2 OpenMP threads each waits for both, and
     on a shared machine every parallel region can wait for a time slice (at 32k rows, 3,072 atoms
     and 2 threads under load 3–4: the whole update 6.6 s, against 1.2 s at one thread; 180 ms per
-    1-D sort). The three products over the batch's non-zeros (``_wide``) keep every thread.
+    1-D sort). The three products over the batch's non-zeros (``wide_``) keep every thread.
     Thread counts change none of the results (tested: a 2-thread update is bitwise the old one).
     CUDA tensors: nothing changes.
     """
@@ -89,17 +89,16 @@ def _ptr(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
 @torch.no_grad()
 def _update_slice(R: torch.Tensor, D: torch.Tensor, val: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                   a: torch.Tensor, atoms: torch.Tensor, n_power: int, approx: bool, memory: float = 0.0,
-                  distributed: bool = False, nonnegative: bool = False, threads: _Narrow | None = None) -> None:
+                  distributed: bool = False, nonnegative: bool = False, wide=contextlib.nullcontext) -> None:
     """Rank-1 updates of ``atoms`` from their non-zeros (rows, cols) sorted by batch slot ``a``.
 
     The restricted residuals E_j = R[Ω_j] + γ_j d_jᵀ are never formed: with S the (m, B) sparse
     pattern of (atom slot, sample), E·u is a sampled dense product (SDDMM) plus a rank-1 term and
     Eᵀ·w is a sparse-dense product S_w R plus a rank-1 term — O(nnz·d) work in fast sparse kernels.
     With ``distributed`` the sums over samples (Eᵀ·w, the memory energies) are all-reduced; a rank
-    with no non-zero of these atoms still takes part (its share is zero). ``threads``: the caller's
-    ``_Narrow`` block, whose ``wide_`` the sparse products run in (None: the current thread count).
+    with no non-zero of these atoms still takes part (its share is zero). ``wide``: the context the
+    sparse products run in (the caller's ``_Narrow.wide_``; by default the current thread count).
     """
-    wide = contextlib.nullcontext if threads is None else threads.wide_
     m, B = atoms.numel(), R.shape[0]
     ptr = _ptr(a, m)
     v_old = val[rows, cols]
@@ -186,7 +185,8 @@ def update_atom_batch(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: 
 @torch.no_grad()
 def replace_unused(D: torch.Tensor, R: torch.Tensor, unused: torch.Tensor,
                    generator: torch.Generator | None = None, distributed: bool = False,
-                   codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, wide=None) -> int:
+                   codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                   wide=contextlib.nullcontext) -> int:
     """Re-draw the atoms ``unused`` (1-D ids) from residual rows drawn with probability ∝ ‖r‖², in place.
 
     Weighted sampling without replacement (k-means++'s D² seeding): mostly rows the dictionary fits
@@ -209,13 +209,13 @@ def replace_unused(D: torch.Tensor, R: torch.Tensor, unused: torch.Tensor,
 
     With ``distributed`` (each rank holds its contiguous slice of the batch, in rank order; ``unused`` and
     ``generator`` agree on every rank) every rank draws the same uniforms for the whole batch and the
-    rows are the best over all ranks: the same rows as one process would take. ``wide``: the caller's
-    ``_Narrow.wide_`` (the residual's energies are computed inside it).
+    rows are the best over all ranks: the same rows as one process would take. ``wide``: as
+    ``_update_slice``'s (the residual's energies are computed inside it).
     """
     n = unused.numel()
     if n == 0:
         return 0
-    with (contextlib.nullcontext() if wide is None else wide()):  # a pass over R: every thread (``_Narrow``)
+    with wide():  # a pass over R: every thread (``_Narrow``)
         energy = torch.linalg.vector_norm(R, dim=1).double() ** 2  # no (B, d) temporary
     offset, total = _batch_position(R.shape[0], distributed)
     u = torch.rand(total, generator=generator, dtype=torch.float64)[offset:offset + R.shape[0]].to(R.device)
@@ -320,12 +320,14 @@ def ksvd_update(R: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, val: torch.
     """
     threads = _Narrow(D.device)  # bookkeeping on one thread, sparse products on all (``_Narrow``)
     with threads:
-        return _sweep(R, D, idx, val, atom_batch, trainable, n_power, approx, generator, redraw, G, dup_threshold,
-                      memory, distributed, nonnegative, share, rare, info, threads)
+        return _sweep(R, D, idx, val, atom_batch=atom_batch, trainable=trainable, n_power=n_power, approx=approx,
+                      generator=generator, redraw=redraw, G=G, dup_threshold=dup_threshold, memory=memory,
+                      distributed=distributed, nonnegative=nonnegative, share=share, rare=rare, info=info,
+                      wide=threads.wide_)
 
 
-def _sweep(R, D, idx, val, atom_batch, trainable, n_power, approx, generator, redraw, G, dup_threshold, memory,
-           distributed, nonnegative, share, rare, info, threads: _Narrow) -> torch.Tensor:
+def _sweep(R, D, idx, val, *, atom_batch, trainable, n_power, approx, generator, redraw, G, dup_threshold, memory,
+           distributed, nonnegative, share, rare, info, wide) -> torch.Tensor:
     """``ksvd_update``'s body, inside its ``_Narrow`` block."""
     n_atoms = D.shape[0]
     counts = torch.bincount(idx[idx >= 0], minlength=n_atoms)
@@ -349,7 +351,7 @@ def _sweep(R, D, idx, val, atom_batch, trainable, n_power, approx, generator, re
         atoms = order[start:start + step]
         if hi > lo or distributed:  # under torchrun every rank takes part in every batch's reductions
             _update_slice(R, D, val, rows[lo:hi], cols[lo:hi], r_sorted[lo:hi] - start, atoms, n_power, approx,
-                          memory, distributed, nonnegative, threads)
+                          memory, distributed, nonnegative, wide)
     if redraw:
         # unused, or used far less than the typical trainable atom (see ``RARE``)
         floor = RARE * float(counts[trainable].sum()) / max(1, trainable.numel()) if rare else 0.0
@@ -363,7 +365,7 @@ def _sweep(R, D, idx, val, atom_batch, trainable, n_power, approx, generator, re
         D_old = D[ids].clone()
         # targets come from the residual *with* the twins' share removed, so a twin is not re-drawn as itself
         n_new = replace_unused(D, R, ids, generator, distributed, codes=(idx, val, counts) if share else None,
-                               wide=threads.wide_)
+                               wide=wide)
         if info is not None:
             info["redrawn"] = n_new
         if hit is not None and bool(hit.any()):
